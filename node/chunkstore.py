@@ -1,0 +1,169 @@
+"""Content-addressed chunks: pack records found through an LMDB index.
+
+A chunk becomes visible to readers the moment it is appended (so an instance
+can reference a chunk another stream just sent), but it enters the index only
+in a group commit, after its pack was fsync'd. Every read verifies the hash of
+the plain bytes: a chunk that fails is never returned.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import lmdb
+import zstandard
+
+from node.errors import ChunkCorrupt, ChunkMissing
+from node.hashing import content_hash
+from node.packs import FLAG_ZSTD, PackSet
+
+_LOC = struct.Struct("<IQIIB")  # pack, record offset, record length, plain length, flags
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkLocation:
+    pack: int
+    offset: int
+    record_len: int
+    plain_len: int
+    flags: int
+
+    def encode(self) -> bytes:
+        return _LOC.pack(self.pack, self.offset, self.record_len, self.plain_len, self.flags)
+
+    @staticmethod
+    def decode(raw: bytes) -> ChunkLocation:
+        return ChunkLocation(*_LOC.unpack(raw))
+
+
+@dataclass(frozen=True, slots=True)
+class PendingSnapshot:
+    """What one group commit makes durable: chunks appended so far and pack lengths."""
+
+    chunks: dict[bytes, ChunkLocation]
+    pack_lengths: dict[int, int]
+
+
+_tls = threading.local()
+
+
+def _dctx() -> Any:
+    d = getattr(_tls, "dctx", None)
+    if d is None:  # zstd contexts are not thread-safe; one per thread
+        d = _tls.dctx = zstandard.ZstdDecompressor()
+    return d
+
+
+def decompress(data: bytes, plain_len: int) -> bytes:
+    try:
+        return bytes(_dctx().decompress(data, max_output_size=plain_len))
+    except zstandard.ZstdError as exc:
+        raise ChunkCorrupt(f"does not decompress: {exc}") from exc
+
+
+class ChunkStore:
+    def __init__(self, env: Any, packs: PackSet) -> None:
+        self.env = env
+        self.db = env.open_db(b"chunks")
+        self.packs_db = env.open_db(b"packs")
+        self.packs = packs
+        self._lock = threading.Lock()
+        self._pending: dict[bytes, ChunkLocation] = {}
+
+    # ---- startup --------------------------------------------------------------
+
+    def committed_pack_lengths(self) -> dict[int, int]:
+        with self.env.begin(db=self.packs_db) as txn:
+            return {
+                struct.unpack(">I", k)[0]: struct.unpack("<Q", v)[0] for k, v in txn.cursor()
+            }
+
+    # ---- write side -------------------------------------------------------------
+
+    def locate(self, key: bytes) -> ChunkLocation | None:
+        loc = self._pending.get(key)
+        if loc is not None:
+            return loc
+        with self.env.begin(db=self.db, buffers=False) as txn:
+            raw = txn.get(key)
+        return ChunkLocation.decode(raw) if raw is not None else None
+
+    def has(self, key: bytes) -> bool:
+        return self.locate(key) is not None
+
+    def put(self, key: bytes, plain_len: int, stored: bytes, flags: int) -> int:
+        """Append a verified chunk unless held already. Returns the bytes written."""
+        if self.has(key):
+            return 0
+        with self._lock:
+            if key in self._pending:  # another stream raced us to it
+                return 0
+            pack, offset, length = self.packs.append(key, flags, plain_len, stored)
+            self._pending[key] = ChunkLocation(pack, offset, length, plain_len, flags)
+        return length
+
+    def take_pending(self) -> PendingSnapshot:
+        """Atomically: the chunks appended so far and the pack lengths that cover them."""
+        with self._lock:
+            return PendingSnapshot(dict(self._pending), self.packs.snapshot())
+
+    def index_pending(self, txn: Any, snap: PendingSnapshot) -> None:
+        """Inside the group commit's transaction, after the packs were fsync'd."""
+        for key, loc in snap.chunks.items():
+            txn.put(key, loc.encode(), db=self.db)
+        for no, length in snap.pack_lengths.items():
+            txn.put(struct.pack(">I", no), struct.pack("<Q", length), db=self.packs_db)
+
+    def forget_pending(self, snap: PendingSnapshot) -> None:
+        """After the commit: the index now answers for these chunks."""
+        with self._lock:
+            for key in snap.chunks:
+                self._pending.pop(key, None)
+
+    def restore_dirty(self, snap: PendingSnapshot) -> None:
+        """A failed commit: its packs must be synced and recorded in the next one."""
+        with self._lock:
+            self.packs.mark_dirty(snap.pack_lengths)
+
+    # ---- read side --------------------------------------------------------------
+
+    def read_stored(self, key: bytes) -> tuple[ChunkLocation, bytes]:
+        loc = self.locate(key)
+        if loc is None:
+            raise ChunkMissing(f"chunk {key.hex()[:16]} is not held")
+        header, stored = self.packs.read(loc.pack, loc.offset, loc.record_len)
+        if header.key != key:
+            raise ChunkCorrupt(f"chunk {key.hex()[:16]}: the record holds another key")
+        return loc, stored
+
+    def read(self, key: bytes) -> bytes:
+        """The plain bytes of a chunk, verified against its name."""
+        try:
+            loc, stored = self.read_stored(key)
+            plain = decompress(stored, loc.plain_len) if loc.flags & FLAG_ZSTD else stored
+        except ChunkCorrupt as exc:
+            raise ChunkCorrupt(f"chunk {key.hex()[:16]}: {exc}") from exc
+        if len(plain) != loc.plain_len or content_hash(plain) != key:
+            raise ChunkCorrupt(f"chunk {key.hex()[:16]} failed hash verification")
+        return plain
+
+    def missing(self, keys: list[bytes]) -> list[bytes]:
+        out = []
+        with self.env.begin(db=self.db, buffers=True) as txn:
+            for key in keys:
+                if key not in self._pending and txn.get(key) is None:
+                    out.append(key)
+        return out
+
+    def count(self) -> int:
+        with self.env.begin(db=self.db) as txn:
+            return int(txn.stat(self.db)["entries"])
+
+
+def is_lmdb_full(exc: BaseException) -> bool:
+    return isinstance(exc, lmdb.MapFullError) or (
+        isinstance(exc, lmdb.Error) and "No space" in str(exc)
+    )

@@ -1,0 +1,188 @@
+"""The node's TOML config, loaded once into frozen dataclasses and passed explicitly.
+
+Unknown keys are errors, not warnings: a mistyped `copies` silently ignored would
+leave an operator believing in copies that do not exist.
+"""
+
+from __future__ import annotations
+
+import tomllib
+import uuid
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from node.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class NodeSection:
+    data_dir: Path
+    id: str = ""
+    site: str = ""
+    lat: float = 0.0
+    lon: float = 0.0
+    listen: str = "0.0.0.0:7400"
+    advertise: str = ""
+    capacity_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class ClusterSection:
+    seeds: tuple[str, ...] = ()
+    copies: int = 3
+    min_distance_miles: float = 250.0
+    partitions: int = 1024
+    gossip_interval_s: float = 1.0
+    dead_after_s: float = 600.0
+    suspect_after_s: float = 0.0  # 0 = five gossip intervals
+
+
+@dataclass(frozen=True)
+class DicomSection:
+    listen: str = ""
+    ae_title: str = "PACSMESH"
+    allowed_calling_aets: tuple[str, ...] = ()
+    destinations: dict[str, str] = field(default_factory=dict)
+    max_associations: int = 16
+    commitment_timeout_s: float = 3600.0
+
+
+@dataclass(frozen=True)
+class ScrubSection:
+    rate_mb_s: float = 50.0
+    interval_s: float = 604800.0
+
+
+@dataclass(frozen=True)
+class DrillSection:
+    interval_s: float = 0.0  # 0 = no scheduled drills
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeSection
+    cluster: ClusterSection = field(default_factory=ClusterSection)
+    dicom: DicomSection = field(default_factory=DicomSection)
+    scrub: ScrubSection = field(default_factory=ScrubSection)
+    drill: DrillSection = field(default_factory=DrillSection)
+    path: Path | None = None
+
+    @property
+    def advertise(self) -> str:
+        return self.node.advertise or self.node.listen
+
+
+def _section(cls: type, raw: dict[str, Any], name: str, **extra: Any) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    values: dict[str, Any] = dict(extra)
+    for key, given in raw.items():
+        value = given
+        if key not in known or key in extra:
+            raise ConfigError(f"[{name}] has an unknown key '{key}'")
+        f = known[key]
+        want = str(f.type)
+        try:
+            if want.startswith("tuple"):
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise TypeError
+                value = tuple(value)
+            elif want == "float":
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise TypeError
+                value = float(value)
+            elif want == "int":
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise TypeError
+            elif want == "str":
+                if not isinstance(value, str):
+                    raise TypeError
+            elif want == "Path":
+                if not isinstance(value, str):
+                    raise TypeError
+                value = Path(value)
+        except TypeError:
+            raise ConfigError(f"[{name}] {key} = {value!r} is not a {want}") from None
+        values[key] = value
+    return cls(**values)
+
+
+def _check_address(value: str, what: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{what} = {value!r} is not HOST:PORT")
+
+
+def parse(raw: dict[str, Any], path: Path | None = None) -> Config:
+    for section in raw:
+        if section not in ("node", "cluster", "dicom", "scrub", "drill"):
+            raise ConfigError(f"unknown section [{section}]")
+    node_raw = dict(raw.get("node", {}))
+    if "data_dir" not in node_raw:
+        raise ConfigError("[node] data_dir is required")
+    node = _section(NodeSection, node_raw, "node")
+    if not -90 <= node.lat <= 90 or not -180 <= node.lon <= 180:
+        raise ConfigError(f"[node] lat/lon {node.lat},{node.lon} are not coordinates")
+    if node.capacity_bytes < 0:
+        raise ConfigError("[node] capacity_bytes must be >= 0")
+    _check_address(node.listen, "[node] listen")
+    if node.advertise:
+        _check_address(node.advertise, "[node] advertise")
+    cluster = _section(ClusterSection, raw.get("cluster", {}), "cluster")
+    if cluster.copies < 1 or cluster.partitions < 1 or cluster.min_distance_miles < 0:
+        raise ConfigError("[cluster] copies and partitions must be >= 1, distance >= 0")
+    if cluster.gossip_interval_s <= 0 or cluster.dead_after_s <= 0:
+        raise ConfigError("[cluster] gossip_interval_s and dead_after_s must be > 0")
+    for seed in cluster.seeds:
+        _check_address(seed, "[cluster] seeds entry")
+    dicom_raw = dict(raw.get("dicom", {}))
+    dests = dicom_raw.pop("destinations", {})
+    if not isinstance(dests, dict) or not all(isinstance(v, str) for v in dests.values()):
+        raise ConfigError("[dicom.destinations] must map AE titles to \"host:port\"")
+    for ae, addr in dests.items():
+        _check_address(addr, f"[dicom.destinations] {ae}")
+    dicom = _section(DicomSection, dicom_raw, "dicom", destinations=dict(dests))
+    if dicom.listen:
+        _check_address(dicom.listen, "[dicom] listen")
+    if not 0 < len(dicom.ae_title) <= 16:
+        raise ConfigError("[dicom] ae_title must be 1 to 16 characters")
+    scrub = _section(ScrubSection, raw.get("scrub", {}), "scrub")
+    drill = _section(DrillSection, raw.get("drill", {}), "drill")
+    return Config(node=node, cluster=cluster, dicom=dicom, scrub=scrub, drill=drill, path=path)
+
+
+def load(path: Path) -> Config:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {path} is not valid TOML: {exc}") from exc
+    cfg = parse(raw, path)
+    if not cfg.node.data_dir.is_absolute():  # relative to the config file, not the cwd
+        node = NodeSection(**{**cfg.node.__dict__, "data_dir": path.parent / cfg.node.data_dir})
+        cfg = Config(node=node, cluster=cfg.cluster, dicom=cfg.dicom, scrub=cfg.scrub,
+                     drill=cfg.drill, path=path)
+    return cfg
+
+
+def node_id_for(cfg: Config) -> str:
+    """The configured id, else the one generated on first start and kept in the data dir."""
+    id_file = cfg.node.data_dir / "node_id"
+    if id_file.exists():
+        stored = id_file.read_text().strip()
+        if cfg.node.id and stored != cfg.node.id:
+            raise ConfigError(
+                f"data dir {cfg.node.data_dir} belongs to node '{stored}', config says "
+                f"'{cfg.node.id}'"
+            )
+        return stored
+    node_id = cfg.node.id or f"node-{uuid.uuid4().hex[:12]}"
+    cfg.node.data_dir.mkdir(parents=True, exist_ok=True)
+    tmp = id_file.with_suffix(".tmp")
+    tmp.write_text(node_id + "\n")
+    tmp.replace(id_file)
+    return node_id

@@ -1,0 +1,120 @@
+"""The single-site daemon: one store, the gRPC server, and the seams where the
+cluster adds its services and background workers.
+
+Shutdown (SIGTERM or SIGINT): stop taking new calls, give calls in flight a grace
+period to finish, stop the workers, then commit and close the store. Anything
+acknowledged was durable before its acknowledgement; this order also makes
+what is in flight either finish or fail visibly to its sender.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from node.config import Config, node_id_for
+from node.errors import PacsmeshError
+from node.hlc import HybridClock
+from node.service import ClusterView, LoneView, NodeService
+from node.store import Store
+from node.worker import Runner, Worker
+from proto import node_pb2, node_pb2_grpc
+
+LOGGER = logging.getLogger(__name__)
+GRPC_MESSAGE_MAX = 16 << 20  # chunks are <= 4 MiB; headroom for manifests of huge files
+SHUTDOWN_GRACE_S = 10.0
+IO_THREADS = 4  # hashing, zstd and file IO release the GIL; 2 cores here, IO waits too
+
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", GRPC_MESSAGE_MAX),
+    ("grpc.max_send_message_length", GRPC_MESSAGE_MAX),
+    ("grpc.so_reuseport", 0),  # a port in use must fail loudly, not be shared
+]
+
+
+class NodeDaemon:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.node_id = node_id_for(cfg)
+        self.store = Store(cfg.node.data_dir, cfg.node.capacity_bytes)
+        self.clock = HybridClock()
+        self.pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="io")
+        self.runner: Runner | None = None
+        self.view: ClusterView = LoneView(
+            self.store, self.node_id, cfg.node.site, cfg.advertise, cfg.node.lat, cfg.node.lon,
+            cfg.cluster.copies, cfg.cluster.min_distance_miles)
+        self.server: grpc.aio.Server | None = None
+        self._services: list[Callable[[grpc.aio.Server], None]] = []
+        self._service_names: list[str] = [node_pb2.DESCRIPTOR.services_by_name["NodeApi"].full_name]
+        self._workers: list[Worker] = []
+        self._on_stop: list[Callable[[], Any]] = []
+
+    # seams for the cluster composition root
+    def add_service(self, register: Callable[[grpc.aio.Server], None], full_name: str) -> None:
+        self._services.append(register)
+        self._service_names.append(full_name)
+
+    def add_worker(self, worker: Worker) -> None:
+        self._workers.append(worker)
+
+    def on_stop(self, fn: Callable[[], Any]) -> None:
+        self._on_stop.append(fn)
+
+    async def start(self) -> None:
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        api = NodeService(self.store, self.node_id, self.clock, self.view, self.pool)
+        node_pb2_grpc.add_NodeApiServicer_to_server(api, server)
+        for register in self._services:
+            register(server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        names = [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, server)
+        try:
+            port = server.add_insecure_port(self.cfg.node.listen)
+        except RuntimeError as exc:
+            raise PacsmeshError(f"cannot listen on {self.cfg.node.listen}: {exc}") from exc
+        if port == 0:
+            raise PacsmeshError(f"cannot listen on {self.cfg.node.listen}: address in use?")
+        await server.start()
+        self.server = server
+        for name in [*self._service_names, ""]:
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.runner = Runner()
+        for worker in self._workers:
+            self.runner.start(worker)
+        LOGGER.info("node %s (%s) serving on %s", self.node_id, self.cfg.node.site,
+                    self.cfg.node.listen)
+
+    async def stop(self) -> None:
+        for fn in self._on_stop:
+            result = fn()
+            if asyncio.iscoroutine(result):
+                await result
+        if self.server is not None:
+            await self.server.stop(SHUTDOWN_GRACE_S)
+        if self.runner is not None:
+            await self.runner.stop()
+        await asyncio.get_running_loop().run_in_executor(None, self.store.close)
+        self.pool.shutdown(wait=True)
+        LOGGER.info("node %s stopped cleanly", self.node_id)
+
+    async def serve_until_signalled(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        print(f"pacsmesh node {self.node_id} ready on {self.cfg.node.listen}", flush=True)
+        await stop.wait()
+        LOGGER.info("signal received: shutting down")
+        await self.stop()
+

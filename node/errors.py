@@ -1,0 +1,47 @@
+"""Errors of one node, and whose fault they are.
+
+    PacsmeshError
+    ├── ConfigError          the operator's config is wrong
+    ├── DataDirLocked        another process owns the data dir
+    ├── InvalidInstance      the sender's file is not an instance we can archive
+    ├── StoreFull            no room: disk or configured capacity
+    ├── ChunkCorrupt         a stored chunk failed verification (never returned)
+    ├── ChunkMissing         a chunk the index or a manifest names is not held
+    └── ProtocolError        a client or peer broke the message protocol
+
+The gRPC edge maps these to status codes; nothing below it knows about gRPC.
+"""
+
+from __future__ import annotations
+
+
+class PacsmeshError(Exception):
+    """Base of every error pacsmesh raises on purpose."""
+
+
+class ConfigError(PacsmeshError):
+    pass
+
+
+class DataDirLocked(PacsmeshError):
+    pass
+
+
+class InvalidInstance(PacsmeshError):
+    """The file cannot be archived; the message is the per-file reason."""
+
+
+class StoreFull(PacsmeshError):
+    pass
+
+
+class ChunkCorrupt(PacsmeshError):
+    pass
+
+
+class ChunkMissing(PacsmeshError):
+    pass
+
+
+class ProtocolError(PacsmeshError):
+    pass

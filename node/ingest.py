@@ -1,0 +1,211 @@
+"""One ingest stream: verify every chunk, rebuild the file's identity, prepare its manifest.
+
+The client did the chunking, hashing and compression (the work is spread over
+both processes, as restic does), but nothing it says is trusted: each chunk is
+decompressed and hashed before it is written, the whole-file hash is recomputed
+over the chunks in order, and the DICOM structure and UIDs are validated here
+again from the stored bytes. A session is driven by one stream, one message at
+a time, from a worker thread; it never holds more than one chunk and the
+instance's header in memory.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+from node import manifest as mf
+from node.chunking import CHUNK_PLAIN_MAX
+from node.chunkstore import decompress
+from node.dicom_layout import scan
+from node.errors import ChunkCorrupt, ChunkMissing, InvalidInstance, PacsmeshError, StoreFull
+from node.hashing import HASH_LEN, FileHasher, content_hash
+from node.hlc import HybridClock
+from node.packs import FLAG_ZSTD
+from node.store import Store
+from proto import node_pb2
+
+Outcome = node_pb2.IngestResult.Outcome
+CHUNKS_PER_INSTANCE_MAX = 1 << 20  # 1 TiB at 1 MiB chunks: far past any real instance
+HEADER_CACHE_MAX = 8 << 20  # header chunks kept in memory for the structure walk
+
+
+@dataclass
+class Prepared:
+    """An instance that passed every check and waits for the group commit."""
+
+    client_ref: str
+    manifest_id: bytes
+    raw: bytes
+    manifest: node_pb2.Manifest
+    bytes_written: int
+
+
+@dataclass
+class _Instance:
+    begin: node_pb2.IngestBegin
+    hasher: FileHasher = field(default_factory=FileHasher)
+    chunks: list[tuple[bytes, int]] = field(default_factory=list)
+    received: int = 0
+    bytes_written: int = 0
+    cache: dict[bytes, bytes] = field(default_factory=dict)
+    cached: int = 0
+    failure: str = ""  # set once: the rest of the instance is drained, not stored
+
+
+class ChunkReader(io.RawIOBase):
+    """A seekable read-only file over an instance's chunk list (for the structure walk)."""
+
+    def __init__(self, store: Store, chunks: list[tuple[bytes, int]], cache: dict[bytes, bytes]):
+        super().__init__()
+        self._store, self._chunks, self._cache = store, chunks, cache
+        self._starts: list[int] = []
+        pos = 0
+        for _, size in chunks:
+            self._starts.append(pos)
+            pos += size
+        self._size, self._pos = pos, 0
+        self._cur: tuple[int, bytes] | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def _chunk(self, index: int) -> bytes:
+        if self._cur is not None and self._cur[0] == index:
+            return self._cur[1]
+        key = self._chunks[index][0]
+        data = self._cache.get(key)
+        if data is None:
+            data = self._store.chunks.read(key)
+        self._cur = (index, data)
+        return data
+
+    def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
+        import bisect
+
+        n = 0
+        want = len(buf)
+        while n < want and self._pos < self._size:
+            i = bisect.bisect_right(self._starts, self._pos) - 1
+            data = self._chunk(i)
+            off = self._pos - self._starts[i]
+            take = min(want - n, len(data) - off)
+            buf[n : n + take] = data[off : off + take]
+            n += take
+            self._pos += take
+        return n
+
+
+class IngestSession:
+    def __init__(self, store: Store, node_id: str, clock: HybridClock) -> None:
+        self.store = store
+        self.node_id = node_id
+        self.clock = clock
+        self._cur: _Instance | None = None
+
+    def on_message(self, msg: node_pb2.IngestMessage) -> Prepared | node_pb2.IngestResult | None:
+        kind = msg.WhichOneof("kind")
+        if kind == "begin":
+            return self._begin(msg.begin)
+        cur = self._cur
+        if cur is None:
+            return _rejected("", f"protocol error: '{kind}' outside an instance")
+        if kind == "part":
+            if not cur.failure:
+                try:
+                    self._part(cur, msg.part)
+                except (InvalidInstance, ChunkCorrupt, ChunkMissing, StoreFull) as exc:
+                    cur.failure = str(exc)
+            return None
+        self._cur = None
+        if kind == "abort":
+            return _rejected(cur.begin.client_ref, f"sender aborted: {msg.abort.reason}")
+        if cur.failure:
+            return _rejected(cur.begin.client_ref, cur.failure)
+        try:
+            return self._end(cur)
+        except PacsmeshError as exc:
+            return _rejected(cur.begin.client_ref, str(exc))
+
+    def _begin(self, begin: node_pb2.IngestBegin) -> node_pb2.IngestResult | None:
+        previous = self._cur
+        self._cur = _Instance(begin=begin)
+        if previous is not None:
+            return _rejected(previous.begin.client_ref, "protocol error: instance never ended")
+        if len(begin.file_hash) != HASH_LEN:
+            self._cur.failure = "protocol error: file hash has the wrong length"
+        elif begin.chunk_count > CHUNKS_PER_INSTANCE_MAX:
+            self._cur.failure = f"too many chunks ({begin.chunk_count})"
+        else:
+            try:
+                self.store.admit(begin.size)
+            except StoreFull as exc:
+                self._cur.failure = str(exc)
+        return None
+
+    def _part(self, cur: _Instance, part: node_pb2.IngestPart) -> None:
+        if len(cur.chunks) >= cur.begin.chunk_count:
+            raise InvalidInstance("protocol error: more chunks than announced")
+        if len(part.hash) != HASH_LEN or part.plain_len > CHUNK_PLAIN_MAX:
+            raise InvalidInstance("protocol error: bad chunk reference")
+        if part.have:
+            plain = self.store.chunks.read(part.hash)  # verifies: never dedup onto a bad chunk
+        else:
+            data = part.data
+            plain = decompress(data, part.plain_len) if part.compressed else data
+            if len(plain) != part.plain_len or content_hash(plain) != part.hash:
+                raise InvalidInstance(
+                    f"chunk {len(cur.chunks)} failed verification: the bytes sent do not "
+                    "match their hash (corrupted in transit?)"
+                )
+            flags = FLAG_ZSTD if part.compressed else 0
+            cur.bytes_written += self.store.chunks.put(part.hash, part.plain_len, data, flags)
+        if cur.received < cur.begin.header_len + 64 and cur.cached + len(plain) <= HEADER_CACHE_MAX:
+            cur.cache[part.hash] = plain
+            cur.cached += len(plain)
+        cur.hasher.update(plain)
+        cur.chunks.append((part.hash, part.plain_len))
+        cur.received += part.plain_len
+        if cur.received > cur.begin.size:
+            raise InvalidInstance("protocol error: more bytes than announced")
+
+    def _end(self, cur: _Instance) -> Prepared | node_pb2.IngestResult:
+        b = cur.begin
+        if cur.received != b.size or len(cur.chunks) != b.chunk_count:
+            raise InvalidInstance(
+                f"incomplete: received {cur.received} of {b.size} bytes "
+                f"in {len(cur.chunks)} of {b.chunk_count} chunks"
+            )
+        if cur.hasher.digest() != b.file_hash:
+            raise InvalidInstance("whole-file hash does not match the bytes received")
+        known = self.store.catalog.file_known(b.file_hash)
+        if known is not None:
+            return node_pb2.IngestResult(
+                client_ref=b.client_ref, outcome=Outcome.DUPLICATE, manifest_id=known
+            )
+        layout = scan(ChunkReader(self.store, cur.chunks, cur.cache), b.size)  # type: ignore[arg-type]
+        m = mf.build(layout, b.file_hash, cur.chunks, self.node_id, self.clock.now())
+        manifest_id, raw = mf.encode(m)
+        return Prepared(b.client_ref, manifest_id, raw, m, cur.bytes_written)
+
+    def close(self) -> node_pb2.IngestResult | None:
+        """The stream ended; an instance still open was not stored."""
+        cur, self._cur = self._cur, None
+        if cur is None:
+            return None
+        return _rejected(cur.begin.client_ref, "stream ended before the instance was complete")
+
+
+def _rejected(client_ref: str, reason: str) -> node_pb2.IngestResult:
+    return node_pb2.IngestResult(client_ref=client_ref, outcome=Outcome.REJECTED, reason=reason)

@@ -1,0 +1,58 @@
+"""Manifests: the immutable description of one stored instance version.
+
+A manifest's id is the hash of its deterministic protobuf encoding, and those
+exact bytes are what is stored and replicated, so any holder can check that a
+manifest is the one named (never re-encode a received manifest)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from node.chunking import CHUNK_SIZE
+from node.dicom_layout import Layout
+from node.hashing import HASH_ALGO, content_hash
+from proto import node_pb2
+
+MANIFEST_FORMAT = 1
+
+
+def build(
+    layout: Layout,
+    file_hash: bytes,
+    chunks: Sequence[tuple[bytes, int]],
+    origin_node: str,
+    received_hlc: int,
+    chunk_size: int = CHUNK_SIZE,
+) -> node_pb2.Manifest:
+    m = node_pb2.Manifest(
+        format=MANIFEST_FORMAT,
+        hash_algo=HASH_ALGO,
+        chunk_size=chunk_size,
+        transfer_syntax_uid=layout.transfer_syntax_uid,
+        size=layout.size,
+        file_hash=file_hash,
+        header_len=layout.header_len,
+        origin_node=origin_node,
+        received_hlc=received_hlc,
+    )
+    for name, value in layout.attrs.items():
+        setattr(m, name, value)
+    m.chunks.extend(node_pb2.ChunkRef(hash=h, size=n) for h, n in chunks)
+    return m
+
+
+def encode(m: node_pb2.Manifest) -> tuple[bytes, bytes]:
+    """(manifest id, canonical bytes)."""
+    raw = m.SerializeToString(deterministic=True)
+    return content_hash(raw), raw
+
+
+def decode(raw: bytes) -> node_pb2.Manifest:
+    m = node_pb2.Manifest()
+    m.ParseFromString(raw)
+    return m
+
+
+def version_key(m: node_pb2.Manifest, manifest_id: bytes) -> tuple[int, bytes]:
+    """The current version of an instance is the greatest key: newest HLC, then id."""
+    return (m.received_hlc, manifest_id)

@@ -1,0 +1,216 @@
+"""Append-only pack files: the bytes of every chunk, one record after another.
+
+A record is self-describing (magic, hash algorithm, flags, key, lengths, a CRC
+of the header) so the scrubber and a rebuild can walk packs without the index.
+Packs never change in place: a crash can only leave bytes past the last
+committed length, and `recover` cuts those off (they were never acknowledged).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import threading
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from node.errors import ChunkCorrupt, StoreFull
+from node.hashing import HASH_ALGO_ID, HASH_LEN
+
+RECORD_MAGIC = b"PMCK"
+RECORD_VERSION = 1
+FLAG_ZSTD = 0x01
+_HEADER = struct.Struct("<4sBBBB32sII")  # magic, version, algo, flags, reserved, key, plain, stored
+_CRC = struct.Struct("<I")
+RECORD_HEADER_LEN = _HEADER.size + _CRC.size
+PACK_SIZE_MAX = 512 << 20  # small enough to scrub or copy one at a time, big enough to keep few fds
+
+
+@dataclass(frozen=True, slots=True)
+class RecordHeader:
+    flags: int
+    key: bytes
+    plain_len: int
+    stored_len: int
+
+
+def encode_header(key: bytes, flags: int, plain_len: int, stored_len: int) -> bytes:
+    assert len(key) == HASH_LEN
+    head = _HEADER.pack(
+        RECORD_MAGIC, RECORD_VERSION, HASH_ALGO_ID, flags, 0, key, plain_len, stored_len
+    )
+    return head + _CRC.pack(zlib.crc32(head))
+
+
+def decode_header(raw: bytes, where: str) -> RecordHeader:
+    if len(raw) != RECORD_HEADER_LEN:
+        raise ChunkCorrupt(f"{where}: record header cut short ({len(raw)} bytes)")
+    head, crc = raw[: _HEADER.size], _CRC.unpack(raw[_HEADER.size :])[0]
+    magic, version, algo, flags, _, key, plain_len, stored_len = _HEADER.unpack(head)
+    if magic != RECORD_MAGIC or zlib.crc32(head) != crc:
+        raise ChunkCorrupt(f"{where}: record header is damaged")
+    if version != RECORD_VERSION or algo != HASH_ALGO_ID:
+        raise ChunkCorrupt(f"{where}: unknown record version {version} or hash algorithm {algo}")
+    return RecordHeader(flags=flags, key=key, plain_len=plain_len, stored_len=stored_len)
+
+
+def pack_name(pack_no: int) -> str:
+    return f"pack-{pack_no:08d}.dat"
+
+
+class PackSet:
+    """The pack files of one node. Appends are serialised; reads are lock-free preads."""
+
+    def __init__(self, directory: Path, pack_size_max: int = PACK_SIZE_MAX) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.pack_size_max = pack_size_max
+        self._lock = threading.Lock()
+        self._read_fds: dict[int, int] = {}
+        self._active_no = 0
+        self._active_fd = -1
+        self._active_len = 0
+        self._dirty: set[int] = set()
+        self._sealed_len: dict[int, int] = {}
+        self._fd_lock = threading.Lock()
+
+    def existing(self) -> dict[int, int]:
+        """pack number -> size on disk."""
+        out: dict[int, int] = {}
+        for path in self.dir.glob("pack-*.dat"):
+            try:
+                out[int(path.stem.split("-")[1])] = path.stat().st_size
+            except (ValueError, IndexError):
+                continue
+        return out
+
+    def recover(self, committed: dict[int, int]) -> list[str]:
+        """Cut every pack back to its committed length; open the last one for appends.
+
+        Returns one line per repair for the log. Bytes past the committed length
+        were written by an ingest that was never acknowledged.
+        """
+        notes: list[str] = []
+        on_disk = self.existing()
+        for no, size in sorted(on_disk.items()):
+            keep = committed.get(no, 0)
+            if size > keep:
+                with open(self.dir / pack_name(no), "r+b") as f:
+                    f.truncate(keep)
+                    os.fsync(f.fileno())
+                notes.append(f"{pack_name(no)}: dropped {size - keep} unacknowledged bytes")
+            elif size < keep:
+                notes.append(
+                    f"{pack_name(no)}: {keep - size} committed bytes are missing "
+                    "(the scrubber will find and repair the chunks)"
+                )
+        numbers = set(on_disk) | set(committed)
+        self._active_no = max(numbers) if numbers else 1
+        self._open_active()
+        return notes
+
+    def _open_active(self) -> None:
+        path = self.dir / pack_name(self._active_no)
+        self._active_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        self._active_len = os.fstat(self._active_fd).st_size
+
+    def append(self, key: bytes, flags: int, plain_len: int,
+               stored: bytes) -> tuple[int, int, int]:
+        """Write one record (not yet durable). Returns (pack, offset of record, record length).
+
+        On ENOSPC the partial record is cut off again, so the pack stays a clean
+        sequence of records, and StoreFull is raised.
+        """
+        record = encode_header(key, flags, plain_len, len(stored)) + stored
+        with self._lock:
+            if self._active_len > 0 and self._active_len + len(record) > self.pack_size_max:
+                self._rotate()
+            offset = self._active_len
+            try:
+                written = os.write(self._active_fd, record)
+                if written != len(record):
+                    raise OSError(errno.ENOSPC, "short write")
+            except OSError as exc:
+                os.ftruncate(self._active_fd, offset)
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    name = pack_name(self._active_no)
+                    raise StoreFull(f"disk full while writing {name}") from exc
+                raise
+            self._active_len = offset + len(record)
+            self._dirty.add(self._active_no)
+            return self._active_no, offset, len(record)
+
+    def _rotate(self) -> None:
+        os.fsync(self._active_fd)  # the old pack is finished: make it durable before leaving it
+        os.close(self._active_fd)
+        self._sealed_len[self._active_no] = self._active_len
+        self._active_no += 1
+        self._open_active()
+        self._sync_dir()
+
+    def _sync_dir(self) -> None:
+        fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def snapshot(self) -> dict[int, int]:
+        """Lengths of the packs written since the last sync; call under the caller's ordering."""
+        with self._lock:
+            dirty = {
+                no: (self._active_len if no == self._active_no else self._sealed_len[no])
+                for no in self._dirty
+            }
+            self._dirty.clear()
+            return dirty
+
+    def mark_dirty(self, pack_nos: dict[int, int]) -> None:
+        with self._lock:
+            self._dirty.update(pack_nos)
+
+    def sync(self, pack_nos: list[int]) -> None:
+        for no in pack_nos:
+            if no == self._active_no:
+                os.fsync(self._active_fd)
+            else:
+                with open(self.dir / pack_name(no), "rb") as f:
+                    os.fsync(f.fileno())
+
+    def size_of(self, pack_no: int) -> int:
+        return (self.dir / pack_name(pack_no)).stat().st_size
+
+    def _fd(self, pack_no: int) -> int:
+        fd = self._read_fds.get(pack_no)
+        if fd is None:
+            with self._fd_lock:
+                fd = self._read_fds.get(pack_no)
+                if fd is None:
+                    fd = os.open(self.dir / pack_name(pack_no), os.O_RDONLY)
+                    self._read_fds[pack_no] = fd
+        return fd
+
+    def read(self, pack_no: int, offset: int, record_len: int) -> tuple[RecordHeader, bytes]:
+        where = f"{pack_name(pack_no)}@{offset}"
+        try:
+            raw = os.pread(self._fd(pack_no), record_len, offset)
+        except FileNotFoundError as exc:
+            raise ChunkCorrupt(f"{where}: pack file is missing") from exc
+        if len(raw) != record_len:
+            raise ChunkCorrupt(f"{where}: record runs past the end of the pack")
+        header = decode_header(raw[:RECORD_HEADER_LEN], where)
+        if RECORD_HEADER_LEN + header.stored_len != record_len:
+            raise ChunkCorrupt(f"{where}: record length disagrees with the index")
+        return header, raw[RECORD_HEADER_LEN:]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._active_fd >= 0:
+                os.fsync(self._active_fd)
+                os.close(self._active_fd)
+                self._active_fd = -1
+            for fd in self._read_fds.values():
+                os.close(fd)
+            self._read_fds.clear()

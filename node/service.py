@@ -1,0 +1,247 @@
+"""The node's client API over gRPC: the edge where errors become status codes.
+
+Hashing, decompression and file IO run in a thread pool (they release the
+GIL); the asyncio loop only moves messages. The cluster plugs in through
+`ClusterView`: on a lone node it is `LoneView`, which answers for this node only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, TypeVar
+
+import grpc
+
+from node import hlc
+from node.errors import ChunkCorrupt, ChunkMissing, PacsmeshError
+from node.ingest import IngestSession, Prepared
+from node.store import Store
+from node.uids import uid_problem
+from proto import node_pb2, node_pb2_grpc
+
+LOGGER = logging.getLogger(__name__)
+T = TypeVar("T")
+Outcome = node_pb2.IngestResult.Outcome
+PRECHECK_KEYS_MAX = 100_000  # per request: bounds the memory one client can make us use
+UNSAFE_ALERT_AFTER_S = 3600.0  # an instance not safe off-site within an hour is news
+
+
+class ClusterView(Protocol):
+    """What the API needs to know about the rest of the cluster."""
+
+    def copies(self) -> int: ...
+    def min_distance_miles(self) -> float: ...
+    def nodes(self) -> list[node_pb2.NodeStatus]: ...
+    def holders(self, study_uid: str, instances: int) -> tuple[list[node_pb2.Holder], int]: ...
+    def alerts(self) -> list[node_pb2.Alert]: ...
+
+
+class LoneView:
+    """A node without peers: it is the only holder, so nothing is safe off-site."""
+
+    def __init__(self, store: Store, node_id: str, site: str, address: str,
+                 lat: float, lon: float, copies: int, min_distance_miles: float) -> None:
+        self.store, self.node_id, self.site, self.address = store, node_id, site, address
+        self.lat, self.lon = lat, lon
+        self._copies, self._distance = copies, min_distance_miles
+
+    def copies(self) -> int:
+        return self._copies
+
+    def min_distance_miles(self) -> float:
+        return self._distance
+
+    def nodes(self) -> list[node_pb2.NodeStatus]:
+        return [node_pb2.NodeStatus(
+            id=self.node_id, site=self.site, address=self.address, lat=self.lat, lon=self.lon,
+            state="alive", used_bytes=self.store.used_bytes(),
+            free_bytes=self.store.free_bytes(), capacity_bytes=self.store.capacity_bytes,
+        )]
+
+    def holders(self, study_uid: str, instances: int) -> tuple[list[node_pb2.Holder], int]:
+        info = self.store.catalog.study_info(study_uid)
+        if info.held_instances == 0:
+            return [], 0
+        holder = node_pb2.Holder(node=self.node_id, site=self.site, instances=info.held_instances)
+        return [holder], (1 if info.held_instances == instances and instances > 0 else 0)
+
+    def alerts(self) -> list[node_pb2.Alert]:
+        if self._copies <= 1:
+            return []
+        return [node_pb2.Alert(
+            severity="warning", code="NO_PEERS",
+            message=f"this node has no peers: every study has 1 of {self._copies} copies; "
+                    "add [cluster] seeds to federate with other sites",
+        )]
+
+
+class NodeService(node_pb2_grpc.NodeApiServicer):
+    def __init__(self, store: Store, node_id: str, clock: hlc.HybridClock, view: ClusterView,
+                 pool: ThreadPoolExecutor) -> None:
+        self.store, self.node_id, self.clock, self.view, self.pool = (
+            store, node_id, clock, view, pool)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    # ---- ingest -------------------------------------------------------------------
+
+    async def Precheck(self, request: node_pb2.PrecheckRequest,
+                       context: grpc.aio.ServicerContext[Any, Any]) -> node_pb2.PrecheckReply:
+        if len(request.file_hashes) + len(request.chunk_hashes) > PRECHECK_KEYS_MAX:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"at most {PRECHECK_KEYS_MAX} hashes per precheck")
+        known = await self._run(self.store.catalog.known_files, list(request.file_hashes))
+        missing = await self._run(self.store.chunks.missing, list(request.chunk_hashes))
+        return node_pb2.PrecheckReply(known_file_hashes=known, missing_chunk_hashes=missing)
+
+    async def Ingest(self, request_iterator: AsyncIterator[node_pb2.IngestMessage],
+                     context: grpc.aio.ServicerContext[Any, Any]
+                     ) -> AsyncIterator[node_pb2.IngestResult]:
+        session = IngestSession(self.store, self.node_id, self.clock)
+        results: asyncio.Queue[node_pb2.IngestResult | None] = asyncio.Queue()
+        commits: set[asyncio.Task[None]] = set()
+
+        async def commit(p: Prepared) -> None:
+            try:
+                new = await asyncio.wrap_future(self.store.submit(p.manifest_id, p.raw, p.manifest))
+                outcome = Outcome.STORED if new else Outcome.DUPLICATE
+                await results.put(node_pb2.IngestResult(
+                    client_ref=p.client_ref, outcome=outcome, manifest_id=p.manifest_id,
+                    bytes_written=p.bytes_written, sop_instance_uid=p.manifest.sop_instance_uid,
+                    study_instance_uid=p.manifest.study_instance_uid))
+            except PacsmeshError as exc:
+                await results.put(node_pb2.IngestResult(
+                    client_ref=p.client_ref, outcome=Outcome.REJECTED, reason=str(exc)))
+
+        async def read() -> None:
+            try:
+                async for msg in request_iterator:
+                    out = await self._run(session.on_message, msg)
+                    if isinstance(out, Prepared):
+                        task = asyncio.create_task(commit(out))
+                        commits.add(task)
+                        task.add_done_callback(commits.discard)
+                    elif out is not None:
+                        await results.put(out)
+                tail = session.close()
+                if tail is not None:
+                    await results.put(tail)
+                if commits:
+                    await asyncio.gather(*commits)
+            finally:
+                await results.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await results.get()) is not None:
+                yield item
+            await reader  # surface errors of the reader
+        finally:
+            reader.cancel()
+
+    # ---- restore ----------------------------------------------------------------------
+
+    async def GetStudy(self, request: node_pb2.GetStudyRequest,
+                       context: grpc.aio.ServicerContext[Any, Any]
+                       ) -> AsyncIterator[node_pb2.GetStudyMessage]:
+        if problem := uid_problem(request.study_uid):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"study UID {problem}")
+        current = await self._run(self.store.catalog.current_manifests, request.study_uid)
+        if not current:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"study {request.study_uid} is not in this node's catalog")
+        for mid, raw, m in current:
+            yield node_pb2.GetStudyMessage(start=node_pb2.InstanceStart(manifest=raw,
+                                                                         manifest_id=mid))
+            for ref in m.chunks:
+                try:
+                    data = await self._run(self.store.chunks.read, ref.hash)
+                except (ChunkCorrupt, ChunkMissing) as exc:
+                    LOGGER.error("instance %s: %s", m.sop_instance_uid, exc)
+                    yield node_pb2.GetStudyMessage(error=node_pb2.InstanceError(
+                        sop_instance_uid=m.sop_instance_uid,
+                        reason=f"instance {m.sop_instance_uid} cannot be read here: {exc}"))
+                    break
+                yield node_pb2.GetStudyMessage(data=node_pb2.InstanceData(data=data))
+            else:
+                yield node_pb2.GetStudyMessage(end=node_pb2.InstanceEnd())
+
+    # ---- views ------------------------------------------------------------------------
+
+    def _study_summaries(self, local: bool) -> list[node_pb2.StudySummary]:
+        out = []
+        for study in self.store.catalog.study_uids():
+            info = self.store.catalog.study_info(study)
+            if local and info.held_instances < info.instances:
+                continue
+            _, safe = self.view.holders(study, info.instances)
+            out.append(node_pb2.StudySummary(
+                study_uid=study, patient_id=info.patient_id, study_date=info.study_date,
+                modalities=sorted(info.modalities), instances=info.instances, bytes=info.bytes,
+                safe_copies=safe))
+        return out
+
+    async def ListStudies(self, request: node_pb2.ListStudiesRequest,
+                          context: grpc.aio.ServicerContext[Any, Any]
+                          ) -> node_pb2.ListStudiesReply:
+        studies = await self._run(self._study_summaries, request.local)
+        return node_pb2.ListStudiesReply(studies=studies)
+
+    def _locate(self, study_uid: str) -> node_pb2.LocateReply:
+        info = self.store.catalog.study_info(study_uid)
+        holders, safe = self.view.holders(study_uid, info.instances)
+        required = self.view.copies()
+        return node_pb2.LocateReply(study_uid=study_uid, instances=info.instances,
+                                    holders=holders, safe_copies=safe, required_copies=required,
+                                    safe=info.instances > 0 and safe >= required)
+
+    async def Locate(self, request: node_pb2.LocateRequest,
+                     context: grpc.aio.ServicerContext[Any, Any]) -> node_pb2.LocateReply:
+        if problem := uid_problem(request.study_uid):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"study UID {problem}")
+        reply = await self._run(self._locate, request.study_uid)
+        if reply.instances == 0:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"study {request.study_uid} is not in the catalog")
+        return reply
+
+    def _status(self) -> node_pb2.StatusReply:
+        required = self.view.copies()
+        studies = instances = safe_studies = 0
+        oldest_unsafe_ms: int | None = None
+        now_ms = time.time() * 1000
+        for study in self.store.catalog.study_uids():
+            current = self.store.catalog.current_manifests(study)
+            studies += 1
+            instances += len(current)
+            _, safe = self.view.holders(study, len(current))
+            if safe >= required:
+                safe_studies += 1
+                continue
+            received = min(hlc.decode(m.received_hlc)[0] for _, _, m in current)
+            oldest_unsafe_ms = received if oldest_unsafe_ms is None else min(
+                oldest_unsafe_ms, received)
+        oldest_age = max(0.0, (now_ms - oldest_unsafe_ms) / 1000) if oldest_unsafe_ms else 0.0
+        alerts = list(self.view.alerts())
+        if oldest_age > UNSAFE_ALERT_AFTER_S:
+            alerts.append(node_pb2.Alert(
+                severity="critical", code="STUDIES_UNSAFE",
+                message=f"{studies - safe_studies} studies have fewer than {required} safe "
+                        f"copies; the oldest for {oldest_age / 3600:.1f} h: check peers and "
+                        "placement"))
+        nodes = self.view.nodes()
+        chunk_bytes = sum(self.store.packs.existing().values())
+        return node_pb2.StatusReply(
+            copies=required, min_distance_miles=self.view.min_distance_miles(), nodes=nodes,
+            studies=studies, instances=instances, safe_studies=safe_studies,
+            unsafe_studies=studies - safe_studies, oldest_unsafe_age_s=oldest_age,
+            alerts=alerts, answered_by=self.node_id, chunk_bytes=chunk_bytes)
+
+    async def Status(self, request: node_pb2.StatusRequest,
+                     context: grpc.aio.ServicerContext[Any, Any]) -> node_pb2.StatusReply:
+        return await self._run(self._status)
