@@ -1,0 +1,326 @@
+"""The `pacsmesh` command. Client commands talk to a node only through proto/.
+
+Exit status: 0 success, 1 the operation failed or was incomplete, 2 usage.
+With --json, stdout carries exactly one JSON document and nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from proto import node_pb2, node_pb2_grpc
+
+DEFAULT_NODE = "127.0.0.1:7400"
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 16 << 20),
+    ("grpc.max_send_message_length", 16 << 20),
+]
+WAIT_SAFE_DEFAULT_S = 600.0
+
+
+class Failed(Exception):
+    """The operation failed; the message is the one line the operator sees."""
+
+
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    return grpc.insecure_channel(args.node, options=CHANNEL_OPTIONS)
+
+
+def _emit(args: argparse.Namespace, doc: dict[str, Any], human: Callable[[], None]) -> None:
+    if args.json:
+        json.dump(doc, sys.stdout, indent=2, sort_keys=False)
+        sys.stdout.write("\n")
+    else:
+        human()
+
+
+def _rpc_error(exc: grpc.RpcError, node: str) -> Failed:
+    code = exc.code()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return Failed(f"cannot reach node {node}: {exc.details()}")
+    return Failed(f"{code.name}: {exc.details()}")
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+# ---- node ---------------------------------------------------------------------
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from node.config import load
+    from node.errors import ConfigError, PacsmeshError
+
+    logging.basicConfig(level=os.environ.get("PACSMESH_LOG", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load(Path(args.config))
+    except ConfigError as exc:
+        print(f"pacsmesh node: bad config: {exc}", file=sys.stderr)
+        return 2
+    from cluster.member import run_member
+
+    try:
+        return run_member(cfg)
+    except PacsmeshError as exc:
+        print(f"pacsmesh node: {exc}", file=sys.stderr)
+        return 1
+
+
+# ---- put / get ------------------------------------------------------------------
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    from pacsmesh.upload import Uploader, expand
+
+    files, problems = expand(args.paths)
+    started = time.monotonic()
+    with _channel(args) as ch:
+        up = Uploader(ch)
+        up.report.rejected.extend(problems)
+        try:
+            report = up.put(files)
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc, args.node) from exc
+        seconds = time.monotonic() - started
+        doc = report.as_json()
+        doc["seconds"] = round(seconds, 3)
+        ok = not report.rejected
+        if args.wait_safe is not None and report.studies:
+            safe = _wait_safe(ch, sorted(report.studies), args.wait_safe)
+            doc["safe"] = safe
+            ok = ok and all(safe.values())
+
+    def human() -> None:
+        mb = report.bytes_in / 1e6
+        print(f"stored {report.stored}, duplicates {report.duplicates}, "
+              f"rejected {len(report.rejected)}; {mb:.1f} MB in, "
+              f"{_human_bytes(report.bytes_written)} written, {seconds:.2f} s "
+              f"({mb / max(seconds, 1e-9):.1f} MB/s)")
+        for r in report.rejected:
+            print(f"  rejected {r['path']}: {r['reason']}")
+        for study, is_safe in doc.get("safe", {}).items():
+            print(f"  {study}: {'safe' if is_safe else 'NOT safe yet'}")
+
+    _emit(args, doc, human)
+    return 0 if ok else 1
+
+
+def _wait_safe(ch: grpc.Channel, studies: list[str], timeout_s: float) -> dict[str, bool]:
+    stub = node_pb2_grpc.NodeApiStub(ch)
+    deadline = time.monotonic() + timeout_s
+    safe = dict.fromkeys(studies, False)
+    while True:
+        for study in [s for s, ok in safe.items() if not ok]:
+            try:
+                safe[study] = stub.Locate(node_pb2.LocateRequest(study_uid=study)).safe
+            except grpc.RpcError:
+                safe[study] = False
+        if all(safe.values()) or time.monotonic() >= deadline:
+            return safe
+        time.sleep(0.5)
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    from node.uids import uid_problem
+    from pacsmesh.restore import get_study
+
+    if problem := uid_problem(args.study_uid):
+        raise Failed(f"study UID {problem}")
+    with _channel(args) as ch:
+        try:
+            report = get_study(ch, args.study_uid, Path(args.out))
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc, args.node) from exc
+
+    def human() -> None:
+        mb = report.bytes / 1e6
+        print(f"restored {report.instances} instances ({mb:.1f} MB) of {report.study_uid} "
+              f"to {report.out_dir}/{report.study_uid} in {report.seconds:.2f} s, each verified")
+        for f in report.failed:
+            print(f"  FAILED {f['sop_instance_uid']}: {f['reason']}")
+
+    _emit(args, report.as_json(), human)
+    return 1 if report.failed or report.instances == 0 else 0
+
+
+# ---- views ---------------------------------------------------------------------------
+
+
+def _call(args: argparse.Namespace, fn: Callable[[node_pb2_grpc.NodeApiStub], Any]) -> Any:
+    with _channel(args) as ch:
+        try:
+            return fn(node_pb2_grpc.NodeApiStub(ch))
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc, args.node) from exc
+
+
+def _to_dict(msg: Any) -> dict[str, Any]:
+    return MessageToDict(msg, preserving_proto_field_name=True,
+                         always_print_fields_with_no_presence=True)
+
+
+def _ints(doc: dict[str, Any], *keys: str) -> None:
+    """proto3 JSON renders 64-bit integers as strings; operators' scripts want numbers."""
+    for k in keys:
+        if k in doc:
+            doc[k] = int(doc[k])
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    reply = _call(args, lambda s: s.ListStudies(node_pb2.ListStudiesRequest(local=args.local)))
+    studies = []
+    for st in reply.studies:
+        d = _to_dict(st)
+        _ints(d, "instances", "bytes", "safe_copies")
+        studies.append(d)
+
+    def human() -> None:
+        if not studies:
+            print("no studies")
+        for d in studies:
+            print(f"{d['study_uid']}  {d['patient_id']:<12} {d['study_date']:<8} "
+                  f"{','.join(d['modalities']):<6} {d['instances']:>6} inst "
+                  f"{_human_bytes(d['bytes']):>10}  {d['safe_copies']} safe copies")
+
+    _emit(args, {"studies": studies}, human)
+    return 0
+
+
+def cmd_locate(args: argparse.Namespace) -> int:
+    reply = _call(args, lambda s: s.Locate(node_pb2.LocateRequest(study_uid=args.study_uid)))
+    doc = _to_dict(reply)
+    _ints(doc, "instances", "safe_copies", "required_copies")
+    for h in doc["holders"]:
+        _ints(h, "instances")
+
+    def human() -> None:
+        state = "SAFE" if doc["safe"] else "NOT SAFE"
+        print(f"{doc['study_uid']}: {doc['instances']} instances, {doc['safe_copies']} of "
+              f"{doc['required_copies']} safe copies: {state}")
+        for h in doc["holders"]:
+            print(f"  {h['node']:<20} {h['site']:<16} {h['instances']} instances")
+
+    _emit(args, doc, human)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    reply = _call(args, lambda s: s.Status(node_pb2.StatusRequest()))
+    doc = _to_dict(reply)
+    _ints(doc, "copies", "studies", "instances", "safe_studies", "unsafe_studies",
+          "stored_bytes", "chunk_bytes")
+    for n in doc["nodes"]:
+        _ints(n, "used_bytes", "free_bytes", "capacity_bytes")
+
+    def human() -> None:
+        print(f"cluster: {len(doc['nodes'])} nodes, {doc['copies']} copies at sites >= "
+              f"{doc['min_distance_miles']:g} miles apart (answered by {doc['answered_by']})")
+        for n in doc["nodes"]:
+            print(f"  {n['id']:<20} {n['site']:<16} {n['state']:<8} {n['address']:<22} "
+                  f"used {_human_bytes(n['used_bytes'])}, free {_human_bytes(n['free_bytes'])}")
+        print(f"studies: {doc['studies']} ({doc['instances']} instances), safe "
+              f"{doc['safe_studies']}, unsafe {doc['unsafe_studies']}"
+              + (f", oldest unsafe {doc['oldest_unsafe_age_s']:.0f} s"
+                 if doc["unsafe_studies"] else ""))
+        for a in doc["alerts"]:
+            print(f"  [{a['severity'].upper()}] {a['code']}: {a['message']}")
+        if not doc["alerts"]:
+            print("  no alerts")
+
+    _emit(args, doc, human)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pacsmesh.demo import run_demo
+
+    code: int = run_demo(args)
+    return code
+
+
+# ---- parser ---------------------------------------------------------------------------
+
+
+def _client(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
+            help_: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_, description=help_)
+    p.add_argument("--node", default=os.environ.get("PACSMESH_NODE", DEFAULT_NODE),
+                   help="HOST:PORT of the node to ask (default $PACSMESH_NODE or "
+                        f"{DEFAULT_NODE})")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pacsmesh", description="Peer-to-peer DICOM archive: N verified copies at "
+                                     "sites at least D miles apart.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("node", help="run a node in the foreground")
+    p.add_argument("--config", required=True, help="TOML config file")
+    p.set_defaults(fn=cmd_node)
+
+    p = _client(sub, "put", "store DICOM files or folders (recursively)")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--wait-safe", nargs="?", type=float, const=WAIT_SAFE_DEFAULT_S,
+                   default=None, metavar="SECONDS",
+                   help="also wait until the copies are safe (default 600 s)")
+    p.set_defaults(fn=cmd_put)
+
+    p = _client(sub, "get", "restore a study, byte-identical and verified")
+    p.add_argument("study_uid")
+    p.add_argument("--out", required=True, help="folder to restore into")
+    p.set_defaults(fn=cmd_get)
+
+    p = _client(sub, "ls", "list studies")
+    p.add_argument("--local", action="store_true", help="only what this node holds, verified")
+    p.set_defaults(fn=cmd_ls)
+
+    p = _client(sub, "locate", "where a study's copies are, and whether it is safe")
+    p.add_argument("study_uid")
+    p.set_defaults(fn=cmd_locate)
+
+    p = _client(sub, "status", "the cluster at a glance")
+    p.set_defaults(fn=cmd_status)
+
+    p = sub.add_parser("demo", help="run a local cluster with sample studies")
+    p.add_argument("--dir", default="", help="work folder (default: a new temporary one)")
+    p.add_argument("--instances", type=int, default=40, help="instances per sample study")
+    p.add_argument("--keep-running", action="store_true",
+                   help="keep the cluster up until Ctrl-C after the walkthrough")
+    p.set_defaults(fn=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.fn(args)
+        return code
+    except Failed as exc:
+        print(f"pacsmesh {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
