@@ -1,13 +1,19 @@
-"""The catalog in LMDB: manifests and the indexes that find them.
+"""The catalog in LMDB: manifests and the indexes and aggregates that find them.
 
-    manifests  manifest id -> manifest bytes (exact, as hashed)
-    versions   sop uid \\0 hlc(8, big-endian) manifest id -> ''   (last key = current)
-    studies    study uid \\0 series uid \\0 sop uid -> ''
-    files      whole-file hash -> manifest id                     (duplicate detection)
-    held       manifest id -> verified-at ms (8)                  (every chunk held here)
+    manifests   manifest id -> manifest bytes (exact, as hashed)
+    versions    sop uid \\0 hlc(8, big-endian) manifest id -> ''   (last key = current)
+    studies     study uid \\0 series uid \\0 sop uid -> ''
+    files       whole-file hash -> manifest id                     (duplicate detection)
+    held        manifest id -> verified-at ms (8)                  (every chunk held here)
+    not_held    manifest id -> ''                                  (known, chunks not here)
+    study_recs  study uid -> StudyRecord                          (aggregates, digests)
+    partitions  partition(4) -> AdHash(32) count(8)               (anti-entropy, level 0)
+    part_study  partition(4) study uid -> ''
+    meta        b"partitions" -> P (fixed when the catalog is created)
 
-Each write happens inside the caller's transaction (the group commit), so the
-catalog never names a manifest whose chunks are not durably indexed.
+Every write happens inside the caller's transaction (the group commit), so the
+catalog never names a manifest as held whose chunks are not durably indexed,
+and aggregates never disagree with what they count.
 """
 
 from __future__ import annotations
@@ -17,11 +23,34 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import blake3
+
 from node import manifest as mf
+from node.errors import ConfigError
 from proto import node_pb2
 
 SEP = b"\x00"
 _U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
+ADHASH_MOD = 1 << 256
+DIGEST_LEN = 32
+EMPTY_DIGEST = bytes(DIGEST_LEN)
+
+
+def element_hash(manifest_id: bytes) -> int:
+    return int.from_bytes(blake3.blake3(b"pacsmesh-set\x00" + manifest_id).digest(), "big")
+
+
+def digest_add(digest: bytes, manifest_id: bytes, sign: int = 1) -> bytes:
+    """AdHash: the set's digest is the sum of its elements' hashes mod 2^256."""
+    value = (int.from_bytes(digest or EMPTY_DIGEST, "big") + sign * element_hash(manifest_id))
+    return (value % ADHASH_MOD).to_bytes(DIGEST_LEN, "big")
+
+
+def partition_of(study_uid: str, partitions: int) -> int:
+    """The partition of a study: the same rule cluster/placement uses."""
+    digest = blake3.blake3(study_uid.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % partitions
 
 
 @dataclass
@@ -36,44 +65,149 @@ class StudyInfo:
 
 
 class Catalog:
-    def __init__(self, env: Any) -> None:
+    def __init__(self, env: Any, partitions: int = 1024) -> None:
         self.env = env
+        self.partitions = partitions
         self.manifests = env.open_db(b"manifests")
         self.versions = env.open_db(b"versions")
         self.studies = env.open_db(b"studies")
         self.files = env.open_db(b"files")
         self.held = env.open_db(b"held")
+        self.not_held = env.open_db(b"not_held")
+        self.study_recs = env.open_db(b"study_recs")
+        self.partition_db = env.open_db(b"partitions")
+        self.part_study = env.open_db(b"part_study")
+        self.meta = env.open_db(b"meta")
+        with env.begin(write=True, db=self.meta) as txn:
+            stored = txn.get(b"partitions")
+            if stored is None:
+                txn.put(b"partitions", _U32.pack(partitions))
+            elif _U32.unpack(stored)[0] != partitions:
+                raise ConfigError(
+                    f"this data dir was created for {_U32.unpack(stored)[0]} partitions, the "
+                    f"config says {partitions}; the partition count is fixed for a cluster")
 
     # ---- writes (inside the group commit) ----------------------------------------
 
     def add(self, txn: Any, manifest_id: bytes, raw: bytes, m: node_pb2.Manifest,
             held_at_ms: int | None) -> bool:
-        """Record a manifest; False if it was known already (a set: adding is idempotent)."""
+        """Record a manifest; False if it was known already (a set: adding is idempotent).
+        `held_at_ms`: every chunk is durably here, verified at that time."""
         if not txn.put(manifest_id, raw, db=self.manifests, overwrite=False):
             if held_at_ms is not None:
-                txn.put(manifest_id, _U64.pack(held_at_ms), db=self.held)
+                self.set_held(txn, manifest_id, m, held_at_ms)
             return False
         sop = m.sop_instance_uid.encode()
+        previous = self.current_id(txn, m.sop_instance_uid)
         txn.put(sop + SEP + _U64.pack(m.received_hlc) + manifest_id, b"", db=self.versions)
-        key = SEP.join(
-            (m.study_instance_uid.encode(), m.series_instance_uid.encode(), sop)
-        )
-        txn.put(key, b"", db=self.studies)
-        txn.put(m.file_hash, manifest_id, db=self.files)
+        txn.put(SEP.join((m.study_instance_uid.encode(), m.series_instance_uid.encode(), sop)),
+                b"", db=self.studies)
+        txn.put(m.file_hash, manifest_id, db=self.files, overwrite=False)
+        partition = partition_of(m.study_instance_uid, self.partitions)
+        txn.put(_U32.pack(partition) + m.study_instance_uid.encode(), b"", db=self.part_study)
+        self._partition_add(txn, partition, manifest_id)
+
+        rec = self._record(txn, m.study_instance_uid) or node_pb2.StudyRecord(
+            study_uid=m.study_instance_uid, partition=partition,
+            first_received_ms=m.received_hlc >> 16)
+        rec.manifests += 1
+        rec.all_digest = digest_add(rec.all_digest, manifest_id)
+        rec.first_received_ms = min(rec.first_received_ms, m.received_hlc >> 16)
+        if self.current_id(txn, m.sop_instance_uid) == manifest_id:  # the new current version
+            if previous is not None:
+                old = self._manifest(txn, previous)
+                rec.current_digest = digest_add(rec.current_digest, previous, -1)
+                rec.bytes -= old.size
+                rec.instances -= 1
+                if txn.get(previous, db=self.held) is not None:
+                    rec.held_digest = digest_add(rec.held_digest, previous, -1)
+                    rec.held_instances -= 1
+            rec.current_digest = digest_add(rec.current_digest, manifest_id)
+            rec.bytes += m.size
+            rec.instances += 1
+            for name in ("patient_id", "patient_name", "study_date", "accession_number",
+                         "study_description", "patient_birth_date"):
+                if value := getattr(m, name):
+                    setattr(rec, name, value)
+            if m.modality and m.modality not in rec.modalities:
+                rec.modalities.append(m.modality)
+        txn.put(m.study_instance_uid.encode(), rec.SerializeToString(), db=self.study_recs)
         if held_at_ms is not None:
-            txn.put(manifest_id, _U64.pack(held_at_ms), db=self.held)
+            self.set_held(txn, manifest_id, m, held_at_ms)
+        else:
+            txn.put(manifest_id, b"", db=self.not_held)
         return True
+
+    def set_held(self, txn: Any, manifest_id: bytes, m: node_pb2.Manifest, at_ms: int) -> None:
+        was_held = txn.get(manifest_id, db=self.held) is not None
+        txn.put(manifest_id, _U64.pack(at_ms), db=self.held)
+        txn.delete(manifest_id, db=self.not_held)
+        if not was_held and self.current_id(txn, m.sop_instance_uid) == manifest_id:
+            self._adjust_held(txn, m.study_instance_uid, manifest_id, +1)
+
+    def unset_held(self, txn: Any, manifest_id: bytes, m: node_pb2.Manifest) -> None:
+        """A copy was dropped (trimmed) or found bad: it must not count any more."""
+        if not txn.delete(manifest_id, db=self.held):
+            return
+        txn.put(manifest_id, b"", db=self.not_held)
+        if self.current_id(txn, m.sop_instance_uid) == manifest_id:
+            self._adjust_held(txn, m.study_instance_uid, manifest_id, -1)
+
+    def _adjust_held(self, txn: Any, study_uid: str, manifest_id: bytes, sign: int) -> None:
+        rec = self._record(txn, study_uid)
+        assert rec is not None, study_uid
+        rec.held_digest = digest_add(rec.held_digest, manifest_id, sign)
+        rec.held_instances += sign
+        txn.put(study_uid.encode(), rec.SerializeToString(), db=self.study_recs)
+
+    def _partition_add(self, txn: Any, partition: int, manifest_id: bytes) -> None:
+        key = _U32.pack(partition)
+        raw = txn.get(key, db=self.partition_db)
+        digest, count = (bytes(raw[:DIGEST_LEN]), _U64.unpack(raw[DIGEST_LEN:])[0]) if raw else (
+            EMPTY_DIGEST, 0)
+        txn.put(key, digest_add(digest, manifest_id) + _U64.pack(count + 1),
+                db=self.partition_db)
+
+    def _record(self, txn: Any, study_uid: str) -> node_pb2.StudyRecord | None:
+        raw = txn.get(study_uid.encode(), db=self.study_recs)
+        if raw is None:
+            return None
+        rec = node_pb2.StudyRecord()
+        rec.ParseFromString(bytes(raw))
+        return rec
+
+    def _manifest(self, txn: Any, manifest_id: bytes) -> node_pb2.Manifest:
+        raw = txn.get(manifest_id, db=self.manifests)
+        assert raw is not None, manifest_id.hex()
+        return mf.decode(bytes(raw))
 
     # ---- reads ------------------------------------------------------------------
 
     def file_known(self, file_hash: bytes) -> bytes | None:
-        with self.env.begin(db=self.files) as txn:
-            value = txn.get(file_hash)
-        return bytes(value) if value is not None else None
+        """The manifest of these exact bytes, if this node holds it."""
+        with self.env.begin() as txn:
+            value = txn.get(file_hash, db=self.files)
+            if value is None or txn.get(bytes(value), db=self.held) is None:
+                return None
+            return bytes(value)
+
+    def manifest_of_file(self, file_hash: bytes) -> tuple[bytes, bytes] | None:
+        """(id, raw) of a manifest of these exact bytes, held here or not."""
+        with self.env.begin() as txn:
+            mid = txn.get(file_hash, db=self.files)
+            if mid is None:
+                return None
+            raw = txn.get(bytes(mid), db=self.manifests)
+            return (bytes(mid), bytes(raw)) if raw is not None else None
 
     def known_files(self, hashes: list[bytes]) -> list[bytes]:
-        with self.env.begin(db=self.files) as txn:
-            return [h for h in hashes if txn.get(h) is not None]
+        with self.env.begin() as txn:
+            out = []
+            for h in hashes:
+                mid = txn.get(h, db=self.files)
+                if mid is not None and txn.get(bytes(mid), db=self.held) is not None:
+                    out.append(h)
+            return out
 
     def get(self, manifest_id: bytes) -> tuple[bytes, node_pb2.Manifest] | None:
         with self.env.begin(db=self.manifests) as txn:
@@ -82,9 +216,22 @@ class Catalog:
             return None
         return bytes(raw), mf.decode(bytes(raw))
 
+    def has(self, manifest_id: bytes) -> bool:
+        with self.env.begin(db=self.manifests) as txn:
+            return txn.get(manifest_id) is not None
+
+    def unknown(self, ids: list[bytes]) -> list[bytes]:
+        with self.env.begin(db=self.manifests) as txn:
+            return [i for i in ids if txn.get(i) is None]
+
     def is_held(self, manifest_id: bytes) -> bool:
         with self.env.begin(db=self.held) as txn:
             return txn.get(manifest_id) is not None
+
+    def held_at_ms(self, manifest_id: bytes) -> int | None:
+        with self.env.begin(db=self.held) as txn:
+            raw = txn.get(manifest_id)
+        return _U64.unpack(raw)[0] if raw is not None else None
 
     def current_id(self, txn: Any, sop_uid: str) -> bytes | None:
         prefix = sop_uid.encode() + SEP
@@ -137,27 +284,67 @@ class Catalog:
                     out.append((mid, bytes(raw), mf.decode(bytes(raw))))
         return out
 
+    def study_manifest_ids(self, study_uid: str) -> list[bytes]:
+        """Every version of every instance of a study (anti-entropy's leaf level)."""
+        out: list[bytes] = []
+        for _, sop in self.study_instances(study_uid):
+            out.extend(self.versions_of(sop))
+        return out
+
     def study_uids(self) -> Iterator[str]:
-        last = b""
-        with self.env.begin(db=self.studies) as txn:
+        with self.env.begin(db=self.study_recs) as txn:
             for key in txn.cursor().iternext(values=False):
-                study = bytes(key).split(SEP, 1)[0]
-                if study != last:
-                    last = study
-                    yield study.decode()
+                yield bytes(key).decode()
+
+    def study_record(self, study_uid: str) -> node_pb2.StudyRecord | None:
+        with self.env.begin() as txn:
+            return self._record(txn, study_uid)
+
+    def study_records(self) -> Iterator[node_pb2.StudyRecord]:
+        with self.env.begin(db=self.study_recs) as txn:
+            for raw in txn.cursor().iternext(keys=False):
+                rec = node_pb2.StudyRecord()
+                rec.ParseFromString(bytes(raw))
+                yield rec
 
     def study_info(self, study_uid: str) -> StudyInfo:
-        info = StudyInfo(study_uid=study_uid)
-        for mid, _, m in self.current_manifests(study_uid):
-            info.patient_id = info.patient_id or m.patient_id
-            info.study_date = info.study_date or m.study_date
-            if m.modality:
-                info.modalities.add(m.modality)
-            info.instances += 1
-            info.bytes += m.size
-            if self.is_held(mid):
-                info.held_instances += 1
-        return info
+        rec = self.study_record(study_uid)
+        if rec is None:
+            return StudyInfo(study_uid=study_uid)
+        return StudyInfo(study_uid=study_uid, patient_id=rec.patient_id,
+                         study_date=rec.study_date, modalities=set(rec.modalities),
+                         instances=rec.instances, bytes=rec.bytes,
+                         held_instances=rec.held_instances)
+
+    def partition_digests(self) -> list[tuple[bytes, int]]:
+        """(digest, manifest count) of every partition, index = partition."""
+        out = [(EMPTY_DIGEST, 0)] * self.partitions
+        with self.env.begin(db=self.partition_db) as txn:
+            for key, raw in txn.cursor():
+                out[_U32.unpack(key)[0]] = (bytes(raw[:DIGEST_LEN]),
+                                            _U64.unpack(raw[DIGEST_LEN:])[0])
+        return out
+
+    def partition_studies(self, partition: int) -> list[str]:
+        prefix = _U32.pack(partition)
+        out = []
+        with self.env.begin(db=self.part_study) as txn:
+            cur = txn.cursor()
+            if cur.set_range(prefix):
+                for key in cur.iternext(values=False):
+                    if not key.startswith(prefix):
+                        break
+                    out.append(bytes(key[4:]).decode())
+        return out
+
+    def not_held_ids(self, limit: int) -> list[bytes]:
+        with self.env.begin(db=self.not_held) as txn:
+            out = []
+            for key in txn.cursor().iternext(values=False):
+                out.append(bytes(key))
+                if len(out) >= limit:
+                    break
+            return out
 
     def counts(self) -> tuple[int, int]:
         """(manifests, instance versions index entries)."""

@@ -150,6 +150,15 @@ class ChunkStore:
             raise ChunkCorrupt(f"chunk {key.hex()[:16]} failed hash verification")
         return plain
 
+    def read_for_peer(self, key: bytes) -> tuple[ChunkLocation, bytes]:
+        """The stored (possibly compressed) bytes, verified first: a peer transfer
+        never carries a bad chunk."""
+        loc, stored = self.read_stored(key)
+        plain = decompress(stored, loc.plain_len) if loc.flags & FLAG_ZSTD else stored
+        if len(plain) != loc.plain_len or content_hash(plain) != key:
+            raise ChunkCorrupt(f"chunk {key.hex()[:16]} failed hash verification")
+        return loc, stored
+
     def missing(self, keys: list[bytes]) -> list[bytes]:
         out = []
         with self.env.begin(db=self.db, buffers=True) as txn:

@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from node.config import Config, node_id_for
 from node.errors import PacsmeshError
 from node.hlc import HybridClock
-from node.service import ClusterView, LoneView, NodeService
+from node.service import ClusterView, LoneView, NodeService, RemoteChunks, StoredListener
 from node.store import Store
 from node.worker import Runner, Worker
 from proto import node_pb2, node_pb2_grpc
@@ -44,7 +44,8 @@ class NodeDaemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.node_id = node_id_for(cfg)
-        self.store = Store(cfg.node.data_dir, cfg.node.capacity_bytes)
+        self.store = Store(cfg.node.data_dir, cfg.node.capacity_bytes,
+                           partitions=cfg.cluster.partitions)
         self.clock = HybridClock()
         self.pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="io")
         self.runner: Runner | None = None
@@ -56,6 +57,9 @@ class NodeDaemon:
         self._service_names: list[str] = [node_pb2.DESCRIPTOR.services_by_name["NodeApi"].full_name]
         self._workers: list[Worker] = []
         self._on_stop: list[Callable[[], Any]] = []
+        self._after_stop: list[Callable[[], Any]] = []
+        self.listeners: list[StoredListener] = []  # told of every instance stored here
+        self.remote: RemoteChunks | None = None  # reads chunks from peers when set
 
     # seams for the cluster composition root
     def add_service(self, register: Callable[[grpc.aio.Server], None], full_name: str) -> None:
@@ -66,11 +70,17 @@ class NodeDaemon:
         self._workers.append(worker)
 
     def on_stop(self, fn: Callable[[], Any]) -> None:
+        """Run first at shutdown, while everything still works (e.g. tell peers)."""
         self._on_stop.append(fn)
+
+    def after_stop(self, fn: Callable[[], Any]) -> None:
+        """Run once the server and workers have stopped (e.g. close channels)."""
+        self._after_stop.append(fn)
 
     async def start(self) -> None:
         server = grpc.aio.server(options=GRPC_OPTIONS)
-        api = NodeService(self.store, self.node_id, self.clock, self.view, self.pool)
+        api = NodeService(self.store, self.node_id, self.clock, self.view, self.pool,
+                          self.listeners, self.remote)
         node_pb2_grpc.add_NodeApiServicer_to_server(api, server)
         for register in self._services:
             register(server)
@@ -95,14 +105,12 @@ class NodeDaemon:
                     self.cfg.node.listen)
 
     async def stop(self) -> None:
-        for fn in self._on_stop:
-            result = fn()
-            if asyncio.iscoroutine(result):
-                await result
+        await _call_all(self._on_stop)
         if self.server is not None:
             await self.server.stop(SHUTDOWN_GRACE_S)
         if self.runner is not None:
             await self.runner.stop()
+        await _call_all(self._after_stop)
         await asyncio.get_running_loop().run_in_executor(None, self.store.close)
         self.pool.shutdown(wait=True)
         LOGGER.info("node %s stopped cleanly", self.node_id)
@@ -118,3 +126,13 @@ class NodeDaemon:
         LOGGER.info("signal received: shutting down")
         await self.stop()
 
+
+
+async def _call_all(fns: list[Callable[[], Any]]) -> None:
+    for fn in fns:
+        try:
+            result = fn()
+            if asyncio.iscoroutine(result):
+                await result
+        except Exception:  # shutdown goes on: the store must still be closed cleanly
+            LOGGER.exception("shutdown hook failed")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Protocol
 
 from node.errors import InvalidInstance
 from node.uids import uid_problem
@@ -90,6 +90,14 @@ class Layout:
     @property
     def series_instance_uid(self) -> str:
         return self.attrs["series_instance_uid"]
+
+
+class BinaryIO(Protocol):
+    """What the walk needs of a file: a local file, BytesIO, or chunks of the store."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+    def seek(self, offset: int, whence: int = 0, /) -> int: ...
+    def tell(self) -> int: ...
 
 
 def _fmt_tag(tag: int) -> str:
@@ -189,7 +197,7 @@ class _Walker:
                 self.walk_items(inner_explicit, big, depth, tag, pos)
                 continue
             if attrs is not None and tag in WANTED and length <= VALUE_READ_MAX:
-                value = self.read_exact(length, f"value of {_fmt_tag(tag)}")
+                value = self.read_exact(length, "element value")
                 if tag == 0x00080005:
                     self.charset = value.decode("ascii", "replace").strip(" \x00")
                 attrs[WANTED[tag]] = _decode(value, self.charset)

@@ -11,6 +11,7 @@ instance's header in memory.
 
 from __future__ import annotations
 
+import bisect
 import io
 from dataclasses import dataclass, field
 
@@ -53,11 +54,13 @@ class _Instance:
     failure: str = ""  # set once: the rest of the instance is drained, not stored
 
 
-class ChunkReader(io.RawIOBase):
-    """A seekable read-only file over an instance's chunk list (for the structure walk)."""
+class ChunkReader:
+    """A seekable read-only view of an instance's chunk list, for the structure walk.
+
+    Plain object rather than an io class: the walk makes tens of thousands of
+    small reads per instance, and io's machinery would dominate them."""
 
     def __init__(self, store: Store, chunks: list[tuple[bytes, int]], cache: dict[bytes, bytes]):
-        super().__init__()
         self._store, self._chunks, self._cache = store, chunks, cache
         self._starts: list[int] = []
         pos = 0
@@ -65,13 +68,7 @@ class ChunkReader(io.RawIOBase):
             self._starts.append(pos)
             pos += size
         self._size, self._pos = pos, 0
-        self._cur: tuple[int, bytes] | None = None
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
+        self._base, self._data = -1, b""  # the chunk under the cursor
 
     def tell(self) -> int:
         return self._pos
@@ -81,30 +78,27 @@ class ChunkReader(io.RawIOBase):
         self._pos = max(0, base + offset)
         return self._pos
 
-    def _chunk(self, index: int) -> bytes:
-        if self._cur is not None and self._cur[0] == index:
-            return self._cur[1]
-        key = self._chunks[index][0]
+    def _load(self, pos: int) -> None:
+        i = bisect.bisect_right(self._starts, pos) - 1
+        key = self._chunks[i][0]
         data = self._cache.get(key)
-        if data is None:
-            data = self._store.chunks.read(key)
-        self._cur = (index, data)
-        return data
+        self._base, self._data = self._starts[i], data if data is not None else (
+            self._store.chunks.read(key))
 
-    def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
-        import bisect
-
-        n = 0
-        want = len(buf)
-        while n < want and self._pos < self._size:
-            i = bisect.bisect_right(self._starts, self._pos) - 1
-            data = self._chunk(i)
-            off = self._pos - self._starts[i]
-            take = min(want - n, len(data) - off)
-            buf[n : n + take] = data[off : off + take]
-            n += take
-            self._pos += take
-        return n
+    def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            n = self._size - self._pos
+        out = b""
+        while n > 0 and self._pos < self._size:
+            off = self._pos - self._base
+            if self._base < 0 or not 0 <= off < len(self._data):
+                self._load(self._pos)
+                off = self._pos - self._base
+            piece = self._data[off : off + n]
+            out = piece if not out else out + piece
+            self._pos += len(piece)
+            n -= len(piece)
+        return out
 
 
 class IngestSession:
@@ -113,6 +107,11 @@ class IngestSession:
         self.node_id = node_id
         self.clock = clock
         self._cur: _Instance | None = None
+
+    def on_messages(self, msgs: list[node_pb2.IngestMessage]
+                    ) -> list[Prepared | node_pb2.IngestResult]:
+        """Several messages in one call: one thread hop per instance, not per chunk."""
+        return [out for msg in msgs if (out := self.on_message(msg)) is not None]
 
     def on_message(self, msg: node_pb2.IngestMessage) -> Prepared | node_pb2.IngestResult | None:
         kind = msg.WhichOneof("kind")
@@ -161,6 +160,10 @@ class IngestSession:
             raise InvalidInstance("protocol error: bad chunk reference")
         if part.have:
             plain = self.store.chunks.read(part.hash)  # verifies: never dedup onto a bad chunk
+            if len(plain) != part.plain_len:
+                raise InvalidInstance(
+                    f"protocol error: chunk {len(cur.chunks)} is {len(plain)} bytes here, "
+                    f"the sender says {part.plain_len}")
         else:
             data = part.data
             plain = decompress(data, part.plain_len) if part.compressed else data
@@ -194,7 +197,11 @@ class IngestSession:
             return node_pb2.IngestResult(
                 client_ref=b.client_ref, outcome=Outcome.DUPLICATE, manifest_id=known
             )
-        layout = scan(ChunkReader(self.store, cur.chunks, cur.cache), b.size)  # type: ignore[arg-type]
+        layout = scan(ChunkReader(self.store, cur.chunks, cur.cache), b.size)
+        elsewhere = self.store.catalog.manifest_of_file(b.file_hash)
+        if elsewhere is not None:  # known from a peer, chunks now here: hold that version
+            return Prepared(b.client_ref, elsewhere[0], elsewhere[1], mf.decode(elsewhere[1]),
+                            cur.bytes_written)
         m = mf.build(layout, b.file_hash, cur.chunks, self.node_id, self.clock.now())
         manifest_id, raw = mf.encode(m)
         return Prepared(b.client_ref, manifest_id, raw, m, cur.bytes_written)

@@ -56,3 +56,22 @@ def decode(raw: bytes) -> node_pb2.Manifest:
 def version_key(m: node_pb2.Manifest, manifest_id: bytes) -> tuple[int, bytes]:
     """The current version of an instance is the greatest key: newest HLC, then id."""
     return (m.received_hlc, manifest_id)
+
+
+def problem(m: node_pb2.Manifest) -> str | None:
+    """Why a manifest received from a peer must not be accepted, or None."""
+    from node.chunking import CHUNK_PLAIN_MAX
+    from node.uids import uid_problem
+
+    if m.format != MANIFEST_FORMAT or m.hash_algo != HASH_ALGO:
+        return f"unknown manifest format {m.format} / hash {m.hash_algo!r}"
+    for name in ("study_instance_uid", "series_instance_uid", "sop_instance_uid"):
+        if why := uid_problem(getattr(m, name)):
+            return f"{name} {why}"
+    if len(m.file_hash) != 32 or any(len(c.hash) != 32 for c in m.chunks):
+        return "hash of the wrong length"
+    if any(c.size == 0 or c.size > CHUNK_PLAIN_MAX for c in m.chunks):
+        return "chunk of impossible size"
+    if sum(c.size for c in m.chunks) != m.size:
+        return f"chunks add up to {sum(c.size for c in m.chunks)} bytes, not {m.size}"
+    return None

@@ -16,8 +16,8 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from node import hlc
 from node.errors import ChunkCorrupt, ChunkMissing, PacsmeshError
+from node.hlc import HybridClock
 from node.ingest import IngestSession, Prepared
 from node.store import Store
 from node.uids import uid_problem
@@ -28,6 +28,7 @@ T = TypeVar("T")
 Outcome = node_pb2.IngestResult.Outcome
 PRECHECK_KEYS_MAX = 100_000  # per request: bounds the memory one client can make us use
 UNSAFE_ALERT_AFTER_S = 3600.0  # an instance not safe off-site within an hour is news
+INGEST_BATCH_BYTES_MAX = 8 << 20  # received bytes held before handing them to a worker
 
 
 class ClusterView(Protocol):
@@ -79,11 +80,20 @@ class LoneView:
         )]
 
 
+# Called after an instance became durable here: (manifest id, raw manifest, manifest).
+StoredListener = Callable[[bytes, bytes, node_pb2.Manifest], None]
+# Fetches a chunk this node lacks or holds damaged from a peer: verified plain bytes.
+RemoteChunks = Callable[[bytes, node_pb2.Manifest], bytes]
+
+
 class NodeService(node_pb2_grpc.NodeApiServicer):
-    def __init__(self, store: Store, node_id: str, clock: hlc.HybridClock, view: ClusterView,
-                 pool: ThreadPoolExecutor) -> None:
+    def __init__(self, store: Store, node_id: str, clock: HybridClock, view: ClusterView,
+                 pool: ThreadPoolExecutor, listeners: list[StoredListener] | None = None,
+                 remote: RemoteChunks | None = None) -> None:
         self.store, self.node_id, self.clock, self.view, self.pool = (
             store, node_id, clock, view, pool)
+        self.listeners = listeners if listeners is not None else []
+        self.remote = remote
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -108,8 +118,10 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
 
         async def commit(p: Prepared) -> None:
             try:
-                new = await asyncio.wrap_future(self.store.submit(p.manifest_id, p.raw, p.manifest))
-                outcome = Outcome.STORED if new else Outcome.DUPLICATE
+                await asyncio.wrap_future(self.store.submit(p.manifest_id, p.raw, p.manifest))
+                outcome = Outcome.STORED  # held here now (new, or known from a peer before)
+                for listener in self.listeners:
+                    listener(p.manifest_id, p.raw, p.manifest)
                 await results.put(node_pb2.IngestResult(
                     client_ref=p.client_ref, outcome=outcome, manifest_id=p.manifest_id,
                     bytes_written=p.bytes_written, sop_instance_uid=p.manifest.sop_instance_uid,
@@ -118,16 +130,29 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
                 await results.put(node_pb2.IngestResult(
                     client_ref=p.client_ref, outcome=Outcome.REJECTED, reason=str(exc)))
 
+        async def handle(batch: list[node_pb2.IngestMessage]) -> None:
+            for out in await self._run(session.on_messages, batch):
+                if isinstance(out, Prepared):
+                    task = asyncio.create_task(commit(out))
+                    commits.add(task)
+                    task.add_done_callback(commits.discard)
+                else:
+                    await results.put(out)
+
         async def read() -> None:
             try:
+                batch: list[node_pb2.IngestMessage] = []
+                batch_bytes = 0
                 async for msg in request_iterator:
-                    out = await self._run(session.on_message, msg)
-                    if isinstance(out, Prepared):
-                        task = asyncio.create_task(commit(out))
-                        commits.add(task)
-                        task.add_done_callback(commits.discard)
-                    elif out is not None:
-                        await results.put(out)
+                    batch.append(msg)
+                    batch_bytes += len(msg.part.data)
+                    # hand whole instances to the worker thread, bounded in memory
+                    if msg.WhichOneof("kind") in ("end", "abort") or (
+                            batch_bytes >= INGEST_BATCH_BYTES_MAX):
+                        await handle(batch)
+                        batch, batch_bytes = [], 0
+                if batch:
+                    await handle(batch)
                 tail = session.close()
                 if tail is not None:
                     await results.put(tail)
@@ -160,7 +185,7 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
                                                                          manifest_id=mid))
             for ref in m.chunks:
                 try:
-                    data = await self._run(self.store.chunks.read, ref.hash)
+                    data = await self._run(self._read_chunk, ref.hash, m)
                 except (ChunkCorrupt, ChunkMissing) as exc:
                     LOGGER.error("instance %s: %s", m.sop_instance_uid, exc)
                     yield node_pb2.GetStudyMessage(error=node_pb2.InstanceError(
@@ -171,18 +196,27 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
             else:
                 yield node_pb2.GetStudyMessage(end=node_pb2.InstanceEnd())
 
+    def _read_chunk(self, key: bytes, m: node_pb2.Manifest) -> bytes:
+        """A verified chunk: from this node, else (missing or damaged here) from a peer."""
+        try:
+            return self.store.chunks.read(key)
+        except (ChunkCorrupt, ChunkMissing) as exc:
+            if self.remote is None:
+                raise
+            LOGGER.warning("instance %s: %s; reading it from a peer", m.sop_instance_uid, exc)
+            return self.remote(key, m)
+
     # ---- views ------------------------------------------------------------------------
 
     def _study_summaries(self, local: bool) -> list[node_pb2.StudySummary]:
         out = []
-        for study in self.store.catalog.study_uids():
-            info = self.store.catalog.study_info(study)
-            if local and info.held_instances < info.instances:
+        for rec in self.store.catalog.study_records():
+            if local and (rec.instances == 0 or rec.held_instances < rec.instances):
                 continue
-            _, safe = self.view.holders(study, info.instances)
+            _, safe = self.view.holders(rec.study_uid, rec.instances)
             out.append(node_pb2.StudySummary(
-                study_uid=study, patient_id=info.patient_id, study_date=info.study_date,
-                modalities=sorted(info.modalities), instances=info.instances, bytes=info.bytes,
+                study_uid=rec.study_uid, patient_id=rec.patient_id, study_date=rec.study_date,
+                modalities=sorted(rec.modalities), instances=rec.instances, bytes=rec.bytes,
                 safe_copies=safe))
         return out
 
@@ -215,15 +249,14 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
         studies = instances = safe_studies = 0
         oldest_unsafe_ms: int | None = None
         now_ms = time.time() * 1000
-        for study in self.store.catalog.study_uids():
-            current = self.store.catalog.current_manifests(study)
+        for rec in self.store.catalog.study_records():
             studies += 1
-            instances += len(current)
-            _, safe = self.view.holders(study, len(current))
+            instances += rec.instances
+            _, safe = self.view.holders(rec.study_uid, rec.instances)
             if safe >= required:
                 safe_studies += 1
                 continue
-            received = min(hlc.decode(m.received_hlc)[0] for _, _, m in current)
+            received = rec.first_received_ms
             oldest_unsafe_ms = received if oldest_unsafe_ms is None else min(
                 oldest_unsafe_ms, received)
         oldest_age = max(0.0, (now_ms - oldest_unsafe_ms) / 1000) if oldest_unsafe_ms else 0.0

@@ -31,6 +31,7 @@ import lmdb
 from node.catalog import Catalog
 from node.chunkstore import ChunkStore, is_lmdb_full
 from node.errors import DataDirLocked, StoreFull
+from node.manifest import decode as manifest_decode
 from node.packs import PACK_SIZE_MAX, PackSet
 from proto import node_pb2
 
@@ -39,6 +40,7 @@ LOGGER = logging.getLogger(__name__)
 LMDB_MAP_SIZE = 1 << 40  # address space only (sparse); 1 TiB of index is ~10^9 chunks
 COMMIT_BATCH_MAX = 4096  # manifests per transaction: bounds one commit's latency
 FREE_RESERVE_BYTES = 64 << 20  # kept free so the index can always commit what packs hold
+FREE_CACHE_S = 0.5  # statvfs and pack sizes per instance cost more than the check is worth
 
 
 @dataclass
@@ -47,13 +49,15 @@ class CommitItem:
     raw: bytes
     manifest: node_pb2.Manifest
     future: Future[bool]
+    held: bool = True  # every chunk was appended: record this node as a holder
 
 
 class Store:
     def __init__(self, data_dir: Path, capacity_bytes: int = 0,
-                 pack_size_max: int = PACK_SIZE_MAX) -> None:
+                 pack_size_max: int = PACK_SIZE_MAX, partitions: int = 1024) -> None:
         self.data_dir = data_dir
         self.capacity_bytes = capacity_bytes
+        self._free_at, self._free_cached, self._admitted_since_check = -1e9, 0, 0
         data_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _lock_data_dir(data_dir)
         self.env: Any = lmdb.open(
@@ -62,7 +66,7 @@ class Store:
         )
         self.packs = PackSet(data_dir / "packs", pack_size_max)
         self.chunks = ChunkStore(self.env, self.packs)
-        self.catalog = Catalog(self.env)
+        self.catalog = Catalog(self.env, partitions)
         for note in self.packs.recover(self.chunks.committed_pack_lengths()):
             LOGGER.warning("recovery: %s", note)
         self._queue: queue.Queue[CommitItem | None] = queue.Queue()
@@ -79,6 +83,14 @@ class Store:
         return sum(self.packs.existing().values()) + _dir_size(self.data_dir / "index")
 
     def free_bytes(self) -> int:
+        now = time.monotonic()
+        if now - self._free_at < FREE_CACHE_S:
+            return self._free_cached
+        self._free_at, self._free_cached = now, self._free_bytes()
+        self._admitted_since_check = 0  # the fresh reading includes what they wrote
+        return self._free_cached
+
+    def _free_bytes(self) -> int:
         disk_free = shutil.disk_usage(self.data_dir).free
         if self.capacity_bytes:
             return max(0, min(disk_free, self.capacity_bytes - self.used_bytes()))
@@ -86,23 +98,25 @@ class Store:
 
     def admit(self, size: int) -> None:
         """Refuse an instance that would not fit, before a byte of it is written."""
-        free = self.free_bytes()
+        free = max(0, self.free_bytes() - self._admitted_since_check)
         if size + FREE_RESERVE_BYTES > free:
             raise StoreFull(
                 f"storage full: {free} bytes free, this instance needs {size} plus a "
                 f"{FREE_RESERVE_BYTES} byte reserve"
             )
+        self._admitted_since_check += size  # counts until the next fresh reading
 
     # ---- group commit -----------------------------------------------------------------
 
-    def submit(self, manifest_id: bytes, raw: bytes, m: node_pb2.Manifest) -> Future[bool]:
-        """Queue a manifest whose chunks were appended; the future resolves once durable
-        (True: new, False: it was already there)."""
+    def submit(self, manifest_id: bytes, raw: bytes, m: node_pb2.Manifest,
+               held: bool = True) -> Future[bool]:
+        """Queue a manifest for the next group commit; the future resolves once durable
+        (True: new, False: it was already there). `held`: its chunks were appended here."""
         fut: Future[bool] = Future()
         if self._closed:
             fut.set_exception(StoreFull("store is closed"))
             return fut
-        self._queue.put(CommitItem(manifest_id, raw, m, fut))
+        self._queue.put(CommitItem(manifest_id, raw, m, fut, held))
         return fut
 
     def _commit_loop(self) -> None:
@@ -130,7 +144,8 @@ class Store:
             with self.env.begin(write=True) as txn:
                 self.chunks.index_pending(txn, snap)
                 results = [
-                    self.catalog.add(txn, it.manifest_id, it.raw, it.manifest, now_ms)
+                    self.catalog.add(txn, it.manifest_id, it.raw, it.manifest,
+                                     now_ms if it.held else None)
                     for it in batch
                 ]
         except Exception as exc:
@@ -148,6 +163,20 @@ class Store:
         for it, new in zip(batch, results, strict=True):
             it.future.set_result(new)
 
+    def unhold(self, manifest_ids: list[bytes]) -> int:
+        """Stop counting this node as a holder of these manifests (trimmed or found bad).
+        The chunks stay until garbage collection; the catalog no longer relies on them."""
+        done = 0
+        with self.env.begin(write=True) as txn:
+            for mid in manifest_ids:
+                raw = txn.get(mid, db=self.catalog.manifests)
+                if raw is None:
+                    continue
+                before = txn.get(mid, db=self.catalog.held) is not None
+                self.catalog.unset_held(txn, mid, manifest_decode(bytes(raw)))
+                done += before
+        return done
+
     def flush(self) -> None:
         """Make every appended chunk durable and indexed (used at shutdown)."""
         self._commit([])
@@ -156,6 +185,8 @@ class Store:
         if self._closed:
             return
         self._closed = True
+        LOGGER.info("closing store: %d group commits carried %d manifests", self.commits,
+                    self.committed_items)
         self._queue.put(None)
         self._committer.join()
         self.flush()

@@ -22,6 +22,9 @@ from pathlib import Path
 from pacsmesh.sample import StudySpec, study_uid, write_study
 
 READY_TIMEOUT_S = 30.0
+GOSSIP_INTERVAL_S = 0.3
+DEAD_AFTER_S = 6  # production default is 600 s; short so the demo shows healing
+SAFE_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,7 @@ class Cluster:
             f'listen = "{self.address(s.node_id)}"',
             "", "[cluster]",
             "seeds = [" + ", ".join(f'"{x}"' for x in seeds) + "]",
-            "gossip_interval_s = 0.5", "dead_after_s = 20", "",
+            f"gossip_interval_s = {GOSSIP_INTERVAL_S}", f"dead_after_s = {DEAD_AFTER_S}", "",
         ])
         path = self.workdir / f"{s.node_id}.toml"
         path.write_text(text)
@@ -127,51 +130,96 @@ class Cluster:
                 proc.kill()
 
 
+def _locate(address: str, uid: str) -> dict[str, object]:
+    import json
+
+    res = subprocess.run([sys.executable, "-m", "pacsmesh.cli", "locate", uid, "--json",
+                          "--node", address], capture_output=True, text=True, check=False)
+    doc: dict[str, object] = json.loads(res.stdout) if res.returncode == 0 else {}
+    return doc
+
+
+def _wait_safe(address: str, uid: str, timeout_s: float = SAFE_TIMEOUT_S) -> bool:
+    started = time.monotonic()
+    last = ""
+    while time.monotonic() - started < timeout_s:
+        doc = _locate(address, uid)
+        holders = doc.get("holders", [])
+        assert isinstance(holders, list)
+        line = (f"  {time.monotonic() - started:5.1f} s: {doc.get('safe_copies', 0)} of "
+                f"{doc.get('required_copies', 3)} safe copies at "
+                + (", ".join(str(h["site"]) for h in holders) or "-"))
+        if line.split(": ", 1)[1] != last:
+            print(line, flush=True)
+            last = line.split(": ", 1)[1]
+        if doc.get("safe"):
+            return True
+        time.sleep(0.3)
+    return False
+
+
 def run_demo(args: argparse.Namespace) -> int:
     own_dir = not args.dir
     workdir = Path(args.dir or tempfile.mkdtemp(prefix="pacsmesh-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    sites = SITES[:1]
+    sites = SITES
     cluster = Cluster(workdir, sites)
     ok = True
     try:
-        _say(f"starting {len(sites)} node process(es) in {workdir}")
+        _say(f"starting {len(sites)} sites, each a real node process, in {workdir}")
         for s in sites:
             cluster.start(s)
             print(f"  {s.node_id:<10} {s.site:<10} ({s.lat:.2f}, {s.lon:.2f}) on "
                   f"{cluster.address(s.node_id)}")
+        print("  Boston and New York are ~190 miles apart: they never count as two of the "
+              "3 copies, which must be >= 250 miles apart")
         cluster.wait_ready()
-        first = cluster.address(sites[0].node_id)
+        boston = cluster.address("boston-1")
+        time.sleep(3 * GOSSIP_INTERVAL_S * 4)  # let gossip spread the member table
+        _run("status", "--node", boston)
 
-        _say("a modality's study: generating sample CT studies")
+        _say("a modality's study arrives at Boston")
         spec = StudySpec(instances=args.instances, study_index=1, seed=int(time.time()) % 10_000)
         study_dir = workdir / "incoming"
         paths = write_study(study_dir, spec)
-        print(f"  {len(paths)} instances, {sum(p.stat().st_size for p in paths) / 1e6:.1f} MB")
-
-        _say(f"storing it at {sites[0].site}")
-        ok &= _run("put", str(study_dir), "--node", first).returncode == 0
-        _say("storing it again: every file is a duplicate, no new bytes")
-        _run("put", str(study_dir), "--node", first)
-
+        print(f"  {len(paths)} CT instances, {sum(p.stat().st_size for p in paths) / 1e6:.1f} MB")
+        ok &= _run("put", str(study_dir), "--node", boston).returncode == 0
         uid = study_uid(spec)
-        _say("what the node holds")
-        _run("ls", "--node", first)
-        _run("locate", uid, "--node", first)
 
-        _say("restoring the study and comparing every byte with the originals")
+        _say("watching it become safe: 3 copies at sites pairwise >= 250 miles apart")
+        ok &= _wait_safe(boston, uid)
+        _run("locate", uid, "--node", cluster.address("seattle-1"))
+
+        holders = [str(h["node"]) for h in _locate(boston, uid).get("holders", [])  # type: ignore[union-attr]
+                   if h["node"] != "boston-1"]
+        victim = holders[0] if holders else "denver-1"
+        _say(f"disaster: {victim} dies (kill -9); after {DEAD_AFTER_S} s the others declare it "
+             "dead and re-create its copies elsewhere")
+        cluster.procs[victim].kill()
+        cluster.procs[victim].wait(10)
+        time.sleep(DEAD_AFTER_S + 1)
+        ok &= _wait_safe(boston, uid)
+        _run("status", "--node", boston)
+
+        _say(f"restoring the study from Seattle and comparing every byte with the originals")
         restored = workdir / "restored"
-        ok &= _run("get", uid, "--out", str(restored), "--node", first).returncode == 0
+        seattle = cluster.address("seattle-1")
+        ok &= _run("get", uid, "--out", str(restored), "--node", seattle).returncode == 0
         same = _compare(paths, restored / uid)
-        print(f"  {same} of {len(paths)} files byte-identical to what was sent")
+        print(f"  {same} of {len(paths)} files byte-identical to what Boston received")
         ok &= same == len(paths)
 
-        _say("status")
-        _run("status", "--node", first)
+        _say(f"{victim} comes back: extra copies are trimmed only once it holds verified "
+             "copies again (make before break)")
+        site = next(s for s in sites if s.node_id == victim)
+        cluster.start(site)
+        time.sleep(DEAD_AFTER_S)
+        _run("locate", uid, "--node", boston)
+        _run("ls", "--node", boston)
         if args.keep_running:
             _say("the cluster keeps running; press Ctrl-C to stop every node")
             with contextlib.suppress(KeyboardInterrupt):
-                while all(p.poll() is None for p in cluster.procs.values()):
+                while any(p.poll() is None for p in cluster.procs.values()):
                     time.sleep(1)
     except KeyboardInterrupt:
         print("\ninterrupted", flush=True)

@@ -10,6 +10,7 @@ bounded: small files are kept between the two passes, large ones are read twice.
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 from collections.abc import Iterator
@@ -28,11 +29,14 @@ from node.hashing import FileHasher, content_hash
 from proto import node_pb2, node_pb2_grpc
 
 Outcome = node_pb2.IngestResult.Outcome
-BATCH_FILES_MAX = 64  # files per precheck round trip
+BATCH_FILES_MAX = 16  # files per precheck round trip: small, so the node starts early
+PLAN_AHEAD_FILES = 64  # files planned ahead of the sender
 BATCH_BYTES_MAX = 64 << 20  # plain bytes kept in memory per batch
 KEEP_PLAIN_MAX = 8 << 20  # files up to this size are read once, not twice
 ZSTD_LEVEL = 1  # ~0.5 GB/s here and CT shrinks ~3x; higher levels cost far more than they save
 PLAN_THREADS = 2
+COMPRESS_THREADS = 2
+STREAMS = 2  # concurrent Ingest streams per put
 
 
 @dataclass
@@ -84,25 +88,30 @@ def expand(paths: list[str]) -> tuple[list[Path], list[dict[str, str]]]:
 
 def plan_file(ref: int, path: Path) -> FilePlan:
     """Validate and hash one file. Raises InvalidInstance or OSError with the reason."""
-    with open(path, "rb", buffering=1 << 16) as f:
-        size = os.fstat(f.fileno()).st_size
-        layout = scan(f, size)
+    with open(path, "rb", buffering=0) as raw:
+        size = os.fstat(raw.fileno()).st_size
+        if size <= KEEP_PLAIN_MAX:  # one read; everything after works on memory
+            whole = raw.read()
+            if len(whole) != size:
+                raise InvalidInstance("file changed while it was being read")
+            layout = scan(io.BytesIO(whole), size)
+            spans = chunk_spans(size, layout.header_len, CHUNK_SIZE)
+            view = memoryview(whole)
+            plain = [bytes(view[o : o + n]) for o, n in spans] if len(spans) > 1 else [whole]
+            return FilePlan(ref, path, size, layout.header_len, spans,
+                            [content_hash(p) for p in plain], content_hash(whole), plain)
+        with open(raw.fileno(), "rb", buffering=1 << 16, closefd=False) as f:
+            layout = scan(f, size)
         spans = chunk_spans(size, layout.header_len, CHUNK_SIZE)
-        f.seek(0)
         hasher = FileHasher()
         hashes: list[bytes] = []
-        keep = size <= KEEP_PLAIN_MAX
-        plain: list[bytes] = []
-        for _, length in spans:
-            data = f.read(length)
+        for offset, length in spans:
+            data = os.pread(raw.fileno(), length, offset)
             if len(data) != length:
                 raise InvalidInstance("file changed while it was being read")
             hashes.append(content_hash(data))
             hasher.update(data)
-            if keep:
-                plain.append(data)
-    return FilePlan(ref, path, size, layout.header_len, spans, hashes, hasher.digest(),
-                    plain if keep else None)
+    return FilePlan(ref, path, size, layout.header_len, spans, hashes, hasher.digest(), None)
 
 
 def plan_or_reason(ref: int, path: Path) -> FilePlan | str:
@@ -172,37 +181,56 @@ class Uploader:
         self.stub = node_pb2_grpc.NodeApiStub(channel)
         self.report = PutReport()
         self.paths: dict[str, Path] = {}
-        self.sizes: dict[str, int] = {}
+        self._settled: set[int] = set()  # refs with an outcome (set.add is atomic)
         self._lock = threading.Lock()
 
     def _reject(self, path: Path | str, reason: str) -> None:
         with self._lock:
             self.report.rejected.append({"path": str(path), "reason": reason})
 
-    def _requests(self, files: list[Path], pool: ThreadPoolExecutor
-                  ) -> Iterator[node_pb2.IngestMessage]:
-        futures: list[tuple[int, Future[FilePlan | str]]] = [
-            (i, pool.submit(plan_or_reason, i, p)) for i, p in enumerate(files[:BATCH_FILES_MAX])]
+    def _requests(self, files: list[tuple[int, Path]], pool: ThreadPoolExecutor,
+                  zpool: ThreadPoolExecutor) -> Iterator[node_pb2.IngestMessage]:
+        futures: list[tuple[int, Path, Future[FilePlan | str]]] = [
+            (i, p, pool.submit(plan_or_reason, i, p)) for i, p in files[:PLAN_AHEAD_FILES]]
         next_i = len(futures)
         while futures:
             batch: list[FilePlan] = []
             batch_bytes = 0
             while futures and len(batch) < BATCH_FILES_MAX and batch_bytes < BATCH_BYTES_MAX:
-                ref, fut = futures.pop(0)
-                if next_i < len(files):  # keep the planners a batch ahead
-                    futures.append((next_i, pool.submit(plan_or_reason, next_i, files[next_i])))
+                ref, path, fut = futures.pop(0)
+                if next_i < len(files):  # keep the planners ahead of the sender
+                    later_ref, later = files[next_i]
+                    futures.append((later_ref, later,
+                                    pool.submit(plan_or_reason, later_ref, later)))
                     next_i += 1
                 plan = fut.result()
                 if isinstance(plan, str):
-                    self._reject(files[ref], plan)
+                    self._reject(path, plan)
+                    self._settled.add(ref)
                     continue
                 batch.append(plan)
                 batch_bytes += plan.size if plan.plain is not None else 0
             if not batch:
                 continue
-            reply = self.stub.Precheck(node_pb2.PrecheckRequest(
-                file_hashes=[p.file_hash for p in batch],
-                chunk_hashes=list({h for p in batch for h in p.hashes})))
+            try:
+                reply = self.stub.Precheck(node_pb2.PrecheckRequest(
+                    file_hashes=[p.file_hash for p in batch],
+                    chunk_hashes=list({h for p in batch for h in p.hashes})))
+            except grpc.RpcError as exc:
+                # Stop sending but end the stream cleanly: instances already sent may still
+                # be acknowledged (a stopping node finishes them); the rest get this reason.
+                why = f"not sent: the node stopped answering ({exc.code().name})"
+                for plan in batch:
+                    self._reject(plan.path, why)
+                    self._settled.add(plan.ref)
+                for ref, path, fut in futures:
+                    fut.cancel()
+                    self._reject(path, why)
+                    self._settled.add(ref)
+                for ref, path in files[next_i:]:
+                    self._reject(path, why)
+                    self._settled.add(ref)
+                return
             known = set(reply.known_file_hashes)
             missing = set(reply.missing_chunk_hashes)
             todo = []
@@ -212,8 +240,10 @@ class Uploader:
                 if plan.file_hash in known:
                     with self._lock:
                         self.report.duplicates += 1
+                    self._settled.add(plan.ref)
                     continue
-                self.paths[str(plan.ref)] = plan.path
+                with self._lock:
+                    self.paths[str(plan.ref)] = plan.path
                 todo.append(plan)
             # compress in the pool while earlier messages are on the wire
             # a chunk that several files of the batch share travels once, with the first
@@ -222,29 +252,49 @@ class Uploader:
                 mine = {h for h in plan.hashes if h in missing}
                 missing -= mine
                 sends.append(mine)
-            prepared = [pool.submit(_parts, p, send) for p, send in zip(todo, sends, strict=True)]
+            prepared = [zpool.submit(_parts, p, send) for p, send in zip(todo, sends, strict=True)]
             for msgs in prepared:
                 for msg in msgs.result():
                     if msg.WhichOneof("kind") == "part":
-                        self.report.sent_bytes += len(msg.part.data)
+                        with self._lock:
+                            self.report.sent_bytes += len(msg.part.data)
                     yield msg
 
-    def put(self, files: list[Path]) -> PutReport:
-        acked: set[str] = set()
-        with ThreadPoolExecutor(PLAN_THREADS, thread_name_prefix="plan") as pool:
-            try:
-                for res in self.stub.Ingest(self._requests(files, pool)):
-                    acked.add(res.client_ref)
-                    self._account(res)
-            except grpc.RpcError as exc:
-                detail = f"{exc.code().name}: {exc.details()}"
-                for ref, path in self.paths.items():
-                    if ref not in acked:
-                        self._reject(path, f"not acknowledged by the node ({detail})")
+    def put(self, files: list[Path], streams: int = STREAMS) -> PutReport:
+        """Send the files over `streams` concurrent Ingest streams (the node verifies each
+        stream on its own worker thread, so two streams use both of its cores)."""
+        numbered = list(enumerate(files))
+        with ThreadPoolExecutor(PLAN_THREADS, thread_name_prefix="plan") as pool, \
+                ThreadPoolExecutor(COMPRESS_THREADS, thread_name_prefix="zstd") as zpool:
+            shares = [numbered[i::streams] for i in range(streams) if numbered[i::streams]]
+            if len(shares) <= 1:
+                self._stream(numbered, pool, zpool)
+            else:
+                with ThreadPoolExecutor(len(shares), thread_name_prefix="stream") as senders:
+                    for fut in [senders.submit(self._stream, share, pool, zpool)
+                                for share in shares]:
+                        fut.result()
         return self.report
+
+    def _stream(self, files: list[tuple[int, Path]], pool: ThreadPoolExecutor,
+                zpool: ThreadPoolExecutor) -> None:
+        try:
+            for res in self.stub.Ingest(self._requests(files, pool, zpool)):
+                self._settled.add(int(res.client_ref))
+                self._account(res)
+        except grpc.RpcError as exc:
+            # every file gets an outcome: what the node never acknowledged is a failure
+            detail = f"{exc.code().name}: {exc.details()}"
+            for ref, path in files:
+                if ref not in self._settled:
+                    self._reject(path, f"not acknowledged by the node ({detail})")
 
     def _account(self, res: node_pb2.IngestResult) -> None:
         path = self.paths.get(res.client_ref, Path(f"#{res.client_ref}"))
+        with self._lock:
+            self._account_locked(res, path)
+
+    def _account_locked(self, res: node_pb2.IngestResult, path: Path) -> None:
         if res.outcome == Outcome.STORED:
             self.report.stored += 1
             self.report.bytes_written += res.bytes_written
@@ -252,5 +302,5 @@ class Uploader:
         elif res.outcome == Outcome.DUPLICATE:
             self.report.duplicates += 1
         else:
-            self._reject(path, res.reason)
+            self.report.rejected.append({"path": str(path), "reason": res.reason})
 

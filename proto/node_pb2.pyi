@@ -828,3 +828,86 @@ class StatusReply(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatusReply: _TypeAlias = StatusReply  # noqa: Y015
+
+@_typing.final
+class StudyRecord(_message.Message):
+    """---- catalog records (stored in the node's LMDB, not sent to clients) --------
+
+    Per-study aggregate, updated in the same transaction as the manifests it
+    counts, so views and safety checks cost O(studies), not O(instances).
+    Digests are AdHash sums (mod 2^256) of hashes of manifest ids: order-free
+    and incremental, so a set's digest changes with one addition or removal.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STUDY_UID_FIELD_NUMBER: _builtins.int
+    PATIENT_ID_FIELD_NUMBER: _builtins.int
+    PATIENT_NAME_FIELD_NUMBER: _builtins.int
+    STUDY_DATE_FIELD_NUMBER: _builtins.int
+    ACCESSION_NUMBER_FIELD_NUMBER: _builtins.int
+    STUDY_DESCRIPTION_FIELD_NUMBER: _builtins.int
+    MODALITIES_FIELD_NUMBER: _builtins.int
+    INSTANCES_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    CURRENT_DIGEST_FIELD_NUMBER: _builtins.int
+    HELD_INSTANCES_FIELD_NUMBER: _builtins.int
+    HELD_DIGEST_FIELD_NUMBER: _builtins.int
+    MANIFESTS_FIELD_NUMBER: _builtins.int
+    ALL_DIGEST_FIELD_NUMBER: _builtins.int
+    FIRST_RECEIVED_MS_FIELD_NUMBER: _builtins.int
+    PARTITION_FIELD_NUMBER: _builtins.int
+    PATIENT_BIRTH_DATE_FIELD_NUMBER: _builtins.int
+    study_uid: _builtins.str
+    patient_id: _builtins.str
+    patient_name: _builtins.str
+    study_date: _builtins.str
+    accession_number: _builtins.str
+    study_description: _builtins.str
+    instances: _builtins.int
+    """current versions"""
+    bytes: _builtins.int
+    """size of the current versions"""
+    current_digest: _builtins.bytes
+    """of current version ids"""
+    held_instances: _builtins.int
+    """current versions held here, every chunk verified"""
+    held_digest: _builtins.bytes
+    """of those ids"""
+    manifests: _builtins.int
+    """every version"""
+    all_digest: _builtins.bytes
+    """of every version id: what anti-entropy compares"""
+    first_received_ms: _builtins.int
+    partition: _builtins.int
+    patient_birth_date: _builtins.str
+    @_builtins.property
+    def modalities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        study_uid: _builtins.str = ...,
+        patient_id: _builtins.str = ...,
+        patient_name: _builtins.str = ...,
+        study_date: _builtins.str = ...,
+        accession_number: _builtins.str = ...,
+        study_description: _builtins.str = ...,
+        modalities: _abc.Iterable[_builtins.str] | None = ...,
+        instances: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+        current_digest: _builtins.bytes = ...,
+        held_instances: _builtins.int = ...,
+        held_digest: _builtins.bytes = ...,
+        manifests: _builtins.int = ...,
+        all_digest: _builtins.bytes = ...,
+        first_received_ms: _builtins.int = ...,
+        partition: _builtins.int = ...,
+        patient_birth_date: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accession_number", b"accession_number", "all_digest", b"all_digest", "bytes", b"bytes", "current_digest", b"current_digest", "first_received_ms", b"first_received_ms", "held_digest", b"held_digest", "held_instances", b"held_instances", "instances", b"instances", "manifests", b"manifests", "modalities", b"modalities", "partition", b"partition", "patient_birth_date", b"patient_birth_date", "patient_id", b"patient_id", "patient_name", b"patient_name", "study_date", b"study_date", "study_description", b"study_description", "study_uid", b"study_uid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StudyRecord: _TypeAlias = StudyRecord  # noqa: Y015
