@@ -1,24 +1,90 @@
 """The composition root: builds a full cluster member from a config and runs it.
 
-node/ knows nothing of peers; this module is where the cluster's services and
-workers are plugged into the single-site daemon's seams.
+node/ knows nothing of peers; this module plugs the cluster's services and
+workers into the single-site daemon's seams, as Garage's binary composes its
+lower crates.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from pathlib import Path
 
+from cluster.gossip import GossipWorker, me_as_member, new_membership
+from cluster.membership import ClusterSettings
+from cluster.peer_service import PeerService
+from cluster.peers import Peers
+from cluster.replication import (
+    AnnounceWorker,
+    AntiEntropyWorker,
+    FetchWorker,
+    HoldingsWorker,
+    Replicator,
+    TrimWorker,
+)
+from cluster.state import ClusterState
+from cluster.view import ClusterView
 from node.config import Config
 from node.daemon import NodeDaemon
+from proto import peer_pb2, peer_pb2_grpc
+
+LOGGER = logging.getLogger(__name__)
+
+
+def next_incarnation(data_dir: Path) -> int:
+    """Raised on every start and kept, so our new records beat the old ones."""
+    path = data_dir / "incarnation"
+    try:
+        value = int(path.read_text().strip()) + 1
+    except (FileNotFoundError, ValueError):
+        value = 1
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{value}\n")
+    tmp.replace(path)
+    return value
+
+
+def build(cfg: Config) -> NodeDaemon:
+    daemon = NodeDaemon(cfg)
+    c = cfg.cluster
+    state = ClusterState(daemon.node_id, c.partitions, c.copies, c.min_distance_miles,
+                         c.dead_after_s)
+    settings = ClusterSettings(c.copies, c.min_distance_miles, c.partitions)
+    me = me_as_member(daemon.node_id, cfg.node.site, cfg.node.lat, cfg.node.lon, cfg.advertise,
+                      next_incarnation(cfg.node.data_dir))
+    membership = new_membership(me, settings, list(c.seeds), c.gossip_interval_s,
+                                c.suspect_after_s or None, c.dead_after_s)
+    peers = Peers()
+    store = daemon.store
+    gossip = GossipWorker(
+        membership, state, peers, c.gossip_interval_s,
+        usage=lambda: (cfg.node.capacity_bytes, store.used_bytes(), store.free_bytes()))
+    replicator = Replicator(store, state, peers, daemon.node_id, cfg.advertise, daemon.clock,
+                            daemon.pool)
+    gossip.on_placement_change.append(replicator.on_placement_change)
+    gossip.publish()
+    daemon.view = ClusterView(state, replicator)
+    daemon.listeners.append(replicator.on_stored)
+    daemon.remote = replicator.read_remote
+    service = PeerService(gossip, replicator)
+    daemon.add_service(lambda server: peer_pb2_grpc.add_PeerApiServicer_to_server(service, server),
+                       peer_pb2.DESCRIPTOR.services_by_name["PeerApi"].full_name)
+    # anti-entropy is the safety net under announce; a few gossip rounds apart is plenty
+    background = max(1.0, 5 * c.gossip_interval_s)
+    for worker in (gossip, AnnounceWorker(replicator), FetchWorker(replicator),
+                   AntiEntropyWorker(replicator, background),
+                   HoldingsWorker(replicator, max(0.5, 2 * c.gossip_interval_s)),
+                   TrimWorker(replicator, background)):
+        daemon.add_worker(worker)
+    daemon.on_stop(gossip.leave)
+    daemon.after_stop(peers.close)
+    return daemon
 
 
 async def _serve(cfg: Config) -> None:
-    daemon = NodeDaemon(cfg)
-    try:
-        await daemon.serve_until_signalled()
-    except BaseException:
-        await daemon.stop()
-        raise
+    daemon = build(cfg)
+    await daemon.serve_until_signalled()
 
 
 def run_member(cfg: Config) -> int:

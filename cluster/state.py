@@ -1,0 +1,103 @@
+"""What this node currently believes about the cluster, as immutable snapshots.
+
+The gossip worker owns the Membership state machine on the event loop and
+publishes a new `Snapshot` after every change; API threads read the latest one
+without locks (one attribute read is atomic). Placement is recomputed only when
+the set of placeable members changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from cluster.membership import Member, MemberState
+from cluster.placement import Placement, PlacementNode, PlacementTable, partition_of
+from cluster.safety import Holding, Position
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    members: tuple[Member, ...] = ()
+    placeable: frozenset[str] = frozenset()  # ids placement may use
+    table: PlacementTable | None = None
+    taken_at: float = 0.0
+
+    def member(self, node_id: str) -> Member | None:
+        for m in self.members:
+            if m.node_id == node_id:
+                return m
+        return None
+
+    def positions(self) -> dict[str, Position]:
+        return {m.node_id: Position(m.node_id, m.site, m.lat, m.lon,
+                                    m.state == MemberState.ALIVE) for m in self.members}
+
+    def alive_peers(self, me: str) -> list[Member]:
+        return [m for m in self.members if m.node_id != me and m.state == MemberState.ALIVE]
+
+
+@dataclass
+class HoldingsCache:
+    """Per node: study uid -> Holding, as last reported, and when."""
+
+    by_node: dict[str, dict[str, Holding]] = field(default_factory=dict)
+    fetched_at: dict[str, float] = field(default_factory=dict)
+
+    def for_study(self, study_uid: str) -> list[Holding]:
+        return [h for studies in self.by_node.values() if (h := studies.get(study_uid))]
+
+
+class ClusterState:
+    def __init__(self, me: str, partitions: int, copies: int, min_distance_miles: float,
+                 dead_after_s: float) -> None:
+        self.me = me
+        self.partitions = partitions
+        self.copies = copies
+        self.min_distance_miles = min_distance_miles
+        self.dead_after_s = dead_after_s
+        self.snapshot = Snapshot()
+        self.holdings = HoldingsCache()
+        self.refusals: dict[str, tuple[float, str]] = {}  # peer address -> (when, reason)
+        self.clock_skew_s: dict[str, float] = {}  # node id -> their clock minus ours
+        self.silent_since: dict[str, float] = {}  # left members: when they were last heard
+
+    def publish(self, members: tuple[Member, ...], silent_s: dict[str, float]) -> bool:
+        """A new member view; returns True if placement changed."""
+        placeable = frozenset(
+            m.node_id for m in members
+            if m.state in (MemberState.ALIVE, MemberState.SUSPECT)
+            or (m.state == MemberState.LEFT and silent_s.get(m.node_id, 0.0) < self.dead_after_s))
+        nodes = frozenset(_placement_nodes(members, placeable))
+        table = self.snapshot.table
+        changed = table is None or table.members != nodes
+        if changed:
+            table = PlacementTable(self.partitions, self.copies, self.min_distance_miles)
+            table.update(nodes)
+            LOGGER.info("placement over %d nodes: %s", len(nodes),
+                        ", ".join(sorted(n.node_id for n in nodes)))
+        self.snapshot = Snapshot(members, placeable, table, time.monotonic())
+        return changed
+
+    def placement(self, study_uid: str) -> Placement | None:
+        table = self.snapshot.table
+        if table is None or not self.snapshot.placeable:
+            return None
+        return table.placement(partition_of(study_uid, self.partitions))
+
+
+def quantized_capacity(m: Member) -> int:
+    """Placement weight: capacity rounded down to a power of two. Every node must
+    compute the same placement from its own view of the members; free space
+    changes all the time, its power of two rarely, so placement stays put."""
+    cap = max(1, m.capacity_bytes or (m.used_bytes + m.free_bytes))
+    return 1 << (cap.bit_length() - 1)
+
+
+def _placement_nodes(members: tuple[Member, ...], placeable: frozenset[str]
+                     ) -> list[PlacementNode]:
+    return [PlacementNode(m.node_id, m.site, m.lat, m.lon, quantized_capacity(m))
+            for m in members if m.node_id in placeable]

@@ -1,0 +1,105 @@
+"""The cluster as the node's API sees it: members, holders, safety and alerts.
+
+Runs in API threads; reads only the published snapshot, the holdings cache and
+this node's own catalog, so a status call never waits on a peer."""
+
+from __future__ import annotations
+
+import time
+
+from cluster.membership import MemberState
+from cluster.replication import Replicator
+from cluster.safety import Holding, assess
+from cluster.state import ClusterState
+from proto import node_pb2
+
+REFUSAL_SHOWN_S = 300.0  # a refusal stays an alert this long after the last one
+CLOCK_SKEW_ALERT_S = 30.0  # HLC copes with skew; operators should still fix clocks
+
+
+class ClusterView:
+    def __init__(self, state: ClusterState, replicator: Replicator) -> None:
+        self.state = state
+        self.r = replicator
+
+    def copies(self) -> int:
+        return self.state.copies
+
+    def min_distance_miles(self) -> float:
+        return self.state.min_distance_miles
+
+    def nodes(self) -> list[node_pb2.NodeStatus]:
+        out = []
+        for m in self.state.snapshot.members:
+            used, free, cap = m.used_bytes, m.free_bytes, m.capacity_bytes
+            if m.node_id == self.state.me:  # our own figures are fresh, not gossiped
+                used, free = self.r.store.used_bytes(), self.r.store.free_bytes()
+            out.append(node_pb2.NodeStatus(
+                id=m.node_id, site=m.site, address=m.address, lat=m.lat, lon=m.lon,
+                state=str(m.state), used_bytes=used, free_bytes=free, capacity_bytes=cap))
+        return out
+
+    def _holdings(self, study_uid: str) -> list[Holding]:
+        holdings = [h for h in self.state.holdings.for_study(study_uid)
+                    if h.node_id != self.state.me]
+        own = self.r.local_holding(study_uid)
+        if own is not None:
+            holdings.append(own)
+        return holdings
+
+    def holders(self, study_uid: str, instances: int) -> tuple[list[node_pb2.Holder], int]:
+        rec = self.r.store.catalog.study_record(study_uid)
+        if rec is None:
+            return [], 0
+        positions = self.state.snapshot.positions()
+        verdict = assess(rec.instances, rec.current_digest, self._holdings(study_uid),
+                         positions, self.state.min_distance_miles)
+        holders = []
+        for node_id, held in verdict.holders:
+            pos = positions.get(node_id)
+            if node_id in verdict.full_holders:
+                holders.append(node_pb2.Holder(node=node_id, site=pos.site if pos else "",
+                                               instances=held))
+        return holders, verdict.safe_copies
+
+    def alerts(self) -> list[node_pb2.Alert]:
+        out: list[node_pb2.Alert] = []
+        snap = self.state.snapshot
+        for m in snap.members:
+            if m.state == MemberState.SUSPECT:
+                out.append(node_pb2.Alert(
+                    severity="warning", code="NODE_SUSPECT",
+                    message=f"node {m.node_id} ({m.site}) has not been heard from recently; "
+                            "check its process and network"))
+            elif m.state == MemberState.DEAD:
+                out.append(node_pb2.Alert(
+                    severity="critical", code="NODE_DEAD",
+                    message=f"node {m.node_id} ({m.site}) is dead: its copies are being "
+                            "re-created elsewhere; repair or replace it"))
+        if self.state.copies > 1 and len(snap.members) <= 1:
+            out.append(node_pb2.Alert(
+                severity="warning", code="NO_PEERS",
+                message=f"this node has no peers: every study has 1 of {self.state.copies} "
+                        "copies; add [cluster] seeds to federate with other sites"))
+        table = snap.table
+        if table is not None and len(snap.members) > 1:
+            unsatisfied = table.unsatisfied()
+            if unsatisfied:
+                shortfall = table.placement(unsatisfied[0]).shortfall
+                out.append(node_pb2.Alert(
+                    severity="critical", code="PLACEMENT_UNSATISFIABLE",
+                    message=f"{len(unsatisfied)} of {self.state.partitions} partitions cannot "
+                            f"be placed safely: {shortfall}; add a node at a distant site"))
+        now = time.time()
+        for address, (when, reason) in self.state.refusals.items():
+            if now - when < REFUSAL_SHOWN_S:
+                out.append(node_pb2.Alert(
+                    severity="critical", code="PEER_REFUSED",
+                    message=f"peer at {address} was refused: {reason}; make the cluster "
+                            "settings equal on every node"))
+        for node_id, skew in self.state.clock_skew_s.items():
+            if abs(skew) > CLOCK_SKEW_ALERT_S and snap.member(node_id) is not None:
+                out.append(node_pb2.Alert(
+                    severity="warning", code="CLOCK_SKEW",
+                    message=f"node {node_id}'s clock is {skew:+.0f} s from ours; fix NTP"))
+        return out
