@@ -190,8 +190,9 @@ def run_demo(args: argparse.Namespace) -> int:
         ok &= _wait_safe(boston, uid)
         _run("locate", uid, "--node", cluster.address("seattle-1"))
 
-        holders = [str(h["node"]) for h in _locate(boston, uid).get("holders", [])  # type: ignore[union-attr]
-                   if h["node"] != "boston-1"]
+        found = _locate(boston, uid).get("holders", [])
+        assert isinstance(found, list)
+        holders = [str(h["node"]) for h in found if h["node"] != "boston-1"]
         victim = holders[0] if holders else "denver-1"
         _say(f"disaster: {victim} dies (kill -9); after {DEAD_AFTER_S} s the others declare it "
              "dead and re-create its copies elsewhere")
@@ -201,7 +202,7 @@ def run_demo(args: argparse.Namespace) -> int:
         ok &= _wait_safe(boston, uid)
         _run("status", "--node", boston)
 
-        _say(f"restoring the study from Seattle and comparing every byte with the originals")
+        _say("restoring the study from Seattle and comparing every byte with the originals")
         restored = workdir / "restored"
         seattle = cluster.address("seattle-1")
         ok &= _run("get", uid, "--out", str(restored), "--node", seattle).returncode == 0
