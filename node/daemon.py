@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from node.config import Config, node_id_for
 from node.errors import PacsmeshError
 from node.hlc import HybridClock
+from node.ingest import IngestSession, Prepared, messages_from_bytes
 from node.service import ClusterView, LoneView, NodeService, RemoteChunks, StoredListener
 from node.store import Store
 from node.worker import Runner, Worker
@@ -60,6 +61,7 @@ class NodeDaemon:
         self._after_stop: list[Callable[[], Any]] = []
         self.listeners: list[StoredListener] = []  # told of every instance stored here
         self.remote: RemoteChunks | None = None  # reads chunks from peers when set
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     # seams for the cluster composition root
     def add_service(self, register: Callable[[grpc.aio.Server], None], full_name: str) -> None:
@@ -77,7 +79,54 @@ class NodeDaemon:
         """Run once the server and workers have stopped (e.g. close channels)."""
         self._after_stop.append(fn)
 
+    # ---- for in-process front ends (DICOM), called from their own threads -------------
+
+    def ingest_bytes(self, data: bytes, client_ref: str = "") -> node_pb2.IngestResult:
+        """Store one whole Part 10 file; returns once it is durable here (or rejected).
+        Runs the same checks as `pacsmesh put`."""
+        try:
+            msgs = messages_from_bytes(data, client_ref)
+        except PacsmeshError as exc:
+            return node_pb2.IngestResult(client_ref=client_ref, reason=str(exc),
+                                         outcome=node_pb2.IngestResult.REJECTED)
+        session = IngestSession(self.store, self.node_id, self.clock)
+        (out,) = session.on_messages(msgs)
+        if not isinstance(out, Prepared):
+            return out
+        try:
+            self.store.submit(out.manifest_id, out.raw, out.manifest).result()
+        except PacsmeshError as exc:
+            return node_pb2.IngestResult(client_ref=client_ref, reason=str(exc),
+                                         outcome=node_pb2.IngestResult.REJECTED)
+        if self.loop is not None:  # listeners live on the event loop
+            for listener in self.listeners:
+                self.loop.call_soon_threadsafe(listener, out.manifest_id, out.raw, out.manifest)
+        return node_pb2.IngestResult(
+            client_ref=client_ref, outcome=node_pb2.IngestResult.STORED,
+            manifest_id=out.manifest_id, bytes_written=out.bytes_written,
+            sop_instance_uid=out.manifest.sop_instance_uid,
+            study_instance_uid=out.manifest.study_instance_uid)
+
+    def instance_safety(self, sop_instance_uid: str) -> tuple[bool, str]:
+        """Whether an instance's copies are safe (N verified copies at sites pairwise >= D
+        apart), and if not, why. Judged on its whole study: stricter, never looser."""
+        versions = self.store.catalog.versions_of(sop_instance_uid)
+        if not versions:
+            return False, "instance is not in the catalog"
+        got = self.store.catalog.get(versions[-1])
+        if got is None:
+            return False, "instance is not in the catalog"
+        study = got[1].study_instance_uid
+        rec = self.store.catalog.study_record(study)
+        instances = rec.instances if rec is not None else 0
+        _, safe = self.view.holders(study, instances)
+        need = self.view.copies()
+        if safe >= need:
+            return True, ""
+        return False, f"{safe} of {need} safe copies so far"
+
     async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
         server = grpc.aio.server(options=GRPC_OPTIONS)
         api = NodeService(self.store, self.node_id, self.clock, self.view, self.pool,
                           self.listeners, self.remote)

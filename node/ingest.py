@@ -216,3 +216,28 @@ class IngestSession:
 
 def _rejected(client_ref: str, reason: str) -> node_pb2.IngestResult:
     return node_pb2.IngestResult(client_ref=client_ref, outcome=Outcome.REJECTED, reason=reason)
+
+
+def messages_from_bytes(data: bytes, client_ref: str) -> list[node_pb2.IngestMessage]:
+    """A whole file already in memory (a DICOM C-STORE) as the messages a client would
+    send, so it passes through exactly the same checks as `pacsmesh put`."""
+    import zstandard
+
+    from node.chunking import CHUNK_SIZE, chunk_spans
+
+    layout = scan(io.BytesIO(data), len(data))
+    cctx = zstandard.ZstdCompressor(level=1)
+    msgs = [node_pb2.IngestMessage(begin=node_pb2.IngestBegin(
+        client_ref=client_ref, size=len(data), file_hash=content_hash(data),
+        header_len=layout.header_len,
+        chunk_count=len(chunk_spans(len(data), layout.header_len, CHUNK_SIZE))))]
+    view = memoryview(data)
+    for offset, length in chunk_spans(len(data), layout.header_len, CHUNK_SIZE):
+        plain = bytes(view[offset : offset + length])
+        packed = cctx.compress(plain)
+        compressed = len(packed) < len(plain)
+        msgs.append(node_pb2.IngestMessage(part=node_pb2.IngestPart(
+            hash=content_hash(plain), plain_len=length, compressed=compressed,
+            data=packed if compressed else plain)))
+    msgs.append(node_pb2.IngestMessage(end=node_pb2.IngestEnd()))
+    return msgs
