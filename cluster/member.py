@@ -11,6 +11,7 @@ import asyncio
 import logging
 from pathlib import Path
 
+from cluster.drill import Drills, DrillWorker
 from cluster.gossip import GossipWorker, me_as_member, new_membership
 from cluster.membership import ClusterSettings
 from cluster.peer_service import PeerService
@@ -64,8 +65,14 @@ def build(cfg: Config) -> NodeDaemon:
                             daemon.pool)
     gossip.on_placement_change.append(replicator.on_placement_change)
     gossip.publish()
-    daemon.view = ClusterView(state, replicator)
+    view = ClusterView(state, replicator, cfg.scrub.interval_s)
+    daemon.view = view
     daemon.listeners.append(replicator.on_stored)
+    daemon.scrubber.repair = replicator.repair_chunk
+    replicator.scrub_started_ms = lambda: daemon.scrubber.state.last_pass_started_ms
+    drills = Drills(replicator)
+    daemon.drill = drills.run
+    view.drills = drills
     daemon.remote = replicator.read_remote
     service = PeerService(gossip, replicator)
     daemon.add_service(lambda server: peer_pb2_grpc.add_PeerApiServicer_to_server(service, server),
@@ -77,6 +84,8 @@ def build(cfg: Config) -> NodeDaemon:
                    HoldingsWorker(replicator, max(0.5, 2 * c.gossip_interval_s)),
                    TrimWorker(replicator, background)):
         daemon.add_worker(worker)
+    if cfg.drill.interval_s > 0:
+        daemon.add_worker(DrillWorker(drills, cfg.drill.interval_s, cfg.drill.count))
     daemon.on_stop(gossip.leave)
     daemon.after_stop(peers.close)
     return daemon

@@ -100,4 +100,5 @@ class PeerService(peer_pb2_grpc.PeerApiServicer):
     async def GetHoldings(self, request: peer_pb2.HoldingsRequest, context: Any
                           ) -> peer_pb2.Holdings:
         studies = await self.r._run(self.r.own_holdings, list(request.study_uids))
-        return peer_pb2.Holdings(node_id=self.r.node_id, studies=studies)
+        return peer_pb2.Holdings(node_id=self.r.node_id, studies=studies,
+                                 last_scrub_started_ms=self.r.last_scrub_started_ms())

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -58,6 +59,8 @@ class Replicator:
         self.fresh: collections.deque[bytes] = collections.deque(maxlen=FRESH_QUEUE_MAX)
         self.rescan = asyncio.Event()
         self.wakeup = asyncio.Event()
+        self.scrub_started_ms: Callable[[], int] | None = None  # last complete pass
+        self.verified_ms: dict[str, int] = {}  # peer -> start of its last complete scrub
         self.fetched_manifests = 0
         self.fetched_bytes = 0
         self.trimmed_studies = 0
@@ -215,6 +218,24 @@ class Replicator:
                                                     chunk.flags & FLAG_ZSTD)
         return True
 
+    def repair_chunk(self, key: bytes, users: list[bytes]) -> bool:
+        """The scrubber found `key` damaged and dropped it (worker thread): fetch a good
+        copy from a peer, verify it, and hold again the instances that need it."""
+        wanted = [(mid, *got) for mid in users if (got := self.store.catalog.get(mid))]
+        if not wanted:
+            return False
+        size = next(c.size for c in wanted[0][2].chunks if c.hash == key)
+        for address in self._sources(wanted[0][2]):
+            if self._fetch_from(address, {key}, {key: size}):
+                break
+        else:
+            return False
+        futures = [self.store.submit(mid, raw, m, held=True) for mid, raw, m in wanted
+                   if not self.store.chunks.missing([c.hash for c in m.chunks])]
+        for fut in futures:
+            fut.result()
+        return True
+
     def read_remote(self, key: bytes, m: node_pb2.Manifest) -> bytes:
         """A verified chunk from any peer that has it (restores on a non-holder)."""
         size = next((c.size for c in m.chunks if c.hash == key), 0)
@@ -233,6 +254,9 @@ class Replicator:
         raise ChunkMissing(f"chunk {key.hex()[:16]} is not held by any reachable node")
 
     # ---- holdings -------------------------------------------------------------------------
+
+    def last_scrub_started_ms(self) -> int:
+        return self.scrub_started_ms() if self.scrub_started_ms is not None else 0
 
     def own_holdings(self, study_uids: list[str]) -> list[peer_pb2.StudyHolding]:
         out = []
@@ -412,20 +436,22 @@ class HoldingsWorker(Worker):
         for node_id in list(cache.by_node):
             if node_id not in alive:  # what a dead node held does not count
                 cache.by_node.pop(node_id, None)
-        for node_id, holdings in results:
+        for node_id, holdings, scrubbed_ms in results:
             if holdings is not None:
                 cache.by_node[node_id] = holdings
                 cache.fetched_at[node_id] = time.monotonic()
+                self.r.verified_ms[node_id] = scrubbed_ms
         return WorkerState.IDLE
 
-    async def _one(self, node_id: str, address: str) -> tuple[str, dict[str, Holding] | None]:
+    async def _one(self, node_id: str, address: str
+                   ) -> tuple[str, dict[str, Holding] | None, int]:
         try:
             reply = await self.r.peers.stub(address).GetHoldings(peer_pb2.HoldingsRequest(),
                                                                  timeout=RPC_TIMEOUT_S)
         except grpc.aio.AioRpcError:
-            return node_id, None
+            return node_id, None, 0
         return node_id, {h.study_uid: Holding(reply.node_id, h.held_instances, h.held_digest)
-                         for h in reply.studies}
+                         for h in reply.studies}, reply.last_scrub_started_ms
 
 
 class TrimWorker(Worker):

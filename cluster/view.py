@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 
+from cluster.drill import Drills
 from cluster.membership import MemberState
 from cluster.replication import Replicator
 from cluster.safety import Holding, assess
@@ -18,9 +19,12 @@ CLOCK_SKEW_ALERT_S = 30.0  # HLC copes with skew; operators should still fix clo
 
 
 class ClusterView:
-    def __init__(self, state: ClusterState, replicator: Replicator) -> None:
+    def __init__(self, state: ClusterState, replicator: Replicator,
+                 scrub_interval_s: float) -> None:
         self.state = state
         self.r = replicator
+        self.scrub_interval_s = scrub_interval_s
+        self.drills: Drills | None = None
 
     def copies(self) -> int:
         return self.state.copies
@@ -59,8 +63,17 @@ class ClusterView:
             pos = positions.get(node_id)
             if node_id in verdict.full_holders:
                 holders.append(node_pb2.Holder(node=node_id, site=pos.site if pos else "",
-                                               instances=held))
+                                               instances=held,
+                                               verified_age_s=self._verified_age_s(node_id)))
         return holders, verdict.safe_copies
+
+    def _verified_age_s(self, node_id: str) -> float:
+        """Since the holder's last complete scrub pass started (every chunk re-read)."""
+        if node_id == self.state.me:
+            started = self.r.last_scrub_started_ms()
+        else:
+            started = self.r.verified_ms.get(node_id, 0)
+        return time.time() - started / 1000 if started else -1.0
 
     def alerts(self) -> list[node_pb2.Alert]:
         out: list[node_pb2.Alert] = []
@@ -97,9 +110,36 @@ class ClusterView:
                     severity="critical", code="PEER_REFUSED",
                     message=f"peer at {address} was refused: {reason}; make the cluster "
                             "settings equal on every node"))
+        out += self._verification_alerts()
         for node_id, skew in self.state.clock_skew_s.items():
             if abs(skew) > CLOCK_SKEW_ALERT_S and snap.member(node_id) is not None:
                 out.append(node_pb2.Alert(
                     severity="warning", code="CLOCK_SKEW",
                     message=f"node {node_id}'s clock is {skew:+.0f} s from ours; fix NTP"))
+        return out
+
+    def last_drill(self) -> list[node_pb2.DrillResult]:
+        return self.drills.last() if self.drills is not None else []
+
+    def _verification_alerts(self) -> list[node_pb2.Alert]:
+        out = []
+        stale = []
+        for m in self.state.snapshot.members:
+            if m.state != MemberState.ALIVE:
+                continue
+            age = self._verified_age_s(m.node_id)
+            if age > self.scrub_interval_s * 1.5:
+                stale.append(f"{m.node_id} ({age / 86400:.1f} days)")
+        if stale:
+            out.append(node_pb2.Alert(
+                severity="warning", code="STUDIES_NOT_VERIFIED",
+                message="copies not verified within the scrub interval on " + ", ".join(stale)
+                        + ": check those nodes' scrubbers (pacsmesh scrub --node ...)"))
+        if self.drills is not None:
+            failed = [r for r in self.drills.last() if not r.ok]
+            if failed:
+                out.append(node_pb2.Alert(
+                    severity="critical", code="DRILL_FAILED",
+                    message=f"the last restore drill failed for {len(failed)} studies: "
+                            f"{failed[0].error}; a backup that does not restore is no backup"))
         return out

@@ -78,6 +78,7 @@ class Catalog:
         self.partition_db = env.open_db(b"partitions")
         self.part_study = env.open_db(b"part_study")
         self.meta = env.open_db(b"meta")
+        self.refs = env.open_db(b"chunk_refs")  # chunk hash + manifest id -> '' (held ones)
         with env.begin(write=True, db=self.meta) as txn:
             stored = txn.get(b"partitions")
             if stored is None:
@@ -142,6 +143,9 @@ class Catalog:
         was_held = txn.get(manifest_id, db=self.held) is not None
         txn.put(manifest_id, _U64.pack(at_ms), db=self.held)
         txn.delete(manifest_id, db=self.not_held)
+        if not was_held:  # so a damaged chunk leads to the instances that need it
+            for c in m.chunks:
+                txn.put(c.hash + manifest_id, b"", db=self.refs)
         if not was_held and self.current_id(txn, m.sop_instance_uid) == manifest_id:
             self._adjust_held(txn, m.study_instance_uid, manifest_id, +1)
 
@@ -315,6 +319,18 @@ class Catalog:
                          study_date=rec.study_date, modalities=set(rec.modalities),
                          instances=rec.instances, bytes=rec.bytes,
                          held_instances=rec.held_instances)
+
+    def manifests_using(self, chunk: bytes) -> list[bytes]:
+        """Manifests held here (or once held) that name this chunk."""
+        out = []
+        with self.env.begin(db=self.refs) as txn:
+            cur = txn.cursor()
+            if cur.set_range(chunk):
+                for key in cur.iternext(values=False):
+                    if not key.startswith(chunk):
+                        break
+                    out.append(bytes(key[len(chunk) :]))
+        return out
 
     def partition_digests(self) -> list[tuple[bytes, int]]:
         """(digest, manifest count) of every partition, index = partition."""

@@ -69,6 +69,7 @@ class ChunkStore:
         self.env = env
         self.db = env.open_db(b"chunks")
         self.packs_db = env.open_db(b"packs")
+        self.locs_db = env.open_db(b"chunk_locs")  # pack, offset -> key: the scrubber's walk
         self.packs = packs
         self._lock = threading.Lock()
         self._pending: dict[bytes, ChunkLocation] = {}
@@ -96,6 +97,7 @@ class ChunkStore:
 
     def put(self, key: bytes, plain_len: int, stored: bytes, flags: int) -> int:
         """Append a verified chunk unless held already. Returns the bytes written."""
+        # (a damaged chunk is still "held" until the scrubber or a read drops or replaces it)
         if self.has(key):
             return 0
         with self._lock:
@@ -105,6 +107,37 @@ class ChunkStore:
             self._pending[key] = ChunkLocation(pack, offset, length, plain_len, flags)
         return length
 
+    def replace(self, key: bytes, plain_len: int, stored: bytes, flags: int) -> int:
+        """Append a good copy of a chunk whose indexed record is damaged; the next group
+        commit points the index at it."""
+        with self._lock:
+            pack, offset, length = self.packs.append(key, flags, plain_len, stored)
+            self._pending[key] = ChunkLocation(pack, offset, length, plain_len, flags)
+        return length
+
+    def drop(self, txn: Any, key: bytes) -> None:
+        """Forget a damaged chunk (inside a write transaction)."""
+        raw = txn.get(key, db=self.db)
+        if raw is not None:
+            txn.delete(_loc_key(ChunkLocation.decode(bytes(raw))), db=self.locs_db)
+            txn.delete(key, db=self.db)
+
+    def walk(self, after: tuple[int, int], limit: int) -> list[tuple[ChunkLocation, bytes]]:
+        """Indexed chunks in pack order, strictly after (pack, offset)."""
+        out: list[tuple[ChunkLocation, bytes]] = []
+        start = struct.pack(">IQ", after[0], after[1] + 1)
+        with self.env.begin(buffers=True) as txn:
+            cur = txn.cursor(db=self.locs_db)
+            if not cur.set_range(start):
+                return out
+            for _, key in cur:
+                raw = txn.get(bytes(key), db=self.db)
+                if raw is not None:
+                    out.append((ChunkLocation.decode(bytes(raw)), bytes(key)))
+                if len(out) >= limit:
+                    break
+        return out
+
     def take_pending(self) -> PendingSnapshot:
         """Atomically: the chunks appended so far and the pack lengths that cover them."""
         with self._lock:
@@ -113,7 +146,11 @@ class ChunkStore:
     def index_pending(self, txn: Any, snap: PendingSnapshot) -> None:
         """Inside the group commit's transaction, after the packs were fsync'd."""
         for key, loc in snap.chunks.items():
+            old = txn.get(key, db=self.db)
+            if old is not None:  # a repaired chunk: its damaged record leaves the walk
+                txn.delete(_loc_key(ChunkLocation.decode(bytes(old))), db=self.locs_db)
             txn.put(key, loc.encode(), db=self.db)
+            txn.put(_loc_key(loc), key, db=self.locs_db)
         for no, length in snap.pack_lengths.items():
             txn.put(struct.pack(">I", no), struct.pack("<Q", length), db=self.packs_db)
 
@@ -170,6 +207,10 @@ class ChunkStore:
     def count(self) -> int:
         with self.env.begin(db=self.db) as txn:
             return int(txn.stat(self.db)["entries"])
+
+
+def _loc_key(loc: ChunkLocation) -> bytes:
+    return struct.pack(">IQ", loc.pack, loc.offset)
 
 
 def is_lmdb_full(exc: BaseException) -> bool:

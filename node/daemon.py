@@ -24,7 +24,15 @@ from node.config import Config, node_id_for
 from node.errors import PacsmeshError
 from node.hlc import HybridClock
 from node.ingest import IngestSession, Prepared, messages_from_bytes
-from node.service import ClusterView, LoneView, NodeService, RemoteChunks, StoredListener
+from node.scrubber import Scrubber
+from node.service import (
+    ClusterView,
+    Drill,
+    LoneView,
+    NodeService,
+    RemoteChunks,
+    StoredListener,
+)
 from node.store import Store
 from node.worker import Runner, Worker
 from proto import node_pb2, node_pb2_grpc
@@ -50,13 +58,15 @@ class NodeDaemon:
         self.clock = HybridClock()
         self.pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="io")
         self.runner: Runner | None = None
+        self.scrubber = Scrubber(self.store, cfg.scrub.rate_mb_s, cfg.scrub.interval_s)
+        self.drill: Drill | None = None  # restore drills need peers: the cluster sets it
         self.view: ClusterView = LoneView(
             self.store, self.node_id, cfg.node.site, cfg.advertise, cfg.node.lat, cfg.node.lon,
             cfg.cluster.copies, cfg.cluster.min_distance_miles)
         self.server: grpc.aio.Server | None = None
         self._services: list[Callable[[grpc.aio.Server], None]] = []
         self._service_names: list[str] = [node_pb2.DESCRIPTOR.services_by_name["NodeApi"].full_name]
-        self._workers: list[Worker] = []
+        self._workers: list[Worker] = [self.scrubber]
         self._on_stop: list[Callable[[], Any]] = []
         self._after_stop: list[Callable[[], Any]] = []
         self.listeners: list[StoredListener] = []  # told of every instance stored here
@@ -129,7 +139,7 @@ class NodeDaemon:
         self.loop = asyncio.get_running_loop()
         server = grpc.aio.server(options=GRPC_OPTIONS)
         api = NodeService(self.store, self.node_id, self.clock, self.view, self.pool,
-                          self.listeners, self.remote)
+                          self.listeners, self.remote, self.scrubber, self.drill)
         node_pb2_grpc.add_NodeApiServicer_to_server(api, server)
         for register in self._services:
             register(server)

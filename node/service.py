@@ -10,15 +10,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
 import grpc
 
+from node import alerts as alerts_mod
 from node.errors import ChunkCorrupt, ChunkMissing, PacsmeshError
 from node.hlc import HybridClock
 from node.ingest import IngestSession, Prepared
+from node.scrubber import Scrubber
 from node.store import Store
 from node.uids import uid_problem
 from proto import node_pb2, node_pb2_grpc
@@ -28,6 +30,7 @@ T = TypeVar("T")
 Outcome = node_pb2.IngestResult.Outcome
 PRECHECK_KEYS_MAX = 100_000  # per request: bounds the memory one client can make us use
 UNSAFE_ALERT_AFTER_S = 3600.0  # an instance not safe off-site within an hour is news
+DRILL_COUNT_MAX = 100  # studies per drill request
 INGEST_BATCH_BYTES_MAX = 8 << 20  # received bytes held before handing them to a worker
 
 
@@ -39,6 +42,7 @@ class ClusterView(Protocol):
     def nodes(self) -> list[node_pb2.NodeStatus]: ...
     def holders(self, study_uid: str, instances: int) -> tuple[list[node_pb2.Holder], int]: ...
     def alerts(self) -> list[node_pb2.Alert]: ...
+    def last_drill(self) -> list[node_pb2.DrillResult]: ...
 
 
 class LoneView:
@@ -70,6 +74,9 @@ class LoneView:
         holder = node_pb2.Holder(node=self.node_id, site=self.site, instances=info.held_instances)
         return [holder], (1 if info.held_instances == instances and instances > 0 else 0)
 
+    def last_drill(self) -> list[node_pb2.DrillResult]:
+        return []
+
     def alerts(self) -> list[node_pb2.Alert]:
         if self._copies <= 1:
             return []
@@ -84,16 +91,22 @@ class LoneView:
 StoredListener = Callable[[bytes, bytes, node_pb2.Manifest], None]
 # Fetches a chunk this node lacks or holds damaged from a peer: verified plain bytes.
 RemoteChunks = Callable[[bytes, node_pb2.Manifest], bytes]
+# Restores K random studies from other nodes and verifies every byte.
+Drill = Callable[[int], Awaitable[list[node_pb2.DrillResult]]]
 
 
 class NodeService(node_pb2_grpc.NodeApiServicer):
     def __init__(self, store: Store, node_id: str, clock: HybridClock, view: ClusterView,
                  pool: ThreadPoolExecutor, listeners: list[StoredListener] | None = None,
-                 remote: RemoteChunks | None = None) -> None:
+                 remote: RemoteChunks | None = None, scrubber: Scrubber | None = None,
+                 drill: Drill | None = None) -> None:
         self.store, self.node_id, self.clock, self.view, self.pool = (
             store, node_id, clock, view, pool)
         self.listeners = listeners if listeners is not None else []
         self.remote = remote
+        self.scrubber = scrubber
+        self.drill = drill
+        self.growth = alerts_mod.GrowthTracker()
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -261,6 +274,7 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
                 oldest_unsafe_ms, received)
         oldest_age = max(0.0, (now_ms - oldest_unsafe_ms) / 1000) if oldest_unsafe_ms else 0.0
         alerts = list(self.view.alerts())
+        alerts += self._own_alerts()
         if oldest_age > UNSAFE_ALERT_AFTER_S:
             alerts.append(node_pb2.Alert(
                 severity="critical", code="STUDIES_UNSAFE",
@@ -273,8 +287,66 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
             copies=required, min_distance_miles=self.view.min_distance_miles(), nodes=nodes,
             studies=studies, instances=instances, safe_studies=safe_studies,
             unsafe_studies=studies - safe_studies, oldest_unsafe_age_s=oldest_age,
-            alerts=alerts, answered_by=self.node_id, chunk_bytes=chunk_bytes)
+            alerts=alerts, answered_by=self.node_id, chunk_bytes=chunk_bytes,
+            last_drill=self.view.last_drill(), days_until_full=self._days_until_full())
+
+    def _days_until_full(self) -> float:
+        used = self.store.used_bytes()
+        days = alerts_mod.days_until_full(self.store.free_bytes(),
+                                          self.growth.bytes_per_day(used))
+        return -1.0 if days is None else days
+
+    def _own_alerts(self) -> list[node_pb2.Alert]:
+        used = self.store.used_bytes()
+        self.growth.add(used)
+        per_day = self.growth.bytes_per_day(used)
+        out = alerts_mod.disk_alerts(self.node_id, self.store.used_fraction())
+        out += alerts_mod.growth_alerts(
+            self.node_id, alerts_mod.days_until_full(self.store.free_bytes(), per_day), per_day)
+        if self.scrubber is not None:
+            st = self.scrubber.state
+            out += alerts_mod.scrub_alerts(
+                self.node_id, self.scrubber.overdue(int(time.time() * 1000)),
+                self.scrubber.interval_s, st.corrupt_found, st.repaired,
+                list(st.unrepairable.values()))
+        return out
 
     async def Status(self, request: node_pb2.StatusRequest,
                      context: grpc.aio.ServicerContext[Any, Any]) -> node_pb2.StatusReply:
         return await self._run(self._status)
+
+    # ---- proof that backups are real -------------------------------------------------
+
+    def scrub_status(self) -> node_pb2.ScrubStatus:
+        assert self.scrubber is not None
+        st = self.scrubber.state
+        now_ms = time.time() * 1000
+        return node_pb2.ScrubStatus(
+            running=st.running, pass_chunks=st.pass_chunks,
+            total_chunks=self.store.chunks.count(),
+            pass_started_age_s=(now_ms - st.pass_started_ms) / 1000 if st.running else 0.0,
+            last_pass_completed_age_s=((now_ms - st.last_pass_completed_ms) / 1000
+                                       if st.last_pass_completed_ms else -1.0),
+            chunks_verified=st.chunks_verified, bytes_verified=st.bytes_verified,
+            corrupt_found=st.corrupt_found, repaired=st.repaired,
+            unrepairable=list(st.unrepairable.values()),
+            rate_mb_s=self.scrubber.rate_bytes_s / 1e6, interval_s=self.scrubber.interval_s,
+            overdue=self.scrubber.overdue(int(now_ms)), node=self.node_id)
+
+    async def Scrub(self, request: node_pb2.ScrubRequest,
+                    context: grpc.aio.ServicerContext[Any, Any]) -> node_pb2.ScrubStatus:
+        if self.scrubber is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node has no scrubber")
+        assert self.scrubber is not None
+        if request.now:
+            self.scrubber.request_pass()
+        return await self._run(self.scrub_status)
+
+    async def Drill(self, request: node_pb2.DrillRequest,
+                    context: grpc.aio.ServicerContext[Any, Any]) -> node_pb2.DrillReply:
+        if self.drill is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "restore drills need peers: this node has none")
+        assert self.drill is not None
+        count = max(1, min(request.count or 1, DRILL_COUNT_MAX))
+        return node_pb2.DrillReply(results=await self.drill(count))

@@ -96,6 +96,13 @@ class Store:
             return max(0, min(disk_free, self.capacity_bytes - self.used_bytes()))
         return disk_free
 
+    def used_fraction(self) -> float:
+        """How full this node's storage is: of capacity_bytes when set, else of the disk."""
+        if self.capacity_bytes:
+            return min(1.0, self.used_bytes() / self.capacity_bytes)
+        usage = shutil.disk_usage(self.data_dir)
+        return usage.used / usage.total if usage.total else 0.0
+
     def admit(self, size: int) -> None:
         """Refuse an instance that would not fit, before a byte of it is written."""
         free = max(0, self.free_bytes() - self._admitted_since_check)

@@ -226,6 +226,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     doc = _to_dict(reply)
     _ints(doc, "copies", "studies", "instances", "safe_studies", "unsafe_studies",
           "stored_bytes", "chunk_bytes")
+    for d in doc.get("last_drill", []):
+        _ints(d, "instances", "bytes")
     for n in doc["nodes"]:
         _ints(n, "used_bytes", "free_bytes", "capacity_bytes")
 
@@ -239,6 +241,11 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"{doc['safe_studies']}, unsafe {doc['unsafe_studies']}"
               + (f", oldest unsafe {doc['oldest_unsafe_age_s']:.0f} s"
                  if doc["unsafe_studies"] else ""))
+        for d in doc.get("last_drill", []):
+            state = "ok" if d["ok"] else f"FAILED: {d['error']}"
+            print(f"last drill: {d['study_uid'] or '-'} from {d['source_site'] or '-'}: {state}")
+        if doc.get("days_until_full", -1) >= 0:
+            print(f"storage: full in {doc['days_until_full']:.0f} days at the recent rate")
         for a in doc["alerts"]:
             print(f"  [{a['severity'].upper()}] {a['code']}: {a['message']}")
         if not doc["alerts"]:
@@ -246,6 +253,53 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     _emit(args, doc, human)
     return 0
+
+
+def cmd_scrub(args: argparse.Namespace) -> int:
+    reply = _call(args, lambda s: s.Scrub(node_pb2.ScrubRequest(now=args.now)))
+    doc = _to_dict(reply)
+    _ints(doc, "pass_chunks", "total_chunks", "chunks_verified", "bytes_verified",
+          "corrupt_found", "repaired")
+
+    def human() -> None:
+        last = doc["last_pass_completed_age_s"]
+        print(f"scrubber on {doc['node']}: "
+              + (f"pass running, {doc['pass_chunks']} of {doc['total_chunks']} chunks verified"
+                 if doc["running"] else "idle")
+              + f"; last full pass {'never' if last < 0 else f'{last / 3600:.1f} h ago'}"
+              + (" (OVERDUE)" if doc["overdue"] else ""))
+        print(f"  verified {doc['chunks_verified']} chunks ({doc['bytes_verified'] / 1e9:.2f} GB)"
+              f" since creation; corrupt found {doc['corrupt_found']}, repaired "
+              f"{doc['repaired']}; rate <= {doc['rate_mb_s']:g} MB/s, a pass every "
+              f"{doc['interval_s'] / 86400:g} days")
+        for name in doc["unrepairable"]:
+            print(f"  UNREPAIRABLE: {name}")
+        if args.now:
+            print("  a pass was requested")
+
+    _emit(args, doc, human)
+    return 1 if doc["unrepairable"] else 0
+
+
+def cmd_drill(args: argparse.Namespace) -> int:
+    reply = _call(args, lambda s: s.Drill(node_pb2.DrillRequest(count=args.count)))
+    results = []
+    for r in reply.results:
+        d = _to_dict(r)
+        _ints(d, "instances", "bytes")
+        results.append(d)
+
+    def human() -> None:
+        for d in results:
+            if d["ok"]:
+                print(f"OK    {d['study_uid']} from {d['source_node']} ({d['source_site']}): "
+                      f"{d['instances']} instances, {d['bytes'] / 1e6:.1f} MB in "
+                      f"{d['seconds']:.2f} s ({d['mb_s']:.0f} MB/s), every byte verified")
+            else:
+                print(f"FAIL  {d['study_uid'] or '-'}: {d['error']}")
+
+    _emit(args, {"results": results}, human)
+    return 0 if results and all(d["ok"] for d in results) else 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -300,6 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _client(sub, "status", "the cluster at a glance")
     p.set_defaults(fn=cmd_status)
+
+    p = _client(sub, "scrub", "progress of the scrubber that re-verifies every chunk")
+    p.add_argument("--now", action="store_true", help="start a pass now")
+    p.set_defaults(fn=cmd_scrub)
+
+    p = _client(sub, "drill", "restore random studies from other sites and verify every byte")
+    p.add_argument("--count", type=int, default=1, help="studies to restore (default 1)")
+    p.set_defaults(fn=cmd_drill)
 
     p = sub.add_parser("demo", help="run a local cluster with sample studies")
     p.add_argument("--dir", default="", help="work folder (default: a new temporary one)")

@@ -636,19 +636,23 @@ class Holder(_message.Message):
     NODE_FIELD_NUMBER: _builtins.int
     SITE_FIELD_NUMBER: _builtins.int
     INSTANCES_FIELD_NUMBER: _builtins.int
+    VERIFIED_AGE_S_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     site: _builtins.str
     instances: _builtins.int
+    verified_age_s: _builtins.float
+    """since this holder last verified every chunk (-1: unknown)"""
     def __init__(
         self,
         *,
         node: _builtins.str = ...,
         site: _builtins.str = ...,
         instances: _builtins.int = ...,
+        verified_age_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instances", b"instances", "node", b"node", "site", b"site"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instances", b"instances", "node", b"node", "site", b"site", "verified_age_s", b"verified_age_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -789,7 +793,10 @@ class StatusReply(_message.Message):
     ANSWERED_BY_FIELD_NUMBER: _builtins.int
     STORED_BYTES_FIELD_NUMBER: _builtins.int
     CHUNK_BYTES_FIELD_NUMBER: _builtins.int
+    LAST_DRILL_FIELD_NUMBER: _builtins.int
+    DAYS_UNTIL_FULL_FIELD_NUMBER: _builtins.int
     copies: _builtins.int
+    """(fields 13+ are additions to the CONTRACT's minimum)"""
     min_distance_miles: _builtins.float
     studies: _builtins.int
     instances: _builtins.int
@@ -801,10 +808,14 @@ class StatusReply(_message.Message):
     """bytes of DICOM held (plain, all versions)"""
     chunk_bytes: _builtins.int
     """bytes on disk in packs"""
+    days_until_full: _builtins.float
+    """-1: not growing or unknown"""
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeStatus]: ...
     @_builtins.property
     def alerts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Alert]: ...
+    @_builtins.property
+    def last_drill(self) -> _containers.RepeatedCompositeFieldContainer[Global___DrillResult]: ...
     def __init__(
         self,
         *,
@@ -820,14 +831,187 @@ class StatusReply(_message.Message):
         answered_by: _builtins.str = ...,
         stored_bytes: _builtins.int = ...,
         chunk_bytes: _builtins.int = ...,
+        last_drill: _abc.Iterable[Global___DrillResult] | None = ...,
+        days_until_full: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "answered_by", b"answered_by", "chunk_bytes", b"chunk_bytes", "copies", b"copies", "instances", b"instances", "min_distance_miles", b"min_distance_miles", "nodes", b"nodes", "oldest_unsafe_age_s", b"oldest_unsafe_age_s", "safe_studies", b"safe_studies", "stored_bytes", b"stored_bytes", "studies", b"studies", "unsafe_studies", b"unsafe_studies"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "answered_by", b"answered_by", "chunk_bytes", b"chunk_bytes", "copies", b"copies", "days_until_full", b"days_until_full", "instances", b"instances", "last_drill", b"last_drill", "min_distance_miles", b"min_distance_miles", "nodes", b"nodes", "oldest_unsafe_age_s", b"oldest_unsafe_age_s", "safe_studies", b"safe_studies", "stored_bytes", b"stored_bytes", "studies", b"studies", "unsafe_studies", b"unsafe_studies"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatusReply: _TypeAlias = StatusReply  # noqa: Y015
+
+@_typing.final
+class ScrubRequest(_message.Message):
+    """---- proof that backups are real ------------------------------------------"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NOW_FIELD_NUMBER: _builtins.int
+    now: _builtins.bool
+    """start a pass at once"""
+    def __init__(
+        self,
+        *,
+        now: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["now", b"now"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScrubRequest: _TypeAlias = ScrubRequest  # noqa: Y015
+
+@_typing.final
+class ScrubStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNNING_FIELD_NUMBER: _builtins.int
+    PASS_CHUNKS_FIELD_NUMBER: _builtins.int
+    TOTAL_CHUNKS_FIELD_NUMBER: _builtins.int
+    PASS_STARTED_AGE_S_FIELD_NUMBER: _builtins.int
+    LAST_PASS_COMPLETED_AGE_S_FIELD_NUMBER: _builtins.int
+    CHUNKS_VERIFIED_FIELD_NUMBER: _builtins.int
+    BYTES_VERIFIED_FIELD_NUMBER: _builtins.int
+    CORRUPT_FOUND_FIELD_NUMBER: _builtins.int
+    REPAIRED_FIELD_NUMBER: _builtins.int
+    UNREPAIRABLE_FIELD_NUMBER: _builtins.int
+    RATE_MB_S_FIELD_NUMBER: _builtins.int
+    INTERVAL_S_FIELD_NUMBER: _builtins.int
+    OVERDUE_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    running: _builtins.bool
+    pass_chunks: _builtins.int
+    """verified so far in this pass"""
+    total_chunks: _builtins.int
+    """indexed on this node"""
+    pass_started_age_s: _builtins.float
+    last_pass_completed_age_s: _builtins.float
+    """-1: never"""
+    chunks_verified: _builtins.int
+    """since the data dir was created"""
+    bytes_verified: _builtins.int
+    corrupt_found: _builtins.int
+    repaired: _builtins.int
+    rate_mb_s: _builtins.float
+    interval_s: _builtins.float
+    overdue: _builtins.bool
+    node: _builtins.str
+    @_builtins.property
+    def unrepairable(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        running: _builtins.bool = ...,
+        pass_chunks: _builtins.int = ...,
+        total_chunks: _builtins.int = ...,
+        pass_started_age_s: _builtins.float = ...,
+        last_pass_completed_age_s: _builtins.float = ...,
+        chunks_verified: _builtins.int = ...,
+        bytes_verified: _builtins.int = ...,
+        corrupt_found: _builtins.int = ...,
+        repaired: _builtins.int = ...,
+        unrepairable: _abc.Iterable[_builtins.str] | None = ...,
+        rate_mb_s: _builtins.float = ...,
+        interval_s: _builtins.float = ...,
+        overdue: _builtins.bool = ...,
+        node: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_verified", b"bytes_verified", "chunks_verified", b"chunks_verified", "corrupt_found", b"corrupt_found", "interval_s", b"interval_s", "last_pass_completed_age_s", b"last_pass_completed_age_s", "node", b"node", "overdue", b"overdue", "pass_chunks", b"pass_chunks", "pass_started_age_s", b"pass_started_age_s", "rate_mb_s", b"rate_mb_s", "repaired", b"repaired", "running", b"running", "total_chunks", b"total_chunks", "unrepairable", b"unrepairable"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScrubStatus: _TypeAlias = ScrubStatus  # noqa: Y015
+
+@_typing.final
+class DrillRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrillRequest: _TypeAlias = DrillRequest  # noqa: Y015
+
+@_typing.final
+class DrillResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STUDY_UID_FIELD_NUMBER: _builtins.int
+    SOURCE_NODE_FIELD_NUMBER: _builtins.int
+    SOURCE_SITE_FIELD_NUMBER: _builtins.int
+    INSTANCES_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    MB_S_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    AT_S_FIELD_NUMBER: _builtins.int
+    study_uid: _builtins.str
+    source_node: _builtins.str
+    source_site: _builtins.str
+    instances: _builtins.int
+    bytes: _builtins.int
+    seconds: _builtins.float
+    mb_s: _builtins.float
+    ok: _builtins.bool
+    error: _builtins.str
+    at_s: _builtins.float
+    """unix time"""
+    def __init__(
+        self,
+        *,
+        study_uid: _builtins.str = ...,
+        source_node: _builtins.str = ...,
+        source_site: _builtins.str = ...,
+        instances: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+        seconds: _builtins.float = ...,
+        mb_s: _builtins.float = ...,
+        ok: _builtins.bool = ...,
+        error: _builtins.str = ...,
+        at_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_s", b"at_s", "bytes", b"bytes", "error", b"error", "instances", b"instances", "mb_s", b"mb_s", "ok", b"ok", "seconds", b"seconds", "source_node", b"source_node", "source_site", b"source_site", "study_uid", b"study_uid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrillResult: _TypeAlias = DrillResult  # noqa: Y015
+
+@_typing.final
+class DrillReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___DrillResult]: ...
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___DrillResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrillReply: _TypeAlias = DrillReply  # noqa: Y015
 
 @_typing.final
 class StudyRecord(_message.Message):

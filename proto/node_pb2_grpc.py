@@ -64,6 +64,16 @@ class NodeApiStub:
                 request_serializer=proto_dot_node__pb2.StatusRequest.SerializeToString,
                 response_deserializer=proto_dot_node__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.Scrub = channel.unary_unary(
+                '/pacsmesh.node.NodeApi/Scrub',
+                request_serializer=proto_dot_node__pb2.ScrubRequest.SerializeToString,
+                response_deserializer=proto_dot_node__pb2.ScrubStatus.FromString,
+                _registered_method=True)
+        self.Drill = channel.unary_unary(
+                '/pacsmesh.node.NodeApi/Drill',
+                request_serializer=proto_dot_node__pb2.DrillRequest.SerializeToString,
+                response_deserializer=proto_dot_node__pb2.DrillReply.FromString,
+                _registered_method=True)
 
 
 class NodeApiServicer:
@@ -105,6 +115,18 @@ class NodeApiServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Scrub(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drill(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeApiServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +159,16 @@ def add_NodeApiServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=proto_dot_node__pb2.StatusRequest.FromString,
                     response_serializer=proto_dot_node__pb2.StatusReply.SerializeToString,
+            ),
+            'Scrub': grpc.unary_unary_rpc_method_handler(
+                    servicer.Scrub,
+                    request_deserializer=proto_dot_node__pb2.ScrubRequest.FromString,
+                    response_serializer=proto_dot_node__pb2.ScrubStatus.SerializeToString,
+            ),
+            'Drill': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drill,
+                    request_deserializer=proto_dot_node__pb2.DrillRequest.FromString,
+                    response_serializer=proto_dot_node__pb2.DrillReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +333,60 @@ class NodeApi:
             '/pacsmesh.node.NodeApi/Status',
             proto_dot_node__pb2.StatusRequest.SerializeToString,
             proto_dot_node__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Scrub(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pacsmesh.node.NodeApi/Scrub',
+            proto_dot_node__pb2.ScrubRequest.SerializeToString,
+            proto_dot_node__pb2.ScrubStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pacsmesh.node.NodeApi/Drill',
+            proto_dot_node__pb2.DrillRequest.SerializeToString,
+            proto_dot_node__pb2.DrillReply.FromString,
             options,
             channel_credentials,
             insecure,

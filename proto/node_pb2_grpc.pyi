@@ -39,6 +39,8 @@ class NodeApiStub:
     ListStudies: _grpc.UnaryUnaryMultiCallable[_node_pb2.ListStudiesRequest, _node_pb2.ListStudiesReply]
     Locate: _grpc.UnaryUnaryMultiCallable[_node_pb2.LocateRequest, _node_pb2.LocateReply]
     Status: _grpc.UnaryUnaryMultiCallable[_node_pb2.StatusRequest, _node_pb2.StatusReply]
+    Scrub: _grpc.UnaryUnaryMultiCallable[_node_pb2.ScrubRequest, _node_pb2.ScrubStatus]
+    Drill: _grpc.UnaryUnaryMultiCallable[_node_pb2.DrillRequest, _node_pb2.DrillReply]
 
 @_typing.type_check_only
 class NodeApiAsyncStub(NodeApiStub):
@@ -49,6 +51,8 @@ class NodeApiAsyncStub(NodeApiStub):
     ListStudies: _aio.UnaryUnaryMultiCallable[_node_pb2.ListStudiesRequest, _node_pb2.ListStudiesReply]  # type: ignore[assignment]
     Locate: _aio.UnaryUnaryMultiCallable[_node_pb2.LocateRequest, _node_pb2.LocateReply]  # type: ignore[assignment]
     Status: _aio.UnaryUnaryMultiCallable[_node_pb2.StatusRequest, _node_pb2.StatusReply]  # type: ignore[assignment]
+    Scrub: _aio.UnaryUnaryMultiCallable[_node_pb2.ScrubRequest, _node_pb2.ScrubStatus]  # type: ignore[assignment]
+    Drill: _aio.UnaryUnaryMultiCallable[_node_pb2.DrillRequest, _node_pb2.DrillReply]  # type: ignore[assignment]
 
 class NodeApiServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -92,5 +96,19 @@ class NodeApiServicer(metaclass=_abc_1.ABCMeta):
         request: _node_pb2.StatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_node_pb2.StatusReply, _abc.Awaitable[_node_pb2.StatusReply]]: ...
+
+    @_abc_1.abstractmethod
+    def Scrub(
+        self,
+        request: _node_pb2.ScrubRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.ScrubStatus, _abc.Awaitable[_node_pb2.ScrubStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def Drill(
+        self,
+        request: _node_pb2.DrillRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.DrillReply, _abc.Awaitable[_node_pb2.DrillReply]]: ...
 
 def add_NodeApiServicer_to_server(servicer: NodeApiServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

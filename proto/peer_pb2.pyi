@@ -480,7 +480,10 @@ class Holdings(_message.Message):
 
     NODE_ID_FIELD_NUMBER: _builtins.int
     STUDIES_FIELD_NUMBER: _builtins.int
+    LAST_SCRUB_STARTED_MS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
+    last_scrub_started_ms: _builtins.int
+    """start of the last complete scrub pass; 0 = none"""
     @_builtins.property
     def studies(self) -> _containers.RepeatedCompositeFieldContainer[Global___StudyHolding]: ...
     def __init__(
@@ -488,10 +491,11 @@ class Holdings(_message.Message):
         *,
         node_id: _builtins.str = ...,
         studies: _abc.Iterable[Global___StudyHolding] | None = ...,
+        last_scrub_started_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "studies", b"studies"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_scrub_started_ms", b"last_scrub_started_ms", "node_id", b"node_id", "studies", b"studies"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
