@@ -31,6 +31,7 @@ from cluster.peers import CHUNK_BATCH_BYTES_MAX, RPC_TIMEOUT_S, Peers
 from cluster.safety import Holding
 from cluster.state import ClusterState
 from node import manifest as mf
+from node.alerts import DISK_REFUSE_REPLICAS_FRACTION
 from node.chunking import CHUNK_PLAIN_MAX
 from node.chunkstore import decompress
 from node.errors import ChunkCorrupt, ChunkMissing, PacsmeshError
@@ -317,6 +318,7 @@ class FetchWorker(Worker):
         self.r = r
         self._scan: collections.deque[bytes] = collections.deque()
         self._scanned_at = 0.0
+        self._refusing = False
 
     async def step(self) -> WorkerState:
         r = self.r
@@ -325,6 +327,13 @@ class FetchWorker(Worker):
             r.rescan.clear()
             self._scanned_at = now
             self._scan.extend(await r._run(r.store.catalog.not_held_ids, NOT_HELD_SCAN_MAX))
+        full = await r._run(r.store.used_fraction)
+        if full >= DISK_REFUSE_REPLICAS_FRACTION:  # local ingest keeps the rest of the disk
+            if not self._refusing:
+                LOGGER.error("storage %.0f %% used: refusing new replicas", full * 100)
+            self._refusing = True
+            return WorkerState.THROTTLED
+        self._refusing = False
         if not r.fresh and not self._scan:
             r.wakeup.clear()
             with contextlib.suppress(TimeoutError):  # announcements wake us early
