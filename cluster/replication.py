@@ -440,11 +440,11 @@ class HoldingsWorker(Worker):
         snap = self.r.state.snapshot
         peers = snap.alive_peers(self.r.node_id)
         results = await asyncio.gather(*(self._one(p.node_id, p.address) for p in peers))
+        # A node that is not alive keeps its last report: it does not count while it is
+        # away (safety.assess looks at liveness), and when it rejoins its copies count
+        # again at once instead of after its first answer, while the others trim the
+        # extras they made meanwhile (they ask it directly before they do).
         cache = self.r.state.holdings
-        alive = {p.node_id for p in peers}
-        for node_id in list(cache.by_node):
-            if node_id not in alive:  # what a dead node held does not count
-                cache.by_node.pop(node_id, None)
         for node_id, holdings, scrubbed_ms in results:
             if holdings is not None:
                 cache.by_node[node_id] = holdings
