@@ -63,10 +63,11 @@ class ClusterState:
         self.holdings = HoldingsCache()
         self.refusals: dict[str, tuple[float, str]] = {}  # peer address -> (when, reason)
         self.clock_skew_s: dict[str, float] = {}  # node id -> their clock minus ours
-        self.silent_since: dict[str, float] = {}  # left members: when they were last heard
+        self.left_silent_s: dict[str, float] = {}  # left members: seconds since last heard
 
     def publish(self, members: tuple[Member, ...], silent_s: dict[str, float]) -> bool:
         """A new member view; returns True if placement changed."""
+        self.left_silent_s = dict(silent_s)
         placeable = frozenset(
             m.node_id for m in members
             if m.state in (MemberState.ALIVE, MemberState.SUSPECT)

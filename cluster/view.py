@@ -84,6 +84,13 @@ class ClusterView:
                     severity="warning", code="NODE_SUSPECT",
                     message=f"node {m.node_id} ({m.site}) has not been heard from recently; "
                             "check its process and network"))
+            elif (m.state == MemberState.LEFT
+                  and self.state.left_silent_s.get(m.node_id, 0.0) >= self.state.dead_after_s):
+                out.append(node_pb2.Alert(
+                    severity="warning", code="NODE_LEFT",
+                    message=f"node {m.node_id} ({m.site}) shut down cleanly and has not come "
+                            "back: its copies are being re-created elsewhere; start it again "
+                            "or retire it"))
             elif m.state == MemberState.DEAD:
                 out.append(node_pb2.Alert(
                     severity="critical", code="NODE_DEAD",

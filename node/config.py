@@ -36,6 +36,7 @@ class ClusterSection:
     gossip_interval_s: float = 1.0
     dead_after_s: float = 600.0
     suspect_after_s: float = 0.0  # 0 = five gossip intervals
+    unsafe_alert_after_s: float = 3600.0  # an instance not safe by then is an alert
 
 
 @dataclass(frozen=True)

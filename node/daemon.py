@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from node.config import Config, node_id_for
+from node.dicom import DicomServer
 from node.errors import PacsmeshError
 from node.hlc import HybridClock
 from node.ingest import IngestSession, Prepared, messages_from_bytes
@@ -72,6 +73,7 @@ class NodeDaemon:
         self.listeners: list[StoredListener] = []  # told of every instance stored here
         self.remote: RemoteChunks | None = None  # reads chunks from peers when set
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.dicom: DicomServer | None = None  # the DICOM listener, when configured
 
     # seams for the cluster composition root
     def add_service(self, register: Callable[[grpc.aio.Server], None], full_name: str) -> None:
@@ -140,6 +142,7 @@ class NodeDaemon:
         server = grpc.aio.server(options=GRPC_OPTIONS)
         api = NodeService(self.store, self.node_id, self.clock, self.view, self.pool,
                           self.listeners, self.remote, self.scrubber, self.drill)
+        api.unsafe_alert_after_s = self.cfg.cluster.unsafe_alert_after_s
         node_pb2_grpc.add_NodeApiServicer_to_server(api, server)
         for register in self._services:
             register(server)
@@ -160,11 +163,16 @@ class NodeDaemon:
         self.runner = Runner()
         for worker in self._workers:
             self.runner.start(worker)
+        if self.cfg.dicom.listen:  # raises PacsmeshError (exit 1) if the port is in use
+            self.dicom = DicomServer(self, self.cfg.dicom, self.cfg.node.data_dir)
+            self.dicom.start()
         LOGGER.info("node %s (%s) serving on %s", self.node_id, self.cfg.node.site,
                     self.cfg.node.listen)
 
     async def stop(self) -> None:
         await _call_all(self._on_stop)
+        if self.dicom is not None:  # blocks while associations in flight finish
+            await asyncio.get_running_loop().run_in_executor(None, self.dicom.stop)
         if self.server is not None:
             await self.server.stop(SHUTDOWN_GRACE_S)
         if self.runner is not None:

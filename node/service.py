@@ -107,6 +107,7 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
         self.scrubber = scrubber
         self.drill = drill
         self.growth = alerts_mod.GrowthTracker()
+        self.unsafe_alert_after_s = UNSAFE_ALERT_AFTER_S
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -275,7 +276,7 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
         oldest_age = max(0.0, (now_ms - oldest_unsafe_ms) / 1000) if oldest_unsafe_ms else 0.0
         alerts = list(self.view.alerts())
         alerts += self._own_alerts()
-        if oldest_age > UNSAFE_ALERT_AFTER_S:
+        if oldest_age > self.unsafe_alert_after_s:
             alerts.append(node_pb2.Alert(
                 severity="critical", code="STUDIES_UNSAFE",
                 message=f"{studies - safe_studies} studies have fewer than {required} safe "

@@ -1,0 +1,17 @@
+"""DICOM network services of one node, on pynetdicom.
+
+    server      the Application Entity: contexts, limits, start/stop in its own threads
+    store_scp   C-STORE: store exactly as received; success only once durable here
+    query       C-FIND matching over the catalog (patient, study, series, image level)
+    retrieve    C-GET and C-MOVE: send instances as stored, read through the verified
+                path (from peers when this node does not hold them)
+    commitment  Storage Commitment (push model): success only once the copies are safe
+    archive     the narrow seam to the node: what these services may ask of it
+
+pynetdicom runs every association in its own threads; the handlers here call the
+node's thread-safe entry points directly and block until the answer is final.
+"""
+
+from node.dicom.server import DicomServer
+
+__all__ = ["DicomServer"]

@@ -1,0 +1,391 @@
+"""C-FIND over the catalog, and the instance selection C-GET and C-MOVE share.
+
+Levels PATIENT, STUDY, SERIES and IMAGE (Patient Root and Study Root models).
+Matching follows PS3.4 C.2.2.2: an empty key matches everything (universal);
+`*` and `?` are wildcards (PN compared without case); a backslash list matches
+any of its values (lists of UIDs); DA, TM and DT take ranges `A-B`, `A-`, `-B`
+(an upper bound covers its whole precision: `-2026` ends with 2026). A key we
+keep no value for matches everything and comes back empty, as the standard
+allows for optional keys.
+
+Where the values come from: study records hold the patient and study keys most
+queries use, so a study-level query reads one small record per study; the rest
+(study time, series and instance keys) come from the manifests of the studies
+that already matched. Answers are streamed, and bounded by `MATCHES_MAX`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+from node.catalog import Catalog
+from proto import node_pb2
+
+LOGGER = logging.getLogger(__name__)
+
+MATCHES_MAX = 10_000  # responses to one C-FIND: past this, narrow the query
+RETRIEVE_INSTANCES_MAX = 65_535  # sub-operation counts are US (PS3.7 C.4.2/3)
+STUDIES_MATCHED_MAX = 100_000  # studies held in memory while one query runs
+
+LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+RANGE_VRS = frozenset({"DA", "TM", "DT"})
+NO_WILDCARD_VRS = frozenset({"UI", "DA", "TM", "DT", "IS", "DS", "US", "UL", "SS", "SL",
+                             "FL", "FD", "AT", "OB", "OW", "SQ", "UN"})
+# Keys describing the query, not matched against anything.
+CONTROL_KEYS = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle",
+                          "InstanceAvailability", "TimezoneOffsetFromUTC"})
+
+# keyword -> manifest field, by the level that owns the attribute
+PATIENT_FIELDS = {"PatientID": "patient_id", "PatientName": "patient_name",
+                  "PatientBirthDate": "patient_birth_date", "PatientSex": "patient_sex"}
+STUDY_FIELDS = {"StudyInstanceUID": "study_instance_uid", "StudyDate": "study_date",
+                "StudyTime": "study_time", "AccessionNumber": "accession_number",
+                "StudyID": "study_id", "StudyDescription": "study_description"}
+SERIES_FIELDS = {"SeriesInstanceUID": "series_instance_uid", "Modality": "modality",
+                 "SeriesNumber": "series_number", "SeriesDescription": "series_description"}
+IMAGE_FIELDS = {"SOPInstanceUID": "sop_instance_uid", "SOPClassUID": "sop_class_uid",
+                "InstanceNumber": "instance_number"}
+# Study keys the study record holds; the others need the study's manifests.
+RECORD_KEYS = frozenset({"PatientID", "PatientName", "PatientBirthDate", "StudyInstanceUID",
+                         "StudyDate", "AccessionNumber", "StudyDescription",
+                         "ModalitiesInStudy", "NumberOfStudyRelatedInstances"})
+
+
+class QueryError(Exception):
+    """The identifier cannot be answered; the message says why (for Error Comment)."""
+
+
+# ---- matching -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Key:
+    """One matching key of the identifier: keyword, VR and its values (a list)."""
+
+    keyword: str
+    vr: str
+    values: tuple[str, ...]
+
+    @property
+    def universal(self) -> bool:
+        return not self.values or all(v in ("", "*") for v in self.values)
+
+
+def _wildcard(pattern: str, fold: bool) -> re.Pattern[str]:
+    parts = (".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.compile("".join(parts), re.IGNORECASE | re.DOTALL if fold else re.DOTALL)
+
+
+def _in_range(value: str, spec: str) -> bool:
+    lower, _, upper = spec.partition("-")
+    lower, upper = lower.strip(), upper.strip()
+    if lower and value < lower:
+        return False
+    # compared at the bound's precision: an upper bound includes all it names
+    return not (upper and value[: len(upper)] > upper)
+
+
+def value_matches(key: Key, value: str) -> bool:
+    """Does one stored value match one of the key's values?"""
+    fold = key.vr == "PN"
+    for want in key.values:
+        if want in ("", "*"):
+            return True
+        if key.vr in RANGE_VRS and "-" in want:
+            if value and _in_range(value, want):
+                return True
+        elif key.vr not in NO_WILDCARD_VRS and ("*" in want or "?" in want):
+            if _wildcard(want, fold).fullmatch(value):
+                return True
+        elif (want.casefold() == value.casefold()) if fold else (want == value):
+            return True
+    return False
+
+
+def row_matches(keys: list[Key], row: Row) -> bool:
+    for key in keys:
+        if key.universal or not row.knows(key.keyword):
+            continue
+        if not any(value_matches(key, v) for v in row.get(key.keyword)):
+            return False
+    return True
+
+
+def parse_keys(identifier: Dataset) -> tuple[str, list[Key]]:
+    """(query level, matching keys) of a C-FIND/GET/MOVE identifier."""
+    level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
+    if level not in LEVELS:
+        raise QueryError(f"Query/Retrieve Level {level!r} is not one of {', '.join(LEVELS)}")
+    keys = []
+    for elem in identifier:
+        if elem.tag.group == 0x0002 or elem.keyword in CONTROL_KEYS or not elem.keyword:
+            continue
+        if elem.VR == "SQ":  # sequence matching is optional; we answer them empty
+            keys.append(Key(elem.keyword, elem.VR, ()))
+            continue
+        raw = elem.value
+        if raw is None:
+            values: tuple[str, ...] = ()
+        elif isinstance(raw, MultiValue | list | tuple):
+            values = tuple(str(v).strip() for v in raw)
+        else:
+            values = (str(raw).strip(),)
+        keys.append(Key(elem.keyword, elem.VR, tuple(v for v in values if v) or ()))
+    return level, keys
+
+
+# ---- rows: the attribute values of one matched entity -------------------------------------
+
+
+@dataclass
+class Row:
+    """Values by keyword; `more` fills in the costly ones the first time one is asked."""
+
+    values: dict[str, list[str]]
+    more: Callable[[], dict[str, list[str]]] | None = None
+    more_keys: frozenset[str] = frozenset()
+    study_uid: str = ""
+    series_uid: str = ""
+    manifests: list[node_pb2.Manifest] = field(default_factory=list)
+    study_uids: list[str] = field(default_factory=list)  # a patient's studies
+
+    def knows(self, keyword: str) -> bool:
+        return keyword in self.values or keyword in self.more_keys
+
+    def get(self, keyword: str) -> list[str]:
+        if keyword not in self.values and keyword in self.more_keys and self.more is not None:
+            self.values.update(self.more())
+            self.more = None
+        return self.values.get(keyword, [])
+
+
+def _fields(m: node_pb2.Manifest, names: dict[str, str]) -> dict[str, list[str]]:
+    return {kw: [getattr(m, f)] for kw, f in names.items()}
+
+
+STUDY_MORE_KEYS = frozenset({"StudyTime", "StudyID", "PatientSex", "NumberOfStudyRelatedSeries"})
+
+
+def study_row(catalog: Catalog, rec: node_pb2.StudyRecord) -> Row:
+    values = {
+        "PatientID": [rec.patient_id], "PatientName": [rec.patient_name],
+        "PatientBirthDate": [rec.patient_birth_date], "StudyInstanceUID": [rec.study_uid],
+        "StudyDate": [rec.study_date], "AccessionNumber": [rec.accession_number],
+        "StudyDescription": [rec.study_description],
+        "ModalitiesInStudy": sorted(rec.modalities) or [""],
+        "NumberOfStudyRelatedInstances": [str(rec.instances)],
+    }
+
+    def more() -> dict[str, list[str]]:
+        instances = catalog.study_instances(rec.study_uid)
+        out = {"NumberOfStudyRelatedSeries": [str(len({s for s, _ in instances}))]}
+        current = catalog.current_manifests(rec.study_uid)
+        if current:
+            m = current[0][2]
+            out.update({"StudyTime": [m.study_time], "StudyID": [m.study_id],
+                        "PatientSex": [m.patient_sex]})
+        return out
+
+    return Row(values, more, STUDY_MORE_KEYS, study_uid=rec.study_uid)
+
+
+def _study_values(study: Row) -> dict[str, list[str]]:
+    """The upper-level values a series or image row repeats (without loading more)."""
+    return dict(study.values)
+
+
+def series_rows(study: Row, manifests: list[node_pb2.Manifest]) -> list[Row]:
+    by_series: dict[str, list[node_pb2.Manifest]] = {}
+    for m in manifests:
+        by_series.setdefault(m.series_instance_uid, []).append(m)
+    rows = []
+    for series_uid, members in sorted(by_series.items()):
+        first = min(members, key=_instance_order)
+        values = _study_values(study)
+        values.update(_fields(first, PATIENT_FIELDS | STUDY_FIELDS | SERIES_FIELDS))
+        values["NumberOfSeriesRelatedInstances"] = [str(len(members))]
+        rows.append(Row(values, study_uid=study.study_uid, series_uid=series_uid,
+                        manifests=members))
+    return rows
+
+
+def image_rows(study: Row, manifests: list[node_pb2.Manifest]) -> list[Row]:
+    rows = []
+    for m in sorted(manifests, key=_instance_order):
+        values = _study_values(study)
+        values.update(_fields(m, PATIENT_FIELDS | STUDY_FIELDS | SERIES_FIELDS | IMAGE_FIELDS))
+        values["AvailableTransferSyntaxUID"] = [m.transfer_syntax_uid]
+        rows.append(Row(values, study_uid=m.study_instance_uid,
+                        series_uid=m.series_instance_uid, manifests=[m]))
+    return rows
+
+
+def _instance_order(m: node_pb2.Manifest) -> tuple[str, int, str]:
+    number = int(m.instance_number) if m.instance_number.isdigit() else 0
+    return (m.series_instance_uid, number, m.sop_instance_uid)
+
+
+# ---- the search -----------------------------------------------------------------------------
+
+
+def _key_values(keys: list[Key], keyword: str) -> tuple[str, ...] | None:
+    """A key's exact values when it names specific entities (no wildcard), else None."""
+    for key in keys:
+        if key.keyword == keyword and not key.universal:
+            if any("*" in v or "?" in v for v in key.values):
+                return None
+            return key.values
+    return None
+
+
+def _study_records(catalog: Catalog, keys: list[Key]) -> Iterator[node_pb2.StudyRecord]:
+    """Candidate studies: looked up by UID when the query names them, else all."""
+    uids = _key_values(keys, "StudyInstanceUID")
+    if uids is not None:
+        for uid in dict.fromkeys(uids):
+            rec = catalog.study_record(uid)
+            if rec is not None and rec.instances > 0:
+                yield rec
+        return
+    for rec in catalog.study_records():
+        if rec.instances > 0:
+            yield rec
+
+
+def matching_studies(catalog: Catalog, keys: list[Key]) -> list[Row]:
+    """Studies whose patient and study keys match. The record-level keys are tested
+    while the records are read (one short read transaction); the rest after it."""
+    record_keys = [k for k in keys if k.keyword in RECORD_KEYS]
+    other_keys = [k for k in keys if k.keyword not in RECORD_KEYS]
+    found: list[node_pb2.StudyRecord] = []
+    for rec in _study_records(catalog, record_keys):
+        row = study_row(catalog, rec)
+        if row_matches(record_keys, row):
+            found.append(rec)
+            if len(found) >= STUDIES_MATCHED_MAX:
+                LOGGER.warning("query matched more than %d studies; the rest are left out",
+                               STUDIES_MATCHED_MAX)
+                break
+    rows = [study_row(catalog, rec) for rec in found]
+    return [row for row in rows if row_matches(other_keys, row)]
+
+
+def _upper_keys(keys: list[Key], fields: dict[str, str]) -> list[Key]:
+    return [k for k in keys if k.keyword not in fields]
+
+
+def find(catalog: Catalog, level: str, keys: list[Key]) -> Iterator[Row]:
+    """Every entity at `level` matching `keys`, streamed."""
+    lower = SERIES_FIELDS | IMAGE_FIELDS | {"NumberOfSeriesRelatedInstances": "",
+                                            "AvailableTransferSyntaxUID": ""}
+    study_keys = _upper_keys(keys, lower)
+    if level == "PATIENT":
+        yield from _patients(catalog, keys)
+        return
+    studies = matching_studies(catalog, study_keys)
+    if level == "STUDY":
+        yield from studies
+        return
+    for study in studies:
+        manifests = [m for _, _, m in catalog.current_manifests(study.study_uid)]
+        rows = series_rows(study, manifests) if level == "SERIES" else image_rows(
+            study, manifests)
+        for row in rows:
+            if row_matches(keys, row):
+                yield row
+
+
+def _patients(catalog: Catalog, keys: list[Key]) -> Iterator[Row]:
+    patient_keys = [k for k in keys if k.keyword in PATIENT_FIELDS or
+                    k.keyword.startswith("NumberOfPatientRelated")]
+    by_patient: dict[str, list[Row]] = {}
+    for rec in catalog.study_records():
+        if rec.instances == 0:
+            continue
+        row = study_row(catalog, rec)
+        if row_matches([k for k in patient_keys if k.keyword in RECORD_KEYS], row):
+            by_patient.setdefault(rec.patient_id, []).append(row)
+            if len(by_patient) >= STUDIES_MATCHED_MAX:
+                break
+    for _, studies in sorted(by_patient.items()):
+        first = studies[0]
+        values = {kw: first.values.get(kw, [""]) for kw in PATIENT_FIELDS if kw != "PatientSex"}
+        values["NumberOfPatientRelatedStudies"] = [str(len(studies))]
+        values["NumberOfPatientRelatedInstances"] = [
+            str(sum(int(s.values["NumberOfStudyRelatedInstances"][0]) for s in studies))]
+
+        def more(studies: list[Row] = studies) -> dict[str, list[str]]:
+            series = sum(int(s.get("NumberOfStudyRelatedSeries")[0]) for s in studies)
+            return {"PatientSex": studies[0].get("PatientSex"),
+                    "NumberOfPatientRelatedSeries": [str(series)]}
+
+        row = Row(values, more, frozenset({"PatientSex", "NumberOfPatientRelatedSeries"}),
+                  study_uids=[s.study_uid for s in studies])
+        if row_matches(patient_keys, row):
+            yield row
+
+
+# ---- answers ----------------------------------------------------------------------------------
+
+
+def response(identifier: Dataset, row: Row, level: str, ae_title: str) -> Dataset:
+    """The identifier of one pending C-FIND response: each requested key, filled in."""
+    ds = Dataset()
+    non_ascii = False
+    for elem in identifier:
+        keyword = elem.keyword
+        if elem.tag.group == 0x0002 or keyword in ("SpecificCharacterSet",):
+            continue
+        if keyword == "QueryRetrieveLevel":
+            ds.add_new(elem.tag, elem.VR, level)
+            continue
+        if keyword == "RetrieveAETitle":
+            continue  # always set below
+        if keyword == "InstanceAvailability":
+            ds.add_new(elem.tag, elem.VR, "ONLINE")
+            continue
+        if elem.VR == "SQ":
+            ds.add_new(elem.tag, "SQ", [])
+            continue
+        values = [v for v in row.get(keyword) if v] if keyword and row.knows(keyword) else []
+        if elem.VR == "IS":
+            values = [v for v in values if v.lstrip("+-").isdigit()]
+        non_ascii = non_ascii or any(not v.isascii() for v in values)
+        value: Any = None if not values else values[0] if len(values) == 1 else values
+        ds.add_new(elem.tag, elem.VR, value)
+    ds.RetrieveAETitle = ae_title
+    if non_ascii:  # manifests hold decoded text; send it as UTF-8
+        ds.SpecificCharacterSet = "ISO_IR 192"
+    elif "SpecificCharacterSet" in identifier:
+        ds.SpecificCharacterSet = identifier.SpecificCharacterSet
+    return ds
+
+
+def select_instances(catalog: Catalog, identifier: Dataset) -> list[node_pb2.Manifest]:
+    """The current version of every instance a C-GET/C-MOVE identifier names, in
+    study/series/instance order. Raises QueryError past RETRIEVE_INSTANCES_MAX."""
+    level, keys = parse_keys(identifier)
+    out: list[node_pb2.Manifest] = []
+    seen: set[str] = set()
+    for row in find(catalog, level, keys):
+        study_uids = row.study_uids if level == "PATIENT" else (
+            [row.study_uid] if level == "STUDY" else [])
+        for uid in study_uids:
+            current = [m for _, _, m in catalog.current_manifests(uid)]
+            row.manifests.extend(sorted(current, key=_instance_order))
+        for m in row.manifests:
+            if m.sop_instance_uid in seen:
+                continue
+            seen.add(m.sop_instance_uid)
+            out.append(m)
+            if len(out) > RETRIEVE_INSTANCES_MAX:
+                raise QueryError(f"more than {RETRIEVE_INSTANCES_MAX} instances match: "
+                                 "retrieve fewer at a time")
+    return out

@@ -1,0 +1,246 @@
+"""C-GET and C-MOVE: send the selected instances exactly as stored, one association
+for all of them, reading ahead while the current one is on the wire.
+
+Sending as stored: pynetdicom re-encodes any Dataset a handler yields, which
+would change bytes (and re-deflate deflated data). It sends a dataset untouched
+only from a Part 10 file (`send_c_store(path)` with STORE_SEND_CHUNKED_DATASET,
+set by server.py). So the handlers yield `StoredInstance` placeholders, and a
+`StoredSender` installed on the association that carries the C-STOREs swaps each
+for the path of its spooled file (archive.spool: verified chunks, from peers when
+this node lacks them). An instance goes out only in its stored transfer syntax:
+a peer that did not accept that syntax gets a failed sub-operation and a log line
+that says so, never a silently transcoded copy.
+
+Status of a sub-operation that cannot be read anywhere: 0x0110 (processing
+failure); the final response then reports it among the failed instances.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import build_context, evt
+
+from node.dicom.archive import Archive, Spooled, spool
+from node.dicom.query import QueryError, select_instances
+from proto import node_pb2
+
+LOGGER = logging.getLogger(__name__)
+
+READ_AHEAD = 4  # instances read while one is sent: hides peer round trips, bounds memory
+READ_THREADS = 2  # chunk reads verify hashes (release the GIL) or wait on peers
+READ_TIMEOUT_S = 300.0  # one instance, read from wherever it is (a huge one from a peer)
+CONTEXTS_MAX = 128  # presentation contexts one association may propose (PS3.8 9.3.2.2)
+
+STATUS_PENDING = 0xFF00
+STATUS_CANCEL = 0xFE00
+STATUS_PROCESSING_FAILURE = 0x0110
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
+STATUS_IDENTIFIER_MISMATCH = 0xA900
+STATUS_TOO_MANY_MATCHES = 0xA701  # out of resources: unable to calculate number of matches
+ERROR_COMMENT_LEN_MAX = 64
+
+
+def _status(code: int, comment: str = "") -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        ds.ErrorComment = comment[:ERROR_COMMENT_LEN_MAX]
+    return ds
+
+
+class StoredInstance(Dataset):
+    """A placeholder for one stored instance: its bytes are read ahead into `future`.
+    A Dataset because pynetdicom insists on one (and reads its SOP Instance UID for
+    the failed-instances list)."""
+
+    def __init__(self, m: node_pb2.Manifest, future: Future[Spooled]) -> None:
+        super().__init__()
+        self.SOPClassUID = m.sop_class_uid
+        self.SOPInstanceUID = m.sop_instance_uid
+        self._manifest = m
+        self._future = future
+        self._used = False
+
+    def send(self, original: Any, *args: Any, **kwargs: Any) -> Dataset:
+        """Send through pynetdicom's own `send_c_store` from the spooled file."""
+        self._used = True
+        m = self._manifest
+        try:
+            spooled = self._future.result(timeout=READ_TIMEOUT_S)
+        except Exception as exc:
+            LOGGER.error("instance %s cannot be read on this node or any reachable peer: %s",
+                         m.sop_instance_uid, exc)
+            return _status(STATUS_PROCESSING_FAILURE, f"cannot be read: {exc}")
+        try:
+            answer: Dataset = original(spooled.path, *args, **kwargs)
+            return answer
+        except ValueError as exc:  # the peer accepted no context for this class and syntax
+            LOGGER.warning("instance %s not sent: the peer accepted no presentation context "
+                           "for SOP class %s in transfer syntax %s (it is sent only as "
+                           "stored): %s", m.sop_instance_uid, m.sop_class_uid,
+                           m.transfer_syntax_uid, exc)
+            return _status(STATUS_SOP_CLASS_NOT_SUPPORTED, "no context for its stored syntax")
+        finally:
+            spooled.close()
+
+    def discard(self) -> None:
+        """Never sent (the association went away): free what was read for it."""
+        if not self._used:
+            self._used = True
+            self._future.add_done_callback(_close_result)
+
+
+def _close_result(future: Future[Spooled]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().close()
+
+
+class StoredSender:
+    """Replaces one association's `send_c_store`: StoredInstance placeholders go out
+    as their stored files, anything else as pynetdicom would send it."""
+
+    def __init__(self, original: Any) -> None:
+        self.original = original
+
+    def __call__(self, dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
+        if isinstance(dataset, StoredInstance):
+            return dataset.send(self.original, *args, **kwargs)
+        answer: Dataset = self.original(dataset, *args, **kwargs)
+        return answer
+
+
+def install_sender(assoc: Any) -> None:
+    if not isinstance(assoc.send_c_store, StoredSender):
+        assoc.send_c_store = StoredSender(assoc.send_c_store)
+
+
+class ReadAhead:
+    """Placeholders for `manifests` in order, each read (verified, maybe from a peer)
+    up to READ_AHEAD instances before pynetdicom asks for it."""
+
+    def __init__(self, archive: Archive, manifests: list[node_pb2.Manifest],
+                 tmp_dir: Path) -> None:
+        self.archive, self.tmp_dir = archive, tmp_dir
+        self._todo = collections.deque(manifests)
+        self._ready: collections.deque[StoredInstance] = collections.deque()
+        self._given: list[StoredInstance] = []
+        self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="dicom-read")
+
+    def _fill(self) -> None:
+        while self._todo and len(self._ready) < READ_AHEAD:
+            m = self._todo.popleft()
+            self._ready.append(StoredInstance(
+                m, self._pool.submit(spool, self.archive, m, self.tmp_dir)))
+
+    def __iter__(self) -> Iterator[StoredInstance]:
+        self._fill()
+        while self._ready:
+            item = self._ready.popleft()
+            self._fill()
+            for old in self._given:  # pynetdicom asks for the next only after sending
+                old.discard()
+            self._given = [item]
+            yield item
+
+    def close(self) -> None:
+        for item in [*self._given, *self._ready]:
+            item.discard()
+        self._ready.clear()
+        self._todo.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def contexts_for(manifests: list[node_pb2.Manifest]) -> list[Any]:
+    """One presentation context per (SOP class, stored transfer syntax): the peer may
+    accept each syntax on its own."""
+    pairs = dict.fromkeys((m.sop_class_uid, m.transfer_syntax_uid) for m in manifests)
+    if len(pairs) > CONTEXTS_MAX:
+        LOGGER.warning("%d SOP class/transfer syntax pairs; only %d fit one association, "
+                       "instances of the rest will fail", len(pairs), CONTEXTS_MAX)
+    return [build_context(cls, [ts]) for cls, ts in list(pairs)[:CONTEXTS_MAX]]
+
+
+class RetrieveScp:
+    def __init__(self, archive: Archive, destinations: dict[str, str], tmp_dir: Path) -> None:
+        self.archive, self.destinations, self.tmp_dir = archive, destinations, tmp_dir
+
+    def _select(self, event: Any) -> tuple[list[node_pb2.Manifest], Dataset | None]:
+        """(instances, None), or ([], the failure status to answer with)."""
+        try:
+            return select_instances(self.archive.store.catalog, event.identifier), None
+        except QueryError as exc:
+            code = (STATUS_TOO_MANY_MATCHES if "more than" in str(exc)
+                    else STATUS_IDENTIFIER_MISMATCH)
+            LOGGER.warning("retrieve from %s refused: %s", event.assoc.requestor.ae_title, exc)
+            return [], _status(code, str(exc))
+        except Exception as exc:  # an undecodable identifier: pynetdicom raises on access
+            LOGGER.warning("retrieve from %s: bad identifier: %s",
+                           event.assoc.requestor.ae_title, exc)
+            return [], _status(STATUS_IDENTIFIER_MISMATCH, f"bad identifier: {exc}")
+
+    def _suboperations(self, event: Any, manifests: list[node_pb2.Manifest]
+                       ) -> Iterator[tuple[int, Dataset | None]]:
+        reads = ReadAhead(self.archive, manifests, self.tmp_dir)
+        try:
+            for item in reads:
+                if event.is_cancelled:
+                    yield STATUS_CANCEL, None
+                    return
+                yield STATUS_PENDING, item
+        finally:
+            reads.close()
+
+    def handle_get(self, event: Any) -> Iterator[Any]:
+        """EVT_C_GET: sub-operations go back over the requester's own association."""
+        manifests, failure = self._select(event)
+        if failure is not None:
+            yield 1
+            yield failure, None
+            return
+        LOGGER.info("C-GET from %s: %d instances", event.assoc.requestor.ae_title,
+                    len(manifests))
+        yield len(manifests)
+        install_sender(event.assoc)
+        yield from self._suboperations(event, manifests)
+
+    def handle_move(self, event: Any) -> Iterator[Any]:
+        """EVT_C_MOVE: sub-operations go over a new association to a configured AE."""
+        destination = _text(event.move_destination)
+        address = self.destinations.get(destination)
+        calling = event.assoc.requestor.ae_title
+        if address is None:
+            LOGGER.warning("C-MOVE from %s to unknown destination %r: not in "
+                           "[dicom.destinations]", calling, destination)
+            yield None, None  # pynetdicom answers 0xA801: move destination unknown
+            return
+        host, _, port = address.rpartition(":")
+        manifests, failure = self._select(event)
+        kwargs = {"contexts": contexts_for(manifests) or [build_context("1.2.840.10008.1.1")],
+                  "evt_handlers": [(evt.EVT_ESTABLISHED, _on_store_association)]}
+        yield host, int(port), kwargs
+        if failure is not None:
+            yield 1
+            yield failure, None
+            return
+        LOGGER.info("C-MOVE from %s: %d instances to %s at %s", calling, len(manifests),
+                    destination, address)
+        yield len(manifests)
+        yield from self._suboperations(event, manifests)
+
+
+def _on_store_association(event: Any) -> None:
+    """The C-MOVE store association is up: make it send as stored."""
+    install_sender(event.assoc)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace").strip()
+    return str(value or "").strip()

@@ -1,0 +1,115 @@
+"""C-STORE: an instance is stored exactly as received, and answered Success only
+once it is durable on this node.
+
+The Part 10 file written is the dataset bytes as they came off the wire (never
+decoded and re-encoded, so compressed pixel data stays as the modality made it)
+behind a file meta header naming the transfer syntax actually negotiated and the
+sending AE. It then goes through `Archive.ingest_bytes`: the same structure, UID
+and capacity checks as `pacsmesh put`, which returns once the group commit that
+holds it is on disk.
+
+Statuses (PS3.4 Annex B.2.3): 0x0000 stored or already held; 0xA700 out of
+resources (storage or disk full); 0xA900 the dataset does not match the SOP
+class/instance of the request; 0xC000 the dataset cannot be archived (malformed,
+bad UIDs); 0x0110 anything else. Failures carry the reason in Error Comment.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom.dsutils import encode_file_meta
+
+from node.dicom.archive import Archive
+from node.dicom_layout import scan
+from node.errors import PacsmeshError
+from proto import node_pb2
+
+LOGGER = logging.getLogger(__name__)
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_PROCESSING_FAILURE = 0x0110
+ERROR_COMMENT_LEN_MAX = 64  # Error Comment (0000,0902) is LO
+PREAMBLE = b"\x00" * 128 + b"DICM"
+# Words in an ingest rejection that mean "no room", whatever layer said it.
+FULL_WORDS = ("storage full", "disk full")
+
+
+def status(code: int, comment: str = "") -> Dataset:
+    """A C-STORE response status with the reason in Error Comment."""
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        ds.ErrorComment = comment[:ERROR_COMMENT_LEN_MAX]
+    return ds
+
+
+def status_for(result: node_pb2.IngestResult) -> Dataset:
+    Outcome = node_pb2.IngestResult
+    if result.outcome in (Outcome.STORED, Outcome.DUPLICATE):
+        return status(STATUS_SUCCESS)
+    reason = result.reason or "rejected"
+    if any(word in reason for word in FULL_WORDS):
+        return status(STATUS_OUT_OF_RESOURCES, reason)
+    if "store is closed" in reason:  # shutting down: not the sender's fault
+        return status(STATUS_PROCESSING_FAILURE, "archive is shutting down; send again")
+    return status(STATUS_CANNOT_UNDERSTAND, reason)
+
+
+def part10(event: Any) -> bytes:
+    """The received dataset, untouched, behind a file meta header for it."""
+    meta = event.file_meta  # SOP class/instance from the request, the context's syntax
+    calling = event.assoc.requestor.ae_title
+    if calling:
+        meta.SourceApplicationEntityTitle = calling
+    dataset: bytes = event.request.DataSet.getvalue()
+    return b"".join((PREAMBLE, encode_file_meta(meta), dataset))
+
+
+def mismatch(data: bytes, sop_class_uid: str, sop_instance_uid: str) -> str | None:
+    """Why the dataset is not the instance the request names, or None. Raises
+    InvalidInstance for a dataset that cannot be walked at all."""
+    layout = scan(io.BytesIO(data), len(data))
+    got_instance = layout.attrs.get("sop_instance_uid", "")
+    if got_instance != sop_instance_uid:
+        return (f"dataset SOP Instance UID {got_instance} is not the request's "
+                f"{sop_instance_uid}")
+    got_class = layout.attrs.get("sop_class_uid", "")
+    if got_class and got_class != sop_class_uid:
+        return f"dataset SOP Class UID {got_class} is not the request's {sop_class_uid}"
+    return None
+
+
+class StoreScp:
+    def __init__(self, archive: Archive) -> None:
+        self.archive = archive
+
+    def handle(self, event: Any) -> Dataset:
+        """EVT_C_STORE, in the association's thread; blocks until durable or refused."""
+        req = event.request
+        sop_instance = str(req.AffectedSOPInstanceUID)
+        calling = event.assoc.requestor.ae_title
+        try:
+            data = part10(event)
+            why = mismatch(data, str(req.AffectedSOPClassUID), sop_instance)
+            if why is not None:
+                LOGGER.warning("C-STORE from %s refused: %s", calling, why)
+                return status(STATUS_DATASET_MISMATCH, why)
+            result = self.archive.ingest_bytes(data, client_ref=sop_instance)
+        except PacsmeshError as exc:  # the walk found the dataset malformed
+            LOGGER.warning("C-STORE of %s from %s refused: %s", sop_instance, calling, exc)
+            return status(STATUS_CANNOT_UNDERSTAND, str(exc))
+        except Exception as exc:  # never let the sender believe a failure was a success
+            LOGGER.exception("C-STORE of %s from %s failed", sop_instance, calling)
+            return status(STATUS_PROCESSING_FAILURE, f"internal error: {exc}")
+        answer = status_for(result)
+        if answer.Status != STATUS_SUCCESS:
+            LOGGER.warning("C-STORE of %s from %s refused (0x%04X): %s", sop_instance,
+                           calling, answer.Status, result.reason)
+        return answer
