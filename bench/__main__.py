@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from bench import antientropy, ingest, limits, replication
+from bench import antientropy, ingest, limits, replication, scrub
 
 BENCHES = {
     "limits": limits.main,
     "ingest": ingest.main,
     "antientropy": antientropy.main,
     "replication": replication.main,
+    "scrub": scrub.main,
 }
 
 

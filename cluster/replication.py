@@ -235,6 +235,11 @@ class Replicator:
                    if not self.store.chunks.missing([c.hash for c in m.chunks])]
         for fut in futures:
             fut.result()
+        try:
+            self.store.chunks.read(key)  # a repair is only a repair if it reads back
+        except (ChunkCorrupt, ChunkMissing) as exc:
+            LOGGER.error("repaired chunk %s does not read back: %s", key.hex()[:16], exc)
+            return False
         return True
 
     def read_remote(self, key: bytes, m: node_pb2.Manifest) -> bytes:

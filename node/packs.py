@@ -9,6 +9,7 @@ committed length, and `recover` cuts those off (they were never acknowledged).
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import struct
 import threading
@@ -19,6 +20,7 @@ from pathlib import Path
 from node.errors import ChunkCorrupt, StoreFull
 from node.hashing import HASH_ALGO_ID, HASH_LEN
 
+LOGGER = logging.getLogger(__name__)
 RECORD_MAGIC = b"PMCK"
 RECORD_VERSION = 1
 FLAG_ZSTD = 0x01
@@ -125,7 +127,15 @@ class PackSet:
         """
         record = encode_header(key, flags, plain_len, len(stored)) + stored
         with self._lock:
-            if self._active_len > 0 and self._active_len + len(record) > self.pack_size_max:
+            st = os.fstat(self._active_fd)
+            if st.st_nlink == 0 or st.st_size != self._active_len:
+                # Someone deleted or cut the pack under us: never append where the index
+                # cannot follow. What it lost, the scrubber finds and repairs.
+                LOGGER.error("%s was deleted or changed outside pacsmesh; starting a new pack",
+                             pack_name(self._active_no))
+                self._active_len = st.st_size
+                self._rotate()
+            elif self._active_len > 0 and self._active_len + len(record) > self.pack_size_max:
                 self._rotate()
             offset = self._active_len
             try:
@@ -184,6 +194,14 @@ class PackSet:
 
     def _fd(self, pack_no: int) -> int:
         fd = self._read_fds.get(pack_no)
+        if fd is not None and os.fstat(fd).st_nlink == 0:
+            # The file was deleted: reading it through an old handle would hide the loss
+            # (the bytes die with the handle); look it up by name like a restart would.
+            with self._fd_lock:
+                if self._read_fds.get(pack_no) == fd:
+                    del self._read_fds[pack_no]
+                    os.close(fd)
+            fd = None
         if fd is None:
             with self._fd_lock:
                 fd = self._read_fds.get(pack_no)

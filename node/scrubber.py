@@ -10,8 +10,9 @@ What cannot be repaired is recorded and shown as an alert by name, never
 silently served.
 
 A pass starts `interval_s` after the previous one started, or at once on
-request; it reads at most `rate_mb_s`, so it must fit: status says "overdue"
-when it does not.
+request; it reads at most `rate_mb_s` from the packs (bytes as stored, i.e.
+compressed: the limit is on disk IO), so a pass must fit in the interval:
+status says "overdue" when it does not.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class Scrubber(Worker):
         self.rate_bytes_s = max(1.0, rate_mb_s * 1e6)
         self.interval_s = interval_s
         self.repair = repair
-        self.idle_s = min(60.0, max(1.0, interval_s / 100))
+        self.idle_s = 1.0  # an idle step is a clock check: `scrub --now` starts within 1 s
         self.state = self._load()
         self._meta = store.catalog.meta
         self._retry_at = 0.0
@@ -130,8 +131,7 @@ class Scrubber(Worker):
         # rate limit: this batch may take no less than its bytes at the configured rate
         wait = read / self.rate_bytes_s - (time.monotonic() - started)
         if wait > 0:
-            await asyncio.sleep(wait)
-            return WorkerState.THROTTLED if wait > 1.0 else WorkerState.BUSY
+            await asyncio.sleep(wait)  # THROTTLED would add the runner's error backoff
         return WorkerState.BUSY
 
     # ---- verification and repair ------------------------------------------------------------
