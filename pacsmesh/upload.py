@@ -181,12 +181,21 @@ class Uploader:
         self.stub = node_pb2_grpc.NodeApiStub(channel)
         self.report = PutReport()
         self.paths: dict[str, Path] = {}
-        self._settled: set[int] = set()  # refs with an outcome (set.add is atomic)
+        self._settled: set[int] = set()  # refs with an outcome; each file gets exactly one
         self._lock = threading.Lock()
 
     def _reject(self, path: Path | str, reason: str) -> None:
         with self._lock:
             self.report.rejected.append({"path": str(path), "reason": reason})
+
+    def _settle(self, ref: int) -> bool:
+        """Claim the one outcome of a file; False if it already has one. (When a call
+        fails, the request generator and the response loop race to report it.)"""
+        with self._lock:
+            if ref in self._settled:
+                return False
+            self._settled.add(ref)
+            return True
 
     def _requests(self, files: list[tuple[int, Path]], pool: ThreadPoolExecutor,
                   zpool: ThreadPoolExecutor) -> Iterator[node_pb2.IngestMessage]:
@@ -205,8 +214,8 @@ class Uploader:
                     next_i += 1
                 plan = fut.result()
                 if isinstance(plan, str):
-                    self._reject(path, plan)
-                    self._settled.add(ref)
+                    if self._settle(ref):
+                        self._reject(path, plan)
                     continue
                 batch.append(plan)
                 batch_bytes += plan.size if plan.plain is not None else 0
@@ -221,15 +230,15 @@ class Uploader:
                 # be acknowledged (a stopping node finishes them); the rest get this reason.
                 why = f"not sent: the node stopped answering ({exc.code().name})"
                 for plan in batch:
-                    self._reject(plan.path, why)
-                    self._settled.add(plan.ref)
+                    if self._settle(plan.ref):
+                        self._reject(plan.path, why)
                 for ref, path, fut in futures:
                     fut.cancel()
-                    self._reject(path, why)
-                    self._settled.add(ref)
+                    if self._settle(ref):
+                        self._reject(path, why)
                 for ref, path in files[next_i:]:
-                    self._reject(path, why)
-                    self._settled.add(ref)
+                    if self._settle(ref):
+                        self._reject(path, why)
                 return
             known = set(reply.known_file_hashes)
             missing = set(reply.missing_chunk_hashes)
@@ -238,9 +247,9 @@ class Uploader:
                 with self._lock:
                     self.report.bytes_in += plan.size
                 if plan.file_hash in known:
-                    with self._lock:
-                        self.report.duplicates += 1
-                    self._settled.add(plan.ref)
+                    if self._settle(plan.ref):
+                        with self._lock:
+                            self.report.duplicates += 1
                     continue
                 with self._lock:
                     self.paths[str(plan.ref)] = plan.path
@@ -280,13 +289,13 @@ class Uploader:
                 zpool: ThreadPoolExecutor) -> None:
         try:
             for res in self.stub.Ingest(self._requests(files, pool, zpool)):
-                self._settled.add(int(res.client_ref))
-                self._account(res)
+                if not res.client_ref.isdigit() or self._settle(int(res.client_ref)):
+                    self._account(res)
         except grpc.RpcError as exc:
             # every file gets an outcome: what the node never acknowledged is a failure
             detail = f"{exc.code().name}: {exc.details()}"
             for ref, path in files:
-                if ref not in self._settled:
+                if self._settle(ref):
                     self._reject(path, f"not acknowledged by the node ({detail})")
 
     def _account(self, res: node_pb2.IngestResult) -> None:
