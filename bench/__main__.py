@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from bench import antientropy, ingest, limits, replication, scrub
+from bench import antientropy, dicom, ingest, limits, replication, scrub
 
 BENCHES = {
     "limits": limits.main,
@@ -12,6 +12,7 @@ BENCHES = {
     "antientropy": antientropy.main,
     "replication": replication.main,
     "scrub": scrub.main,
+    "dicom": dicom.main,
 }
 
 

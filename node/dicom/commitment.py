@@ -75,7 +75,8 @@ class Reference:
 
 @dataclass
 class Transaction:
-    """One N-ACTION: what was asked, by whom, and the verdicts so far."""
+    """One N-ACTION: what was asked, by whom, and the verdicts so far (per reference:
+    the same instance named under two SOP classes gets two verdicts)."""
 
     uid: str
     calling_ae: str
@@ -83,13 +84,12 @@ class Transaction:
     refs: list[Reference]
     received_at: float
     deadline: float
-    safe: set[str] = field(default_factory=set)
-    failed: dict[str, tuple[int, str]] = field(default_factory=dict)  # sop -> (code, why)
-    waiting_for: dict[str, str] = field(default_factory=dict)  # sop -> why not safe yet
+    safe: set[Reference] = field(default_factory=set)
+    failed: dict[Reference, tuple[int, str]] = field(default_factory=dict)  # (code, why)
+    waiting_for: dict[Reference, str] = field(default_factory=dict)  # why not safe yet
 
     def undecided(self) -> list[Reference]:
-        return [r for r in self.refs
-                if r.sop_instance_uid not in self.safe and r.sop_instance_uid not in self.failed]
+        return [r for r in self.refs if r not in self.safe and r not in self.failed]
 
 
 # ---- the verdict, free of IO ---------------------------------------------------------------
@@ -98,6 +98,7 @@ class Transaction:
 InstanceLookup = Callable[[str], tuple[str, str] | None]
 # Safety of an instance, judged on its whole study: (safe, why not).
 SafetyLookup = Callable[[str], tuple[bool, str]]
+NOT_RECEIVED = "not received by the archive"
 
 
 def judge(txn: Transaction, now: float, timeout_s: float, lookup: InstanceLookup,
@@ -108,31 +109,29 @@ def judge(txn: Transaction, now: float, timeout_s: float, lookup: InstanceLookup
         sop = ref.sop_instance_uid
         known = lookup(sop)
         if known is None:
-            txn.waiting_for[sop] = "not received by the archive"
+            txn.waiting_for[ref] = NOT_RECEIVED
             continue
         study, stored_class = known
         if stored_class and ref.sop_class_uid and stored_class != ref.sop_class_uid:
-            txn.failed[sop] = (FAILURE_CLASS_INSTANCE_CONFLICT,
+            txn.failed[ref] = (FAILURE_CLASS_INSTANCE_CONFLICT,
                                f"stored as SOP class {stored_class}, not {ref.sop_class_uid}")
             continue
         if study not in by_study:  # safety is per study: one check covers its instances
             by_study[study] = safety(sop)
         safe, why = by_study[study]
         if safe:
-            txn.safe.add(sop)
-            txn.waiting_for.pop(sop, None)
+            txn.safe.add(ref)
+            txn.waiting_for.pop(ref, None)
         else:
-            txn.waiting_for[sop] = why or "not safe yet"
+            txn.waiting_for[ref] = why or "not safe yet"
     if not txn.undecided():
         return True
     if now < txn.deadline:
         return False
     for ref in txn.undecided():
-        sop = ref.sop_instance_uid
-        why = txn.waiting_for.get(sop, "not safe yet")
-        code = FAILURE_NO_SUCH_INSTANCE if why == "not received by the archive" else (
-            FAILURE_PROCESSING)
-        txn.failed[sop] = (code, f"not safe within {timeout_s:g} s: {why}")
+        why = txn.waiting_for.get(ref, "not safe yet")
+        code = FAILURE_NO_SUCH_INSTANCE if why == NOT_RECEIVED else FAILURE_PROCESSING
+        txn.failed[ref] = (code, f"not safe within {timeout_s:g} s: {why}")
     return True
 
 
@@ -140,15 +139,15 @@ def event_report(txn: Transaction) -> tuple[int, Dataset]:
     """(event type, Event Information) of a decided transaction."""
     ds = Dataset()
     ds.TransactionUID = txn.uid
-    good = [r for r in txn.refs if r.sop_instance_uid in txn.safe]
-    bad = [r for r in txn.refs if r.sop_instance_uid in txn.failed]
+    good = [r for r in txn.refs if r in txn.safe]
+    bad = [r for r in txn.refs if r in txn.failed]
     if good:
         ds.ReferencedSOPSequence = Sequence([_item(r) for r in good])
     if not bad:
         return EVENT_ALL_SUCCESS, ds
     items = []
     for r in bad:
-        code, why = txn.failed[r.sop_instance_uid]
+        code, why = txn.failed[r]
         item = _item(r)
         item.FailureReason = code
         block = item.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
@@ -293,8 +292,8 @@ class Commitment:
             if how:
                 self.reported += 1
                 LOGGER.info("%s; reported %s", summary, how)
-                for sop, (code, why) in list(txn.failed.items())[:5]:
-                    LOGGER.warning("  %s failed (0x%04X): %s", sop, code, why)
+                for ref, (code, why) in list(txn.failed.items())[:5]:
+                    LOGGER.warning("  %s failed (0x%04X): %s", ref.sop_instance_uid, code, why)
                 return
             if error == "no route":
                 LOGGER.error("%s; cannot report it: its association is closed and %s is "

@@ -26,6 +26,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from node.catalog import Catalog
+from node.dicom.status import CANCEL, PENDING, SUCCESS, status
 from proto import node_pb2
 
 LOGGER = logging.getLogger(__name__)
@@ -33,6 +34,10 @@ LOGGER = logging.getLogger(__name__)
 MATCHES_MAX = 10_000  # responses to one C-FIND: past this, narrow the query
 RETRIEVE_INSTANCES_MAX = 65_535  # sub-operation counts are US (PS3.7 C.4.2/3)
 STUDIES_MATCHED_MAX = 100_000  # studies held in memory while one query runs
+
+STATUS_FIND_TOO_MANY = 0xA700  # out of resources
+STATUS_FIND_BAD_IDENTIFIER = 0xA900  # identifier does not match SOP class
+STATUS_FIND_FAILED = 0xC001  # unable to process
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 RANGE_VRS = frozenset({"DA", "TM", "DT"})
@@ -389,3 +394,45 @@ def select_instances(catalog: Catalog, identifier: Dataset) -> list[node_pb2.Man
                 raise QueryError(f"more than {RETRIEVE_INSTANCES_MAX} instances match: "
                                  "retrieve fewer at a time")
     return out
+
+
+# ---- the C-FIND service -------------------------------------------------------------------------
+
+
+class FindScp:
+    def __init__(self, catalog: Catalog, ae_title: str) -> None:
+        self.catalog, self.ae_title = catalog, ae_title
+
+    def handle(self, event: Any) -> Iterator[tuple[Any, Dataset | None]]:
+        """EVT_C_FIND: matches streamed as pending responses, at most MATCHES_MAX."""
+        calling = event.assoc.requestor.ae_title
+        try:
+            identifier = event.identifier
+            level, keys = parse_keys(identifier)
+        except QueryError as exc:
+            LOGGER.warning("C-FIND from %s refused: %s", calling, exc)
+            yield status(STATUS_FIND_BAD_IDENTIFIER, str(exc)), None
+            return
+        except Exception as exc:  # an identifier that does not decode
+            LOGGER.warning("C-FIND from %s: bad identifier: %s", calling, exc)
+            yield status(STATUS_FIND_BAD_IDENTIFIER, f"bad identifier: {exc}"), None
+            return
+        sent = 0
+        try:
+            for row in find(self.catalog, level, keys):
+                if event.is_cancelled:
+                    yield CANCEL, None
+                    return
+                if sent >= MATCHES_MAX:
+                    LOGGER.warning("C-FIND from %s stopped at %d matches", calling, sent)
+                    yield status(STATUS_FIND_TOO_MANY,
+                                 f"more than {MATCHES_MAX} matches: narrow the query"), None
+                    return
+                yield PENDING, response(identifier, row, level, self.ae_title)
+                sent += 1
+        except Exception as exc:
+            LOGGER.exception("C-FIND from %s failed", calling)
+            yield status(STATUS_FIND_FAILED, f"internal error: {exc}"), None
+            return
+        LOGGER.info("C-FIND from %s at %s level: %d matches", calling, level, sent)
+        yield SUCCESS, None

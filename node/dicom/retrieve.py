@@ -29,6 +29,7 @@ from pynetdicom import build_context, evt
 
 from node.dicom.archive import Archive, Spooled, spool
 from node.dicom.query import QueryError, select_instances
+from node.dicom.status import CANCEL, PENDING, status
 from proto import node_pb2
 
 LOGGER = logging.getLogger(__name__)
@@ -38,21 +39,10 @@ READ_THREADS = 2  # chunk reads verify hashes (release the GIL) or wait on peers
 READ_TIMEOUT_S = 300.0  # one instance, read from wherever it is (a huge one from a peer)
 CONTEXTS_MAX = 128  # presentation contexts one association may propose (PS3.8 9.3.2.2)
 
-STATUS_PENDING = 0xFF00
-STATUS_CANCEL = 0xFE00
 STATUS_PROCESSING_FAILURE = 0x0110
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 STATUS_IDENTIFIER_MISMATCH = 0xA900
 STATUS_TOO_MANY_MATCHES = 0xA701  # out of resources: unable to calculate number of matches
-ERROR_COMMENT_LEN_MAX = 64
-
-
-def _status(code: int, comment: str = "") -> Dataset:
-    ds = Dataset()
-    ds.Status = code
-    if comment:
-        ds.ErrorComment = comment[:ERROR_COMMENT_LEN_MAX]
-    return ds
 
 
 class StoredInstance(Dataset):
@@ -77,7 +67,7 @@ class StoredInstance(Dataset):
         except Exception as exc:
             LOGGER.error("instance %s cannot be read on this node or any reachable peer: %s",
                          m.sop_instance_uid, exc)
-            return _status(STATUS_PROCESSING_FAILURE, f"cannot be read: {exc}")
+            return status(STATUS_PROCESSING_FAILURE, f"cannot be read: {exc}")
         try:
             answer: Dataset = original(spooled.path, *args, **kwargs)
             return answer
@@ -86,7 +76,7 @@ class StoredInstance(Dataset):
                            "for SOP class %s in transfer syntax %s (it is sent only as "
                            "stored): %s", m.sop_instance_uid, m.sop_class_uid,
                            m.transfer_syntax_uid, exc)
-            return _status(STATUS_SOP_CLASS_NOT_SUPPORTED, "no context for its stored syntax")
+            return status(STATUS_SOP_CLASS_NOT_SUPPORTED, "no context for its stored syntax")
         finally:
             spooled.close()
 
@@ -179,11 +169,11 @@ class RetrieveScp:
             code = (STATUS_TOO_MANY_MATCHES if "more than" in str(exc)
                     else STATUS_IDENTIFIER_MISMATCH)
             LOGGER.warning("retrieve from %s refused: %s", event.assoc.requestor.ae_title, exc)
-            return [], _status(code, str(exc))
+            return [], status(code, str(exc))
         except Exception as exc:  # an undecodable identifier: pynetdicom raises on access
             LOGGER.warning("retrieve from %s: bad identifier: %s",
                            event.assoc.requestor.ae_title, exc)
-            return [], _status(STATUS_IDENTIFIER_MISMATCH, f"bad identifier: {exc}")
+            return [], status(STATUS_IDENTIFIER_MISMATCH, f"bad identifier: {exc}")
 
     def _suboperations(self, event: Any, manifests: list[node_pb2.Manifest]
                        ) -> Iterator[tuple[int, Dataset | None]]:
@@ -191,9 +181,9 @@ class RetrieveScp:
         try:
             for item in reads:
                 if event.is_cancelled:
-                    yield STATUS_CANCEL, None
+                    yield CANCEL, None
                     return
-                yield STATUS_PENDING, item
+                yield PENDING, item
         finally:
             reads.close()
 

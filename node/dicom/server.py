@@ -5,7 +5,9 @@ Accepted presentation contexts:
 - every storage SOP class pynetdicom knows, with every transfer syntax pydicom
   knows, so compressed data is stored as the modality sent it. Explicit VR Little
   Endian is preferred when a requester offers several syntaxes in one context:
-  it is what most files on disk are in, so storescu sends them unchanged;
+  it is what most files on disk are in, so storescu sends them unchanged. A C-GET
+  requester is the exception: its storage contexts follow its own order, since
+  instances go back only in their stored syntax (see `_on_requested`);
 - Query/Retrieve FIND, GET and MOVE, Patient Root and Study Root;
 - Storage Commitment Push Model.
 An unknown SOP class is rejected at association (abstract syntax not supported).
@@ -23,43 +25,50 @@ Each association runs in its own threads; ingest and reads release the GIL.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    _config,
+    build_context,
+    evt,
+)
 
 from node.config import DicomSection
 from node.dicom.archive import Archive
 from node.dicom.commitment import STORAGE_COMMITMENT_PUSH, Commitment
-from node.dicom.query import MATCHES_MAX, QueryError, find, parse_keys, response
+from node.dicom.query import FindScp
 from node.dicom.retrieve import RetrieveScp
-from node.dicom.store_scp import StoreScp, status
+from node.dicom.store_scp import StoreScp
 from node.errors import PacsmeshError
 
 LOGGER = logging.getLogger(__name__)
 
 PDU_RECEIVE_MAX = 1 << 20  # bytes; pynetdicom's default (16 KiB) splits a CT slice 32 ways
 STOP_GRACE_S = 10.0  # associations in flight may finish their current work this long
-TIMEOUT_S = 60.0  # association idle, ACSE and DIMSE timeouts: a silent peer is let go
+TIMEOUT_S = 60.0  # association idle and DIMSE timeouts: a silent peer is let go
+# pynetdicom gives a new TCP connection this long to send its A-ASSOCIATE-RQ, and the
+# connection counts against max_associations meanwhile, even if already closed (a
+# port probe): short, so probes cannot hold the slots for long.
+ACSE_TIMEOUT_S = 10.0
 TMP_DIR_NAME = "dicom-tmp"  # under the data dir: instances too big to spool in memory
-
-STATUS_PENDING = 0xFF00
-STATUS_CANCEL = 0xFE00
-STATUS_SUCCESS = 0x0000
-STATUS_FIND_TOO_MANY = 0xA700  # out of resources
-STATUS_FIND_BAD_IDENTIFIER = 0xA900  # identifier does not match SOP class
-STATUS_FIND_FAILED = 0xC001  # unable to process
 
 _EXPLICIT_LE = "1.2.840.10008.1.2.1"
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 # Uncompressed first (explicit before implicit), then every compressed syntax.
 STORAGE_SYNTAXES = [_EXPLICIT_LE, _IMPLICIT_LE, *(
     ts for ts in ALL_TRANSFER_SYNTAXES if ts not in (_EXPLICIT_LE, _IMPLICIT_LE))]
+STORAGE_CLASSES = frozenset(cx.abstract_syntax for cx in AllStoragePresentationContexts)
 VERIFICATION = "1.2.840.10008.1.1"
 # Patient Root and Study Root Query/Retrieve: FIND, MOVE, GET
 QUERY_RETRIEVE = tuple(f"1.2.840.10008.5.1.4.1.2.{root}.{op}" for root in (1, 2)
                        for op in (1, 2, 3))
+QUERY_RETRIEVE_GET = frozenset(uid for uid in QUERY_RETRIEVE if uid.endswith(".3"))
 
 
 def _configure_pynetdicom() -> None:
@@ -79,18 +88,21 @@ class DicomServer:
         self.archive, self.cfg = archive, cfg
         self.tmp_dir = data_dir / TMP_DIR_NAME
         self.store = StoreScp(archive)
+        self.find = FindScp(archive.store.catalog, cfg.ae_title)
         self.retrieve = RetrieveScp(archive, dict(cfg.destinations), self.tmp_dir)
         self.commitment = Commitment(archive, cfg.ae_title, dict(cfg.destinations),
                                      cfg.commitment_timeout_s)
         self.ae: Any = None
         self.server: Any = None
+        self._started: dict[int, float] = {}  # association id -> when it was established
 
     def _build_ae(self) -> Any:
         _configure_pynetdicom()
         ae = AE(ae_title=self.cfg.ae_title)
         ae.maximum_associations = self.cfg.max_associations
         ae.maximum_pdu_size = PDU_RECEIVE_MAX
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
+        ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
+        ae.acse_timeout = ACSE_TIMEOUT_S
         if self.cfg.allowed_calling_aets:
             ae.require_calling_aet = list(self.cfg.allowed_calling_aets)
         ae.add_supported_context(VERIFICATION, ALL_TRANSFER_SYNTAXES)
@@ -107,14 +119,19 @@ class DicomServer:
 
     def start(self) -> None:
         host, _, port = self.cfg.listen.rpartition(":")
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)  # spools a crash left behind
         self.ae = self._build_ae()
         handlers = [
             (evt.EVT_C_STORE, self.store.handle),
-            (evt.EVT_C_FIND, self.handle_find),
+            (evt.EVT_C_FIND, self.find.handle),
             (evt.EVT_C_GET, self.retrieve.handle_get),
             (evt.EVT_C_MOVE, self.retrieve.handle_move),
             (evt.EVT_N_ACTION, self.commitment.handle_n_action),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_RELEASED, self._on_ended),
+            (evt.EVT_ABORTED, self._on_ended),
         ]
         try:
             self.server = self.ae.start_server((host, int(port)), block=False,
@@ -137,7 +154,8 @@ class DicomServer:
         server.shutdown()
         deadline = time.monotonic() + grace_s
         for assoc in active:
-            assoc.join(max(0.0, deadline - time.monotonic()))
+            if assoc.is_established:  # not yet associated: nothing in flight to finish
+                assoc.join(max(0.0, deadline - time.monotonic()))
         for assoc in active:
             if assoc.is_alive():
                 LOGGER.warning("aborting DICOM association from %s at shutdown",
@@ -146,41 +164,47 @@ class DicomServer:
         self.commitment.stop()
         LOGGER.info("DICOM AE %s stopped", self.cfg.ae_title)
 
-    # -- C-FIND --------------------------------------------------------------------
+    def _on_requested(self, event: Any) -> None:
+        """A C-GET requester receives on storage contexts it proposes in one list of
+        syntaxes per SOP class; since instances go out only as stored, let its own
+        order choose (a viewer that prefers RLE can then get RLE-stored instances).
+        Everyone else gets our order: uncompressed first."""
+        assoc = event.assoc
+        requested = assoc.requestor.requested_contexts
+        if not any(cx.abstract_syntax in QUERY_RETRIEVE_GET for cx in requested):
+            return
+        ours = {cx.abstract_syntax: cx for cx in assoc.acceptor.supported_contexts}
+        proposed: dict[str, Any] = {}
+        for rq in requested:
+            proposed.setdefault(rq.abstract_syntax, rq)
+        contexts = []
+        for uid, cx in ours.items():
+            wanted = proposed.get(uid)
+            order = [ts for ts in wanted.transfer_syntax if ts in cx.transfer_syntax] if (
+                uid in STORAGE_CLASSES and wanted is not None) else []
+            if not order:
+                contexts.append(cx)
+                continue
+            theirs = build_context(uid, order)
+            theirs.scu_role, theirs.scp_role = False, True
+            contexts.append(theirs)
+        assoc.acceptor.supported_contexts = contexts
 
-    def handle_find(self, event: Any) -> Any:
-        """EVT_C_FIND: matches streamed as pending responses, at most MATCHES_MAX."""
-        calling = event.assoc.requestor.ae_title
-        try:
-            identifier = event.identifier
-            level, keys = parse_keys(identifier)
-        except QueryError as exc:
-            LOGGER.warning("C-FIND from %s refused: %s", calling, exc)
-            yield status(STATUS_FIND_BAD_IDENTIFIER, str(exc)), None
-            return
-        except Exception as exc:  # an identifier that does not decode
-            LOGGER.warning("C-FIND from %s: bad identifier: %s", calling, exc)
-            yield status(STATUS_FIND_BAD_IDENTIFIER, f"bad identifier: {exc}"), None
-            return
-        sent = 0
-        try:
-            for row in find(self.archive.store.catalog, level, keys):
-                if event.is_cancelled:
-                    yield STATUS_CANCEL, None
-                    return
-                if sent >= MATCHES_MAX:
-                    LOGGER.warning("C-FIND from %s stopped at %d matches", calling, sent)
-                    yield status(STATUS_FIND_TOO_MANY,
-                                  f"more than {MATCHES_MAX} matches: narrow the query"), None
-                    return
-                yield STATUS_PENDING, response(identifier, row, level, self.cfg.ae_title)
-                sent += 1
-        except Exception as exc:
-            LOGGER.exception("C-FIND from %s failed", calling)
-            yield status(STATUS_FIND_FAILED, f"internal error: {exc}"), None
-            return
-        LOGGER.info("C-FIND from %s at %s level: %d matches", calling, level, sent)
-        yield STATUS_SUCCESS, None
+    def _on_established(self, event: Any) -> None:
+        self._started[id(event.assoc)] = time.monotonic()
+
+    def _on_ended(self, event: Any) -> None:
+        """One line per association: who, how it ended, what it stored."""
+        key = id(event.assoc)
+        started = self._started.pop(key, None)
+        stored, refused = self.store.counts.pop(key, [0, 0])
+        requestor = event.assoc.requestor
+        how = "released" if event.event == evt.EVT_RELEASED else "aborted"
+        seconds = time.monotonic() - started if started is not None else 0.0
+        level = logging.INFO if how == "released" else logging.WARNING
+        work = f": {stored} instances stored, {refused} refused" if stored or refused else ""
+        LOGGER.log(level, "DICOM association from %s at %s:%s %s after %.1f s%s",
+                   requestor.ae_title, requestor.address, requestor.port, how, seconds, work)
 
     def _on_rejected(self, event: Any) -> None:
         requestor = event.assoc.requestor

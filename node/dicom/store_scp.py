@@ -24,35 +24,25 @@ from pydicom.dataset import Dataset
 from pynetdicom.dsutils import encode_file_meta
 
 from node.dicom.archive import Archive
+from node.dicom.status import SUCCESS, status
 from node.dicom_layout import scan
 from node.errors import PacsmeshError
 from proto import node_pb2
 
 LOGGER = logging.getLogger(__name__)
 
-STATUS_SUCCESS = 0x0000
+STATUS_SUCCESS = SUCCESS
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_PROCESSING_FAILURE = 0x0110
-ERROR_COMMENT_LEN_MAX = 64  # Error Comment (0000,0902) is LO
 PREAMBLE = b"\x00" * 128 + b"DICM"
 # Words in an ingest rejection that mean "no room", whatever layer said it.
 FULL_WORDS = ("storage full", "disk full")
 
 
-def status(code: int, comment: str = "") -> Dataset:
-    """A C-STORE response status with the reason in Error Comment."""
-    ds = Dataset()
-    ds.Status = code
-    if comment:
-        ds.ErrorComment = comment[:ERROR_COMMENT_LEN_MAX]
-    return ds
-
-
 def status_for(result: node_pb2.IngestResult) -> Dataset:
-    Outcome = node_pb2.IngestResult
-    if result.outcome in (Outcome.STORED, Outcome.DUPLICATE):
+    if result.outcome in (node_pb2.IngestResult.STORED, node_pb2.IngestResult.DUPLICATE):
         return status(STATUS_SUCCESS)
     reason = result.reason or "rejected"
     if any(word in reason for word in FULL_WORDS):
@@ -65,6 +55,9 @@ def status_for(result: node_pb2.IngestResult) -> Dataset:
 def part10(event: Any) -> bytes:
     """The received dataset, untouched, behind a file meta header for it."""
     meta = event.file_meta  # SOP class/instance from the request, the context's syntax
+    # the bytes are in the negotiated syntax: the meta must name that one, or the
+    # file could not be read back
+    assert meta.TransferSyntaxUID == event.context.transfer_syntax, meta.TransferSyntaxUID
     calling = event.assoc.requestor.ae_title
     if calling:
         meta.SourceApplicationEntityTitle = calling
@@ -89,9 +82,17 @@ def mismatch(data: bytes, sop_class_uid: str, sop_instance_uid: str) -> str | No
 class StoreScp:
     def __init__(self, archive: Archive) -> None:
         self.archive = archive
+        # per association (by id): [stored, refused]; read and dropped when it ends
+        self.counts: dict[int, list[int]] = {}
 
     def handle(self, event: Any) -> Dataset:
         """EVT_C_STORE, in the association's thread; blocks until durable or refused."""
+        answer = self._store(event)
+        counts = self.counts.setdefault(id(event.assoc), [0, 0])
+        counts[answer.Status != STATUS_SUCCESS] += 1  # only this association's thread writes
+        return answer
+
+    def _store(self, event: Any) -> Dataset:
         req = event.request
         sop_instance = str(req.AffectedSOPInstanceUID)
         calling = event.assoc.requestor.ae_title
