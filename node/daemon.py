@@ -24,7 +24,7 @@ from node.config import Config, node_id_for
 from node.dicom import DicomServer
 from node.errors import PacsmeshError
 from node.hlc import HybridClock
-from node.ingest import IngestSession, Prepared, messages_from_bytes
+from node.ingest import Prepared, prepare_local
 from node.scrubber import Scrubber
 from node.service import (
     ClusterView,
@@ -97,12 +97,10 @@ class NodeDaemon:
         """Store one whole Part 10 file; returns once it is durable here (or rejected).
         Runs the same checks as `pacsmesh put`."""
         try:
-            msgs = messages_from_bytes(data, client_ref)
+            out = prepare_local(self.store, self.node_id, self.clock, data, client_ref)
         except PacsmeshError as exc:
             return node_pb2.IngestResult(client_ref=client_ref, reason=str(exc),
                                          outcome=node_pb2.IngestResult.REJECTED)
-        session = IngestSession(self.store, self.node_id, self.clock)
-        (out,) = session.on_messages(msgs)
         if not isinstance(out, Prepared):
             return out
         try:

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import bisect
 import io
+import threading
 from dataclasses import dataclass, field
+from typing import Any
+
+import zstandard
 
 from node import manifest as mf
-from node.chunking import CHUNK_PLAIN_MAX
+from node.chunking import CHUNK_PLAIN_MAX, CHUNK_SIZE, chunk_spans
 from node.chunkstore import decompress
 from node.dicom_layout import scan
 from node.errors import ChunkCorrupt, ChunkMissing, InvalidInstance, PacsmeshError, StoreFull
@@ -218,26 +222,47 @@ def _rejected(client_ref: str, reason: str) -> node_pb2.IngestResult:
     return node_pb2.IngestResult(client_ref=client_ref, outcome=Outcome.REJECTED, reason=reason)
 
 
-def messages_from_bytes(data: bytes, client_ref: str) -> list[node_pb2.IngestMessage]:
-    """A whole file already in memory (a DICOM C-STORE) as the messages a client would
-    send, so it passes through exactly the same checks as `pacsmesh put`."""
-    import zstandard
-
-    from node.chunking import CHUNK_SIZE, chunk_spans
-
+def prepare_local(store: Store, node_id: str, clock: HybridClock, data: bytes,
+                  client_ref: str) -> Prepared | node_pb2.IngestResult:
+    """A whole file already in this process (a DICOM C-STORE): the same structure and
+    UID checks as `pacsmesh put`, without re-verifying chunks we hash ourselves here.
+    Raises InvalidInstance or StoreFull with the reason."""
     layout = scan(io.BytesIO(data), len(data))
-    cctx = zstandard.ZstdCompressor(level=1)
-    msgs = [node_pb2.IngestMessage(begin=node_pb2.IngestBegin(
-        client_ref=client_ref, size=len(data), file_hash=content_hash(data),
-        header_len=layout.header_len,
-        chunk_count=len(chunk_spans(len(data), layout.header_len, CHUNK_SIZE))))]
+    file_hash = content_hash(data)
+    known = store.catalog.file_known(file_hash)
+    if known is not None:
+        return node_pb2.IngestResult(client_ref=client_ref, outcome=Outcome.DUPLICATE,
+                                     manifest_id=known)
+    store.admit(len(data))
+    cctx = _local_cctx()
     view = memoryview(data)
+    chunks: list[tuple[bytes, int]] = []
+    written = 0
     for offset, length in chunk_spans(len(data), layout.header_len, CHUNK_SIZE):
-        plain = bytes(view[offset : offset + length])
-        packed = cctx.compress(plain)
-        compressed = len(packed) < len(plain)
-        msgs.append(node_pb2.IngestMessage(part=node_pb2.IngestPart(
-            hash=content_hash(plain), plain_len=length, compressed=compressed,
-            data=packed if compressed else plain)))
-    msgs.append(node_pb2.IngestMessage(end=node_pb2.IngestEnd()))
-    return msgs
+        plain = view[offset : offset + length]
+        key = content_hash(plain)
+        if store.chunks.has(key):
+            store.chunks.read(key)  # verifies: never dedup onto a damaged chunk
+        else:
+            packed = cctx.compress(plain)
+            if len(packed) < length:
+                written += store.chunks.put(key, length, packed, FLAG_ZSTD)
+            else:
+                written += store.chunks.put(key, length, bytes(plain), 0)
+        chunks.append((key, length))
+    elsewhere = store.catalog.manifest_of_file(file_hash)
+    if elsewhere is not None:  # known from a peer, chunks now here: hold that version
+        return Prepared(client_ref, elsewhere[0], elsewhere[1], mf.decode(elsewhere[1]), written)
+    m = mf.build(layout, file_hash, chunks, node_id, clock.now())
+    manifest_id, raw = mf.encode(m)
+    return Prepared(client_ref, manifest_id, raw, m, written)
+
+
+_cctx_tls = threading.local()
+
+
+def _local_cctx() -> Any:
+    cctx = getattr(_cctx_tls, "cctx", None)
+    if cctx is None:  # zstd contexts are not thread-safe; one per thread
+        cctx = _cctx_tls.cctx = zstandard.ZstdCompressor(level=1)
+    return cctx
