@@ -43,6 +43,7 @@ MEMBERS_MAX = 1024
 # Dead and left peers are still tried now and then, so a node that comes back,
 # or the other side of a healed partition, is found again.
 GONE_PROBE_PROBABILITY = 0.1
+SEED_PROBE_PROBABILITY = 0.1  # per round, when we know live peers already
 # A timer that fires a little early still counts as a round, and float sums of
 # intervals are never exact.
 ROUND_EARLY_FRACTION = 0.1
@@ -431,6 +432,10 @@ class Membership:
         if not targets:
             # Alone: the seeds are how a new node joins and a healed cluster re-forms.
             targets = self._sample(self._seeds)
+        elif self._seeds and self._rng.random() < SEED_PROBE_PROBABILITY:
+            # Also now and then when not alone (as Cassandra's gossiper does): two halves
+            # that formed apart (booted during a partition) meet again through a seed.
+            targets.append(self._rng.choice(list(self._seeds)))
         gone = self._addresses(MemberState.DEAD, MemberState.LEFT)
         if gone and self._rng.random() < GONE_PROBE_PROBABILITY:
             targets.append(self._rng.choice(gone))

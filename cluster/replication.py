@@ -271,9 +271,11 @@ class Replicator:
         else:
             records = [r for r in self.store.catalog.study_records() if r.held_instances > 0]
         for rec in records:
+            placement = self.state.placement(rec.study_uid)
+            replica = placement is not None and self.node_id in placement.replicas
             out.append(peer_pb2.StudyHolding(study_uid=rec.study_uid,
                                              held_instances=rec.held_instances,
-                                             held_digest=rec.held_digest))
+                                             held_digest=rec.held_digest, replica=replica))
         return out
 
     def local_holding(self, study_uid: str) -> Holding | None:
@@ -500,6 +502,7 @@ class TrimWorker(Worker):
         placement = r.state.placement(study)
         if rec is None or placement is None:
             return
+        ids = await r._run(r.store.catalog.study_manifest_ids, study)  # what the answers cover
         current = await r._run(r.store.catalog.current_manifests, study)
         if any(m.origin_node == r.node_id for _, _, m in current):
             return  # a site keeps what it received itself
@@ -514,14 +517,19 @@ class TrimWorker(Worker):
                     peer_pb2.HoldingsRequest(study_uids=[study]), timeout=RPC_TIMEOUT_S)
             except grpc.aio.AioRpcError:
                 return
+            # A copy counts only if its holder places the study on itself too: two nodes
+            # whose views differ would otherwise each trim counting on the other.
             holdings += [Holding(reply.node_id, h.held_instances, h.held_digest)
-                         for h in reply.studies]
+                         for h in reply.studies if h.replica]
         if not repair.may_trim(r.node_id, "", placement.replicas, rec.instances,
                                rec.current_digest, holdings, snap.positions(),
                                r.state.copies, r.state.min_distance_miles):
             return
-        ids = await r._run(r.store.catalog.study_manifest_ids, study)
-        dropped = await r._run(r.store.unhold, ids)
+        # Only what the answers covered, and only if nothing reached the study meanwhile
+        # (an instance stored here while we asked may be its only copy).
+        dropped = await r._run(r.store.unhold_unchanged, study, rec.all_digest, ids)
+        if dropped is None:
+            return
         r.trimmed_studies += 1
         LOGGER.info("trimmed study %s (%d manifests): the replica set %s holds %d verified "
                     "copies", study, dropped, ",".join(placement.replicas), r.state.copies)

@@ -184,6 +184,27 @@ class Store:
                 done += before
         return done
 
+    def unhold_unchanged(self, study_uid: str, all_digest: bytes,
+                         manifest_ids: list[bytes]) -> int | None:
+        """`unhold`, in one transaction with a check that the study's set of versions is
+        still the one the caller judged (None: it changed, nothing was done)."""
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(study_uid.encode(), db=self.catalog.study_recs)
+            rec = node_pb2.StudyRecord()
+            if raw is None:
+                return None
+            rec.ParseFromString(bytes(raw))
+            if rec.all_digest != all_digest:
+                return None
+            done = 0
+            for mid in manifest_ids:
+                m_raw = txn.get(mid, db=self.catalog.manifests)
+                if m_raw is None:
+                    continue
+                done += txn.get(mid, db=self.catalog.held) is not None
+                self.catalog.unset_held(txn, mid, manifest_decode(bytes(m_raw)))
+            return done
+
     def flush(self) -> None:
         """Make every appended chunk durable and indexed (used at shutdown)."""
         self._commit([])

@@ -454,21 +454,25 @@ class StudyHolding(_message.Message):
     STUDY_UID_FIELD_NUMBER: _builtins.int
     HELD_INSTANCES_FIELD_NUMBER: _builtins.int
     HELD_DIGEST_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
     study_uid: _builtins.str
     held_instances: _builtins.int
     """current versions held here, verified"""
     held_digest: _builtins.bytes
     """AdHash of those manifest ids"""
+    replica: _builtins.bool
+    """the answerer places the study on itself (it will not trim)"""
     def __init__(
         self,
         *,
         study_uid: _builtins.str = ...,
         held_instances: _builtins.int = ...,
         held_digest: _builtins.bytes = ...,
+        replica: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["held_digest", b"held_digest", "held_instances", b"held_instances", "study_uid", b"study_uid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held_digest", b"held_digest", "held_instances", b"held_instances", "replica", b"replica", "study_uid", b"study_uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
