@@ -165,6 +165,7 @@ def run_demo(args: argparse.Namespace) -> int:
     sites = SITES
     cluster = Cluster(workdir, sites)
     ok = True
+    interrupted = False
     try:
         _say(f"starting {len(sites)} sites, each a real node process, in {workdir}")
         for s in sites:
@@ -223,12 +224,16 @@ def run_demo(args: argparse.Namespace) -> int:
                 while any(p.poll() is None for p in cluster.procs.values()):
                     time.sleep(1)
     except KeyboardInterrupt:
+        interrupted = True  # (Ctrl-C in --keep-running's final wait ends it normally)
         print("\ninterrupted", flush=True)
     finally:
         _say("stopping every node")
         cluster.stop_all()
         if own_dir and not args.keep_running:
             shutil.rmtree(workdir, ignore_errors=True)
+    if interrupted:
+        print("\ndemo interrupted before it finished", flush=True)
+        return 130
     print("\ndemo " + ("succeeded" if ok else "FAILED"), flush=True)
     return 0 if ok else 1
 
