@@ -22,7 +22,7 @@ import zstandard
 from node import manifest as mf
 from node.chunking import CHUNK_PLAIN_MAX, CHUNK_SIZE, chunk_spans
 from node.chunkstore import decompress
-from node.dicom_layout import scan
+from node.dicom_layout import Layout, scan
 from node.errors import ChunkCorrupt, ChunkMissing, InvalidInstance, PacsmeshError, StoreFull
 from node.hashing import HASH_LEN, FileHasher, content_hash
 from node.hlc import HybridClock
@@ -202,13 +202,8 @@ class IngestSession:
                 client_ref=b.client_ref, outcome=Outcome.DUPLICATE, manifest_id=known
             )
         layout = scan(ChunkReader(self.store, cur.chunks, cur.cache), b.size)
-        elsewhere = self.store.catalog.manifest_of_file(b.file_hash)
-        if elsewhere is not None:  # known from a peer, chunks now here: hold that version
-            return Prepared(b.client_ref, elsewhere[0], elsewhere[1], mf.decode(elsewhere[1]),
-                            cur.bytes_written)
-        m = mf.build(layout, b.file_hash, cur.chunks, self.node_id, self.clock.now())
-        manifest_id, raw = mf.encode(m)
-        return Prepared(b.client_ref, manifest_id, raw, m, cur.bytes_written)
+        return _prepared(self.store, self.node_id, self.clock, b.client_ref, layout,
+                         b.file_hash, cur.chunks, cur.bytes_written)
 
     def close(self) -> node_pb2.IngestResult | None:
         """The stream ended; an instance still open was not stored."""
@@ -250,6 +245,12 @@ def prepare_local(store: Store, node_id: str, clock: HybridClock, data: bytes,
             else:
                 written += store.chunks.put(key, length, bytes(plain), 0)
         chunks.append((key, length))
+    return _prepared(store, node_id, clock, client_ref, layout, file_hash, chunks, written)
+
+
+def _prepared(store: Store, node_id: str, clock: HybridClock, client_ref: str, layout: Layout,
+              file_hash: bytes, chunks: list[tuple[bytes, int]], written: int) -> Prepared:
+    """The manifest of a verified instance whose chunks are all here."""
     elsewhere = store.catalog.manifest_of_file(file_hash)
     if elsewhere is not None:  # known from a peer, chunks now here: hold that version
         return Prepared(client_ref, elsewhere[0], elsewhere[1], mf.decode(elsewhere[1]), written)
