@@ -26,8 +26,9 @@ from pathlib import Path
 
 from bench.common import OUT_DIR, append_results, machine_line
 from cluster.peers import Peers
-from cluster.replication import AntiEntropyWorker, Replicator
 from cluster.state import ClusterState
+from cluster.transfer import Replicator
+from cluster.workers import AntiEntropyWorker
 from node import manifest as mf
 from node.hlc import HybridClock
 from node.store import Store

@@ -21,8 +21,8 @@ import grpc
 
 from cluster.membership import Member
 from cluster.peers import CHUNK_BATCH_BYTES_MAX, RPC_TIMEOUT_S
-from cluster.replication import Replicator
 from cluster.safety import assess
+from cluster.transfer import Replicator
 from node.chunkstore import decompress
 from node.errors import ChunkCorrupt
 from node.hashing import FileHasher, content_hash
@@ -97,8 +97,7 @@ class Drills:
         alive: dict[str, Member] = {m.node_id: m for m in snap.alive_peers(r.node_id)}
         out = []
         for rec in r.store.catalog.study_records():
-            holdings = [h for h in r.state.holdings.for_study(rec.study_uid)
-                        if h.node_id in alive]
+            holdings = [h for h in r.holdings_for(rec.study_uid) if h.node_id in alive]
             verdict = assess(rec.instances, rec.current_digest, holdings, positions,
                              r.state.min_distance_miles)
             if verdict.full_holders:

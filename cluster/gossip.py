@@ -79,7 +79,9 @@ class GossipWorker(Worker):
             elif isinstance(effect, Refused):
                 LOGGER.error("refusing peer %s at %s: %s", effect.peer, effect.address,
                              effect.reason)
-                self.state.refusals[effect.address] = (time.time(), effect.reason)
+                # copy on write: API threads iterate the published dict meanwhile
+                self.state.refusals = {**self.state.refusals,
+                                       effect.address: (time.time(), effect.reason)}
             elif isinstance(effect, RecordDropped | Refuted | LeftTimedOut):
                 LOGGER.warning("membership: %s", effect)
         self.publish()
@@ -114,7 +116,8 @@ class GossipWorker(Worker):
 
     def _note_clock(self, msg: peer_pb2.GossipMessage) -> None:
         if msg.wall_time_s:
-            self.state.clock_skew_s[msg.sender] = msg.wall_time_s - time.time()
+            self.state.clock_skew_s = {**self.state.clock_skew_s,
+                                       msg.sender: msg.wall_time_s - time.time()}
 
     async def leave(self) -> None:
         """Announce a clean shutdown ("left", not dead) and give the sends a moment."""

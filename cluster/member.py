@@ -16,16 +16,17 @@ from cluster.gossip import GossipWorker, me_as_member, new_membership
 from cluster.membership import ClusterSettings
 from cluster.peer_service import PeerService
 from cluster.peers import Peers
-from cluster.replication import (
+from cluster.safetybook import SafetyWorker
+from cluster.state import ClusterState
+from cluster.transfer import Replicator
+from cluster.view import ClusterView
+from cluster.workers import (
     AnnounceWorker,
     AntiEntropyWorker,
     FetchWorker,
     HoldingsWorker,
-    Replicator,
     TrimWorker,
 )
-from cluster.state import ClusterState
-from cluster.view import ClusterView
 from node.config import Config
 from node.daemon import NodeDaemon
 from proto import peer_pb2, peer_pb2_grpc
@@ -63,9 +64,15 @@ def build(cfg: Config) -> NodeDaemon:
         usage=lambda: (cfg.node.capacity_bytes, store.used_bytes(), store.free_bytes()))
     replicator = Replicator(store, state, peers, daemon.node_id, cfg.advertise, daemon.clock,
                             daemon.pool)
+    background = max(1.0, 5 * c.gossip_interval_s)
+    trim = TrimWorker(replicator, background)
+    safety = SafetyWorker(replicator, c.repair_stalled_after_s)
     gossip.on_placement_change.append(replicator.on_placement_change)
+    gossip.on_placement_change.append(trim.on_placement_change)
+    replicator.on_holdings_changed.append(trim.on_holdings_changed)
     gossip.publish()
     view = ClusterView(state, replicator, cfg.scrub.interval_s)
+    view.safety = safety
     daemon.view = view
     daemon.listeners.append(replicator.on_stored)
     daemon.scrubber.repair = replicator.repair_chunk
@@ -78,11 +85,10 @@ def build(cfg: Config) -> NodeDaemon:
     daemon.add_service(lambda server: peer_pb2_grpc.add_PeerApiServicer_to_server(service, server),
                        peer_pb2.DESCRIPTOR.services_by_name["PeerApi"].full_name)
     # anti-entropy is the safety net under announce; a few gossip rounds apart is plenty
-    background = max(1.0, 5 * c.gossip_interval_s)
     for worker in (gossip, AnnounceWorker(replicator), FetchWorker(replicator),
                    AntiEntropyWorker(replicator, background),
                    HoldingsWorker(replicator, max(0.5, 2 * c.gossip_interval_s)),
-                   TrimWorker(replicator, background)):
+                   trim, safety):
         daemon.add_worker(worker)
     if cfg.drill.interval_s > 0:
         daemon.add_worker(DrillWorker(drills, cfg.drill.interval_s, cfg.drill.count))

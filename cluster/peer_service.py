@@ -10,8 +10,9 @@ from typing import Any
 
 import grpc
 
+from cluster import antientropy, holdings
 from cluster.gossip import GossipWorker
-from cluster.replication import GET_MANIFESTS_MAX, Replicator
+from cluster.transfer import GET_MANIFESTS_MAX, Replicator
 from node.errors import ChunkCorrupt, ChunkMissing
 from proto import peer_pb2, peer_pb2_grpc
 
@@ -19,6 +20,8 @@ LOGGER = logging.getLogger(__name__)
 FETCH_HASHES_MAX = 4096  # chunks per FetchChunks request
 ANNOUNCE_MANIFESTS_MAX = 4096
 FETCH_READ_BATCH = 16  # chunks read and verified per thread hop (<= 16 MiB of memory)
+IDS_STUDIES_MAX = 256  # studies per GetManifestIds
+HOLDINGS_STUDIES_MAX = 1000  # studies per GetHoldings
 
 
 class PeerService(peer_pb2_grpc.PeerApiServicer):
@@ -40,6 +43,41 @@ class PeerService(peer_pb2_grpc.PeerApiServicer):
             self.r.wakeup.set()
         return peer_pb2.AnnounceReply(new_manifests=new)
 
+    async def GetRoot(self, request: peer_pb2.RootRequest, context: Any) -> peer_pb2.RootDigest:
+        digest, count = await self.r._run(self.r.root)
+        return peer_pb2.RootDigest(digest=digest, count=count)
+
+    async def GetPartitionManifests(self, request: peer_pb2.PartitionManifestsRequest,
+                                    context: Any) -> peer_pb2.PartitionManifests:
+        if request.partition >= self.r.store.catalog.partitions:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no such partition")
+        limit = max(1, min(request.limit or antientropy.BULK_PAGE_MANIFESTS,
+                           antientropy.BULK_PAGE_MANIFESTS))
+        raws, last, more = await self.r._run(self.r.partition_manifests, request.partition,
+                                             request.after, limit)
+        return peer_pb2.PartitionManifests(manifests=raws, last=last, more=more)
+
+    async def GetHeldRoot(self, request: peer_pb2.HeldRootRequest, context: Any
+                          ) -> peer_pb2.HeldRoot:
+        return await self.r._run(self.r.held_root)
+
+    async def GetHeldPartitions(self, request: peer_pb2.HeldPartitionsRequest, context: Any
+                                ) -> peer_pb2.HeldPartitions:
+        digests = await self.r._run(self.r.store.catalog.held_partition_digests)
+        return peer_pb2.HeldPartitions(digests=[d for d, _ in digests],
+                                       counts=[c for _, c in digests])
+
+    async def GetHeldStudies(self, request: peer_pb2.HeldStudiesRequest, context: Any
+                             ) -> peer_pb2.HeldStudies:
+        if request.partition >= self.r.store.catalog.partitions:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no such partition")
+        limit = max(1, min(request.limit or holdings.HELD_PAGE_MAX, holdings.HELD_PAGE_MAX))
+        held, last, more = await self.r._run(self.r.held_studies, request.partition,
+                                             request.after, limit)
+        return peer_pb2.HeldStudies(
+            studies=[peer_pb2.StudyHolding(study_uid=s, held_instances=n, held_digest=d)
+                     for s, n, d in held], last=last, more=more)
+
     async def GetPartitionDigests(self, request: peer_pb2.PartitionDigestsRequest, context: Any
                                   ) -> peer_pb2.PartitionDigests:
         digests = await self.r._run(self.r.store.catalog.partition_digests)
@@ -52,21 +90,28 @@ class PeerService(peer_pb2_grpc.PeerApiServicer):
         if request.partition >= catalog.partitions:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no such partition")
 
-        def collect() -> list[peer_pb2.StudyDigest]:
-            out = []
-            for study in catalog.partition_studies(request.partition):
-                rec = catalog.study_record(study)
-                if rec is not None:
-                    out.append(peer_pb2.StudyDigest(study_uid=study, digest=rec.all_digest,
-                                                    count=rec.manifests))
-            return out
+        limit = max(1, min(request.limit or antientropy.STUDY_PAGE_MAX,
+                           antientropy.STUDY_PAGE_MAX))
 
-        return peer_pb2.StudyDigests(studies=await self.r._run(collect))
+        def collect() -> peer_pb2.StudyDigests:
+            recs = catalog.partition_study_page(request.partition, request.after, limit)
+            return peer_pb2.StudyDigests(
+                studies=[peer_pb2.StudyDigest(study_uid=r.study_uid, digest=r.all_digest,
+                                              count=r.manifests) for r in recs],
+                more=len(recs) >= limit)
+
+        return await self.r._run(collect)
 
     async def GetManifestIds(self, request: peer_pb2.ManifestIdsRequest, context: Any
                              ) -> peer_pb2.ManifestIds:
-        ids = await self.r._run(self.r.store.catalog.study_manifest_ids, request.study_uid)
-        return peer_pb2.ManifestIds(ids=ids)
+        studies = [s for s in (request.study_uid, *request.study_uids) if s]
+        if len(studies) > IDS_STUDIES_MAX:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "too many studies")
+
+        def collect() -> list[bytes]:
+            return [mid for s in studies for mid in self.r.store.catalog.study_manifest_ids(s)]
+
+        return peer_pb2.ManifestIds(ids=await self.r._run(collect))
 
     async def GetManifests(self, request: peer_pb2.GetManifestsRequest, context: Any
                            ) -> peer_pb2.ManifestBatch:
@@ -111,6 +156,8 @@ class PeerService(peer_pb2_grpc.PeerApiServicer):
 
     async def GetHoldings(self, request: peer_pb2.HoldingsRequest, context: Any
                           ) -> peer_pb2.Holdings:
+        if len(request.study_uids) > HOLDINGS_STUDIES_MAX:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "too many studies")
         studies = await self.r._run(self.r.own_holdings, list(request.study_uids))
         return peer_pb2.Holdings(node_id=self.r.node_id, studies=studies,
                                  last_scrub_started_ms=self.r.last_scrub_started_ms())

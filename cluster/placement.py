@@ -174,6 +174,7 @@ class PlacementTable:
         self._placements: tuple[Placement, ...] = tuple(
             place_all([], partitions, copies, min_distance_miles)
         )
+        self._by_node: dict[str, frozenset[int]] = {}
 
     def update(self, nodes: Iterable[PlacementNode]) -> bool:
         """Adopt a new member table; True if it differs from the previous one."""
@@ -189,7 +190,16 @@ class PlacementTable:
             )
         )
         self._members = members
+        self._by_node = {}
         return True
+
+    def partitions_of(self, node_id: str) -> frozenset[int]:
+        """The partitions whose replica set includes `node_id` (computed once per table)."""
+        got = self._by_node.get(node_id)
+        if got is None:
+            got = frozenset(p for p, pl in enumerate(self._placements) if node_id in pl.replicas)
+            self._by_node = {**self._by_node, node_id: got}  # copy on write: threads read it
+        return got
 
     @property
     def members(self) -> frozenset[PlacementNode]:

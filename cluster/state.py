@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cluster.membership import Member, MemberState
 from cluster.placement import Placement, PlacementNode, PlacementTable, partition_of
-from cluster.safety import Holding, Position
+from cluster.safety import Position
 
 LOGGER = logging.getLogger(__name__)
 
@@ -40,17 +40,6 @@ class Snapshot:
         return [m for m in self.members if m.node_id != me and m.state == MemberState.ALIVE]
 
 
-@dataclass
-class HoldingsCache:
-    """Per node: study uid -> Holding, as last reported, and when."""
-
-    by_node: dict[str, dict[str, Holding]] = field(default_factory=dict)
-    fetched_at: dict[str, float] = field(default_factory=dict)
-
-    def for_study(self, study_uid: str) -> list[Holding]:
-        return [h for studies in self.by_node.values() if (h := studies.get(study_uid))]
-
-
 class ClusterState:
     def __init__(self, me: str, partitions: int, copies: int, min_distance_miles: float,
                  dead_after_s: float) -> None:
@@ -60,7 +49,7 @@ class ClusterState:
         self.min_distance_miles = min_distance_miles
         self.dead_after_s = dead_after_s
         self.snapshot = Snapshot()
-        self.holdings = HoldingsCache()
+        # Replaced, never mutated (copy on write): API threads read them unlocked.
         self.refusals: dict[str, tuple[float, str]] = {}  # peer address -> (when, reason)
         self.clock_skew_s: dict[str, float] = {}  # node id -> their clock minus ours
         self.left_silent_s: dict[str, float] = {}  # left members: seconds since last heard

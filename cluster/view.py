@@ -1,7 +1,9 @@
 """The cluster as the node's API sees it: members, holders, safety and alerts.
 
-Runs in API threads; reads only the published snapshot, the holdings cache and
-this node's own catalog, so a status call never waits on a peer."""
+Runs in API threads; reads only the published snapshot, the holdings cache (in
+LMDB: every read is a consistent snapshot), the counters the safety worker keeps
+and this node's own catalog, so a status call never waits on a peer and costs
+the same at any archive size."""
 
 from __future__ import annotations
 
@@ -9,9 +11,10 @@ import time
 
 from cluster.drill import Drills
 from cluster.membership import MemberState
-from cluster.replication import Replicator
-from cluster.safety import Holding, assess
+from cluster.safety import assess
+from cluster.safetybook import SafetyWorker
 from cluster.state import ClusterState
+from cluster.transfer import Replicator
 from proto import node_pb2
 
 REFUSAL_SHOWN_S = 300.0  # a refusal stays an alert this long after the last one
@@ -25,6 +28,7 @@ class ClusterView:
         self.r = replicator
         self.scrub_interval_s = scrub_interval_s
         self.drills: Drills | None = None
+        self.safety: SafetyWorker | None = None
 
     def copies(self) -> int:
         return self.state.copies
@@ -38,25 +42,43 @@ class ClusterView:
             used, free, cap = m.used_bytes, m.free_bytes, m.capacity_bytes
             if m.node_id == self.state.me:  # our own figures are fresh, not gossiped
                 used, free = self.r.store.used_bytes(), self.r.store.free_bytes()
+                if self.r.store.capacity_bytes:  # free is cached; never claim past capacity
+                    free = min(free, max(0, self.r.store.capacity_bytes - used))
+            if m.node_id == self.state.me:
+                backlog = self.r.planner.backlog(self.r)
+            else:
+                report = self.r.reports.get(m.node_id)
+                backlog = (report.backlog_instances, report.backlog_bytes) if report else (0, 0)
             out.append(node_pb2.NodeStatus(
                 id=m.node_id, site=m.site, address=m.address, lat=m.lat, lon=m.lon,
-                state=str(m.state), used_bytes=used, free_bytes=free, capacity_bytes=cap))
+                state=str(m.state), used_bytes=used, free_bytes=free, capacity_bytes=cap,
+                backlog_instances=backlog[0], backlog_bytes=backlog[1]))
         return out
 
-    def _holdings(self, study_uid: str) -> list[Holding]:
-        holdings = [h for h in self.state.holdings.for_study(study_uid)
-                    if h.node_id != self.state.me]
-        own = self.r.local_holding(study_uid)
-        if own is not None:
-            holdings.append(own)
-        return holdings
+    def repair(self) -> node_pb2.RepairStatus:
+        _, unsafe, oldest_ms = self.r.store.catalog.safety_counts()
+        alive = {m.node_id for m in self.state.snapshot.alive_peers(self.state.me)}
+        instances, bytes_ = self.r.planner.backlog(self.r)
+        for node_id, rep in list(self.r.reports.items()):
+            if node_id in alive:
+                instances += rep.backlog_instances
+                bytes_ += rep.backlog_bytes
+        if self.safety is None:
+            return node_pb2.RepairStatus(unsafe_studies=unsafe, backlog_instances=instances,
+                                         backlog_bytes=bytes_, eta_s=-1.0)
+        age = max(0.0, time.time() - oldest_ms / 1000) if oldest_ms else 0.0
+        p = self.safety.tracker.progress(time.monotonic(), unsafe, bytes_, age)
+        return node_pb2.RepairStatus(
+            unsafe_studies=unsafe, backlog_instances=instances, backlog_bytes=bytes_,
+            studies_per_s=p.studies_per_s, bytes_per_s=p.bytes_per_s, eta_s=p.eta_s,
+            stalled=p.stalled, judging=self.safety.pending())
 
     def holders(self, study_uid: str, instances: int) -> tuple[list[node_pb2.Holder], int]:
         rec = self.r.store.catalog.study_record(study_uid)
         if rec is None:
             return [], 0
         positions = self.state.snapshot.positions()
-        verdict = assess(rec.instances, rec.current_digest, self._holdings(study_uid),
+        verdict = assess(rec.instances, rec.current_digest, self.r.holdings_for(study_uid),
                          positions, self.state.min_distance_miles)
         holders = []
         for node_id, held in verdict.holders:
@@ -72,7 +94,8 @@ class ClusterView:
         if node_id == self.state.me:
             started = self.r.last_scrub_started_ms()
         else:
-            started = self.r.verified_ms.get(node_id, 0)
+            report = self.r.reports.get(node_id)
+            started = report.scrub_started_ms if report is not None else 0
         return time.time() - started / 1000 if started else -1.0
 
     def alerts(self) -> list[node_pb2.Alert]:
@@ -89,13 +112,12 @@ class ClusterView:
                 out.append(node_pb2.Alert(
                     severity="warning", code="NODE_LEFT",
                     message=f"node {m.node_id} ({m.site}) shut down cleanly and has not come "
-                            "back: its copies are being re-created elsewhere; start it again "
-                            "or retire it"))
+                            f"back: {self._reprotection()}; start it again or retire it"))
             elif m.state == MemberState.DEAD:
                 out.append(node_pb2.Alert(
                     severity="critical", code="NODE_DEAD",
-                    message=f"node {m.node_id} ({m.site}) is dead: its copies are being "
-                            "re-created elsewhere; repair or replace it"))
+                    message=f"node {m.node_id} ({m.site}) is dead: {self._reprotection()}; "
+                            "repair or replace it"))
         if self.state.copies > 1 and len(snap.members) <= 1:
             out.append(node_pb2.Alert(
                 severity="warning", code="NO_PEERS",
@@ -118,12 +140,36 @@ class ClusterView:
                     message=f"peer at {address} was refused: {reason}; make the cluster "
                             "settings equal on every node"))
         out += self._verification_alerts()
+        out += self._repair_alerts()
         for node_id, skew in self.state.clock_skew_s.items():
             if abs(skew) > CLOCK_SKEW_ALERT_S and snap.member(node_id) is not None:
                 out.append(node_pb2.Alert(
                     severity="warning", code="CLOCK_SKEW",
                     message=f"node {node_id}'s clock is {skew:+.0f} s from ours; fix NTP"))
         return out
+
+    def _reprotection(self) -> str:
+        """What re-protection is actually doing, not what it should be doing."""
+        rep = self.repair()
+        if rep.unsafe_studies == 0:
+            return "every study has its copies elsewhere"
+        if rep.stalled:
+            return (f"{rep.unsafe_studies} studies lack copies and re-protection is STALLED")
+        if rep.eta_s >= 0:
+            return (f"re-creating copies of {rep.unsafe_studies} studies "
+                    f"({rep.backlog_bytes / 1e6:.0f} MB left, about {rep.eta_s / 60:.0f} min)")
+        return f"{rep.unsafe_studies} studies lack copies; re-protection has not shown progress yet"
+
+    def _repair_alerts(self) -> list[node_pb2.Alert]:
+        rep = self.repair()
+        if not rep.stalled:
+            return []
+        return [node_pb2.Alert(
+            severity="critical", code="REPAIR_STALLED",
+            message=f"{rep.unsafe_studies} studies lack safe copies and their number has not "
+                    f"decreased for {self.safety.tracker.stall_after_s if self.safety else 0:.0f}"
+                    f" s ({rep.backlog_instances} instances waiting to be copied): check that "
+                    "enough distant nodes are alive and have space, and the fetch workers' logs")]
 
     def last_drill(self) -> list[node_pb2.DrillResult]:
         return self.drills.last() if self.drills is not None else []

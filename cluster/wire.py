@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from cluster import messages as msg
 from cluster.membership import ClusterSettings, GossipMessage, Member, MemberState, NodeId
-from proto import peer_pb2
+from proto import peer_pb2, peer_pb2_grpc
 
 
 def settings_to_pb(s: ClusterSettings) -> peer_pb2.Settings:
@@ -44,3 +45,62 @@ def gossip_from_pb(g: peer_pb2.GossipMessage) -> GossipMessage:
     return GossipMessage(sender=NodeId(g.sender), address=g.address,
                          settings=settings_from_pb(g.settings),
                          members=tuple(member_from_pb(m) for m in g.members))
+
+
+# ---- the replication protocol's requests, over gRPC ---------------------------------
+
+async def call(stub: peer_pb2_grpc.PeerApiAsyncStub, request: msg.Request,
+               timeout_s: float) -> object:
+    """Send one machine request to a peer; the reply as the machines read it.
+    Raises grpc.aio.AioRpcError like any call."""
+    match request:
+        case msg.RootAsk():
+            r = await stub.GetRoot(peer_pb2.RootRequest(), timeout=timeout_s)
+            return msg.RootGive(r.digest, r.count)
+        case msg.PartitionDigestsAsk():
+            d = await stub.GetPartitionDigests(peer_pb2.PartitionDigestsRequest(),
+                                               timeout=timeout_s)
+            return msg.PartitionDigestsGive(tuple(zip(d.digests, d.counts, strict=True)))
+        case msg.StudyDigestsAsk(partition, after, limit):
+            s = await stub.GetStudyDigests(peer_pb2.StudyDigestsRequest(
+                partition=partition, after=after, limit=limit), timeout=timeout_s)
+            return msg.StudyDigestsGive(
+                tuple((x.study_uid, x.digest, x.count) for x in s.studies), s.more)
+        case msg.IdsAsk(studies):
+            i = await stub.GetManifestIds(peer_pb2.ManifestIdsRequest(study_uids=studies),
+                                          timeout=timeout_s)
+            return msg.IdsGive(tuple(i.ids))
+        case msg.ManifestsAsk(ids):
+            b = await stub.GetManifests(peer_pb2.GetManifestsRequest(ids=ids), timeout=timeout_s)
+            return msg.ManifestsGive(tuple(b.manifests))
+        case msg.PartitionManifestsAsk(partition, after, limit):
+            pm = await stub.GetPartitionManifests(peer_pb2.PartitionManifestsRequest(
+                partition=partition, after=after, limit=limit), timeout=timeout_s)
+            return msg.PartitionManifestsGive(tuple(pm.manifests), pm.last, pm.more)
+        case msg.HeldRootAsk():
+            h = await stub.GetHeldRoot(peer_pb2.HeldRootRequest(), timeout=timeout_s)
+            return held_root_from_pb(h)
+        case msg.HeldPartitionsAsk():
+            hp = await stub.GetHeldPartitions(peer_pb2.HeldPartitionsRequest(),
+                                              timeout=timeout_s)
+            return msg.HeldPartitionsGive(tuple(zip(hp.digests, hp.counts, strict=True)))
+        case msg.HeldStudiesAsk(partition, after, limit):
+            hs = await stub.GetHeldStudies(peer_pb2.HeldStudiesRequest(
+                partition=partition, after=after, limit=limit), timeout=timeout_s)
+            return msg.HeldStudiesGive(
+                tuple((x.study_uid, x.held_instances, x.held_digest) for x in hs.studies),
+                hs.last, hs.more)
+        case msg.StudyHoldingAsk(study_uid):
+            g = await stub.GetHoldings(peer_pb2.HoldingsRequest(study_uids=[study_uid]),
+                                       timeout=timeout_s)
+            for x in g.studies:
+                if x.study_uid == study_uid:
+                    return msg.StudyHoldingGive(g.node_id, x.held_instances, x.held_digest,
+                                                x.replica)
+            return msg.StudyHoldingGive(g.node_id, 0, b"", False)
+    raise TypeError(f"no RPC for {request!r}")
+
+
+def held_root_from_pb(h: peer_pb2.HeldRoot) -> msg.HeldRootGive:
+    return msg.HeldRootGive(h.digest, h.count, h.backlog_instances, h.backlog_bytes,
+                            h.last_scrub_started_ms)

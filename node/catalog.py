@@ -5,11 +5,21 @@
     studies     study uid \\0 series uid \\0 sop uid -> ''
     files       whole-file hash -> manifest id                     (duplicate detection)
     held        manifest id -> verified-at ms (8)                  (every chunk held here)
-    not_held    manifest id -> ''                                  (known, chunks not here)
+    need        partition(4) manifest id -> size(8)                (known, chunks not here)
+    part_need   partition(4) -> count(8) bytes(8)                  (the fetch backlog)
     study_recs  study uid -> StudyRecord                          (aggregates, digests)
     partitions  partition(4) -> AdHash(32) count(8)               (anti-entropy, level 0)
+    part_held   partition(4) -> AdHash(32) count(8)               (held current versions:
+                                                                   holdings exchange, level 0)
     part_study  partition(4) study uid -> ''
+    safety      study uid -> safe copies(1) unsafe(1)             (as the cluster last judged)
+    unsafe      first received ms(8) study uid -> ''               (short of copies, oldest first)
     meta        b"partitions" -> P (fixed when the catalog is created)
+
+`need` is keyed by partition so a node finds what placement asks it to fetch
+by reading its own partitions only, from a cursor, however many manifests of
+other partitions it knows without holding. The per-partition aggregates let
+every periodic comparison start from P small values, never from the archive.
 
 Every write happens inside the caller's transaction (the group commit), so the
 catalog never names a manifest as held whose chunks are not durably indexed,
@@ -18,8 +28,9 @@ and aggregates never disagree with what they count.
 
 from __future__ import annotations
 
+import itertools
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,9 +43,12 @@ from proto import node_pb2
 SEP = b"\x00"
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
+_U64U64 = struct.Struct(">QQ")
 ADHASH_MOD = 1 << 256
 DIGEST_LEN = 32
 EMPTY_DIGEST = bytes(DIGEST_LEN)
+FORMAT = 2  # 2: need keyed by partition, part_held, safety (1: not_held keyed by id)
+MIGRATE_BATCH = 10_000  # records per transaction when an old data dir is upgraded
 
 
 def element_hash(manifest_id: bytes) -> int:
@@ -73,10 +87,14 @@ class Catalog:
         self.studies = env.open_db(b"studies")
         self.files = env.open_db(b"files")
         self.held = env.open_db(b"held")
-        self.not_held = env.open_db(b"not_held")
+        self.need = env.open_db(b"need")
+        self.part_need = env.open_db(b"part_need")
         self.study_recs = env.open_db(b"study_recs")
         self.partition_db = env.open_db(b"partitions")
+        self.part_held = env.open_db(b"part_held")
         self.part_study = env.open_db(b"part_study")
+        self.safety = env.open_db(b"safety")
+        self.unsafe = env.open_db(b"unsafe")
         self.meta = env.open_db(b"meta")
         self.refs = env.open_db(b"chunk_refs")  # chunk hash + manifest id -> '' (held ones)
         with env.begin(write=True, db=self.meta) as txn:
@@ -87,6 +105,7 @@ class Catalog:
                 raise ConfigError(
                     f"this data dir was created for {_U32.unpack(stored)[0]} partitions, the "
                     f"config says {partitions}; the partition count is fixed for a cluster")
+        self._upgrade()
 
     # ---- writes (inside the group commit) ----------------------------------------
 
@@ -108,12 +127,18 @@ class Catalog:
         txn.put(_U32.pack(partition) + m.study_instance_uid.encode(), b"", db=self.part_study)
         self._partition_add(txn, partition, manifest_id)
 
-        rec = self._record(txn, m.study_instance_uid) or node_pb2.StudyRecord(
-            study_uid=m.study_instance_uid, partition=partition,
-            first_received_ms=m.received_hlc >> 16)
+        rec = self._record(txn, m.study_instance_uid)
+        if rec is None:  # a new study is unsafe until the cluster says otherwise
+            rec = node_pb2.StudyRecord(study_uid=m.study_instance_uid, partition=partition,
+                                       first_received_ms=m.received_hlc >> 16)
+            self._put_safety(txn, rec, 0, True)
+        elif (m.received_hlc >> 16) < rec.first_received_ms:
+            safe_copies, unsafe = self._safety(txn, rec.study_uid)
+            self._put_safety(txn, rec, safe_copies, False)  # off the index at the old age
+            rec.first_received_ms = m.received_hlc >> 16
+            self._put_safety(txn, rec, safe_copies, unsafe)
         rec.manifests += 1
         rec.all_digest = digest_add(rec.all_digest, manifest_id)
-        rec.first_received_ms = min(rec.first_received_ms, m.received_hlc >> 16)
         if self.current_id(txn, m.sop_instance_uid) == manifest_id:  # the new current version
             if previous is not None:
                 old = self._manifest(txn, previous)
@@ -126,6 +151,8 @@ class Catalog:
             rec.current_digest = digest_add(rec.current_digest, manifest_id)
             rec.bytes += m.size
             rec.instances += 1
+            if previous is None:
+                self._count(txn, b"instances", 1)
             for name in ("patient_id", "patient_name", "study_date", "accession_number",
                          "study_description", "patient_birth_date"):
                 if value := getattr(m, name):
@@ -136,13 +163,56 @@ class Catalog:
         if held_at_ms is not None:
             self.set_held(txn, manifest_id, m, held_at_ms)
         else:
-            txn.put(manifest_id, b"", db=self.not_held)
+            self._need(txn, partition, manifest_id, m.size, +1)
         return True
+
+    def _need(self, txn: Any, partition: int, manifest_id: bytes, size: int, sign: int) -> None:
+        """Add to or take from the fetch backlog (idempotent per manifest)."""
+        key = _U32.pack(partition) + manifest_id
+        if sign > 0:
+            if not txn.put(key, _U64.pack(size), db=self.need, overwrite=False):
+                return
+        elif not txn.delete(key, db=self.need):
+            return
+        pkey = _U32.pack(partition)
+        raw = txn.get(pkey, db=self.part_need)
+        count, total = _U64U64.unpack(raw) if raw is not None else (0, 0)
+        count, total = count + sign, total + sign * size
+        if count:
+            txn.put(pkey, _U64U64.pack(count, total), db=self.part_need)
+        else:
+            txn.delete(pkey, db=self.part_need)
+
+    def _count(self, txn: Any, name: bytes, delta: int) -> None:
+        raw = txn.get(name, db=self.meta)
+        txn.put(name, _U64.pack((_U64.unpack(raw)[0] if raw else 0) + delta), db=self.meta)
+
+    def instance_count(self) -> int:
+        """Instances (distinct SOP instance uids) in the catalog: a counter, not a scan."""
+        with self.env.begin(db=self.meta) as txn:
+            raw = txn.get(b"instances")
+        return _U64.unpack(raw)[0] if raw else 0
+
+    def study_page(self, after: str, limit: int) -> list[node_pb2.StudyRecord]:
+        """Study records in uid order after `after`: one short read transaction."""
+        out: list[node_pb2.StudyRecord] = []
+        with self.env.begin(db=self.study_recs) as txn:
+            cur = txn.cursor()
+            if not cur.set_range(after.encode() + (b"\x00" if after else b"")):
+                return out
+            for raw in cur.iternext(keys=False):
+                rec = node_pb2.StudyRecord()
+                rec.ParseFromString(bytes(raw))
+                out.append(rec)
+                if len(out) >= limit:
+                    break
+        return out
 
     def set_held(self, txn: Any, manifest_id: bytes, m: node_pb2.Manifest, at_ms: int) -> None:
         was_held = txn.get(manifest_id, db=self.held) is not None
         txn.put(manifest_id, _U64.pack(at_ms), db=self.held)
-        txn.delete(manifest_id, db=self.not_held)
+        self._need(txn, partition_of(m.study_instance_uid, self.partitions), manifest_id,
+                   m.size, -1)
         if not was_held:  # so a damaged chunk leads to the instances that need it
             for c in m.chunks:
                 txn.put(c.hash + manifest_id, b"", db=self.refs)
@@ -153,7 +223,8 @@ class Catalog:
         """A copy was dropped (trimmed) or found bad: it must not count any more."""
         if not txn.delete(manifest_id, db=self.held):
             return
-        txn.put(manifest_id, b"", db=self.not_held)
+        self._need(txn, partition_of(m.study_instance_uid, self.partitions), manifest_id,
+                   m.size, +1)
         if self.current_id(txn, m.sop_instance_uid) == manifest_id:
             self._adjust_held(txn, m.study_instance_uid, manifest_id, -1)
 
@@ -163,6 +234,79 @@ class Catalog:
         rec.held_digest = digest_add(rec.held_digest, manifest_id, sign)
         rec.held_instances += sign
         txn.put(study_uid.encode(), rec.SerializeToString(), db=self.study_recs)
+        self._partition_held(txn, rec.partition, manifest_id, sign)
+
+    def _partition_held(self, txn: Any, partition: int, manifest_id: bytes, sign: int) -> None:
+        key = _U32.pack(partition)
+        raw = txn.get(key, db=self.part_held)
+        digest, count = (bytes(raw[:DIGEST_LEN]), _U64.unpack(raw[DIGEST_LEN:])[0]) if raw else (
+            EMPTY_DIGEST, 0)
+        count += sign
+        if count:
+            txn.put(key, digest_add(digest, manifest_id, sign) + _U64.pack(count),
+                    db=self.part_held)
+        else:
+            txn.delete(key, db=self.part_held)
+
+    # ---- safety, as judged by the cluster ------------------------------------------
+
+    def _safety(self, txn: Any, study_uid: str) -> tuple[int, bool]:
+        raw = txn.get(study_uid.encode(), db=self.safety)
+        return (raw[0], bool(raw[1])) if raw is not None else (0, True)
+
+    def _put_safety(self, txn: Any, rec: node_pb2.StudyRecord, safe_copies: int,
+                    unsafe: bool) -> None:
+        key = _U64.pack(rec.first_received_ms) + rec.study_uid.encode()
+        txn.put(rec.study_uid.encode(), bytes((min(safe_copies, 255), unsafe)), db=self.safety)
+        if unsafe:
+            txn.put(key, b"", db=self.unsafe)
+        else:
+            txn.delete(key, db=self.unsafe)
+
+    def set_safety(self, judged: Iterable[tuple[str, int, bool]]) -> int:
+        """Record (study, safe copies, unsafe) verdicts in one transaction; returns how
+        many changed. Counts come from the index sizes, so status never recounts."""
+        changed = 0
+        with self.env.begin(write=True) as txn:
+            for study_uid, safe_copies, unsafe in judged:
+                rec = self._record(txn, study_uid)
+                if rec is None or self._safety(txn, study_uid) == (min(safe_copies, 255),
+                                                                    unsafe):
+                    continue
+                self._put_safety(txn, rec, safe_copies, unsafe)
+                changed += 1
+        return changed
+
+    def safe_copies_of(self, study_uid: str) -> int:
+        with self.env.begin() as txn:
+            return self._safety(txn, study_uid)[0]
+
+    def safety_counts(self) -> tuple[int, int, int | None]:
+        """(studies, unsafe studies, first received ms of the oldest unsafe one)."""
+        with self.env.begin() as txn:
+            studies = int(txn.stat(self.study_recs)["entries"])
+            unsafe = int(txn.stat(self.unsafe)["entries"])
+            cur = txn.cursor(db=self.unsafe)
+            oldest = _U64.unpack(bytes(cur.key()[:8]))[0] if cur.first() else None
+            return studies, unsafe, oldest
+
+    def unsafe_page(self, after: str, limit: int) -> list[str]:
+        """Unsafe studies, oldest first, after the one named (its key order)."""
+        out: list[str] = []
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.unsafe)
+            start = b""
+            if after:
+                rec = self._record(txn, after)
+                start = (_U64.pack(rec.first_received_ms) + after.encode() + b"\x00"
+                         if rec is not None else b"")
+            if not cur.set_range(start):
+                return out
+            for key in cur.iternext(values=False):
+                out.append(bytes(key[8:]).decode())
+                if len(out) >= limit:
+                    break
+        return out
 
     def _partition_add(self, txn: Any, partition: int, manifest_id: bytes) -> None:
         key = _U32.pack(partition)
@@ -353,14 +497,123 @@ class Catalog:
                     out.append(bytes(key[4:]).decode())
         return out
 
-    def not_held_ids(self, limit: int) -> list[bytes]:
-        with self.env.begin(db=self.not_held) as txn:
-            out = []
-            for key in txn.cursor().iternext(values=False):
-                out.append(bytes(key))
-                if len(out) >= limit:
+    def need_page(self, partition: int, after: bytes, limit: int) -> list[bytes]:
+        """Known manifests of one partition whose chunks are not here, in id order,
+        after `after` (b"" from the start). A cursor over these pages reaches every
+        one however many there are in other partitions."""
+        prefix = _U32.pack(partition)
+        out: list[bytes] = []
+        with self.env.begin(db=self.need) as txn:
+            cur = txn.cursor()
+            if not cur.set_range(prefix + after + (b"\x00" if after else b"")):
+                return out
+            for key in cur.iternext(values=False):
+                if not key.startswith(prefix) or len(out) >= limit:
                     break
-            return out
+                out.append(bytes(key[4:]))
+        return out
+
+    def need_totals(self) -> dict[int, tuple[int, int]]:
+        """partition -> (manifests, bytes) known here but not held (non-empty ones)."""
+        with self.env.begin(db=self.part_need) as txn:
+            return {_U32.unpack(k)[0]: _U64U64.unpack(v) for k, v in txn.cursor()}
+
+    def held_partition_digests(self) -> list[tuple[bytes, int]]:
+        """(AdHash of held current versions, their count) per partition."""
+        out = [(EMPTY_DIGEST, 0)] * self.partitions
+        with self.env.begin(db=self.part_held) as txn:
+            for key, raw in txn.cursor():
+                out[_U32.unpack(key)[0]] = (bytes(raw[:DIGEST_LEN]),
+                                            _U64.unpack(raw[DIGEST_LEN:])[0])
+        return out
+
+    def partition_study_page(self, partition: int, after: str, limit: int
+                             ) -> list[node_pb2.StudyRecord]:
+        """Study records of one partition in uid order after `after`: one short read."""
+        prefix = _U32.pack(partition)
+        out: list[node_pb2.StudyRecord] = []
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.part_study)
+            if not cur.set_range(prefix + after.encode() + (b"\x00" if after else b"")):
+                return out
+            for key in cur.iternext(values=False):
+                if not key.startswith(prefix) or len(out) >= limit:
+                    break
+                rec = self._record(txn, bytes(key[4:]).decode())
+                if rec is not None:
+                    out.append(rec)
+        return out
+
+    # ---- upgrade of an older data dir ----------------------------------------------
+
+    def _upgrade(self) -> None:
+        with self.env.begin(db=self.meta) as txn:
+            raw = txn.get(b"format")
+        if raw is not None and _U32.unpack(raw)[0] >= FORMAT:
+            return
+        with self.env.begin() as txn:
+            fresh = txn.stat(self.manifests)["entries"] == 0
+        if fresh:
+            with self.env.begin(write=True, db=self.meta) as txn:
+                txn.put(b"format", _U32.pack(FORMAT))
+            return
+        old = self.env.open_db(b"not_held")
+        while True:  # bounded transactions: an old archive may be large
+            with self.env.begin(write=True) as txn:
+                cur = txn.cursor(db=old)
+                moved = 0
+                keys = [bytes(k) for k in itertools.islice(cur.iternext(values=False),
+                                                          MIGRATE_BATCH)]
+                for mid in keys:
+                    txn.delete(mid, db=old)
+                    raw_m = txn.get(mid, db=self.manifests)
+                    if raw_m is not None:
+                        m = mf.decode(bytes(raw_m))
+                        self._need(txn, partition_of(m.study_instance_uid, self.partitions),
+                                   mid, m.size, +1)
+                    moved += 1
+            if moved < MIGRATE_BATCH:
+                break
+        after = b""
+        while True:
+            with self.env.begin(write=True) as txn:
+                cur = txn.cursor(db=self.study_recs)
+                if not cur.set_range(after):
+                    break
+                n = 0
+                for key, raw_rec in cur:
+                    if bytes(key) == after:
+                        continue
+                    rec = node_pb2.StudyRecord()
+                    rec.ParseFromString(bytes(raw_rec))
+                    self._upgrade_study(txn, rec)
+                    after = bytes(key)
+                    n += 1
+                    if n >= MIGRATE_BATCH:
+                        break
+            if n < MIGRATE_BATCH:
+                break
+        with self.env.begin(write=True, db=self.meta) as txn:
+            txn.put(b"format", _U32.pack(FORMAT))
+            txn.put(b"safety_sweep", b"1")  # the cluster judges every study once
+
+    def _upgrade_study(self, txn: Any, rec: node_pb2.StudyRecord) -> None:
+        self._count(txn, b"instances", rec.instances)
+        if txn.get(rec.study_uid.encode(), db=self.safety) is None:
+            self._put_safety(txn, rec, 0, True)
+        if rec.held_instances:
+            key = _U32.pack(rec.partition)
+            raw = txn.get(key, db=self.part_held)
+            digest, count = ((bytes(raw[:DIGEST_LEN]), _U64.unpack(raw[DIGEST_LEN:])[0])
+                             if raw else (EMPTY_DIGEST, 0))
+            total = (int.from_bytes(digest, "big") + int.from_bytes(rec.held_digest, "big"))
+            txn.put(key, (total % ADHASH_MOD).to_bytes(DIGEST_LEN, "big")
+                    + _U64.pack(count + rec.held_instances), db=self.part_held)
+
+    def take_sweep_request(self) -> bool:
+        """True once after an upgrade: every study's safety must be judged afresh."""
+        with self.env.begin(write=True, db=self.meta) as txn:
+            return bool(txn.pop(b"safety_sweep"))
 
     def counts(self) -> tuple[int, int]:
         """(manifests, instance versions index entries)."""

@@ -37,6 +37,7 @@ class ClusterSection:
     dead_after_s: float = 600.0
     suspect_after_s: float = 0.0  # 0 = five gossip intervals
     unsafe_alert_after_s: float = 3600.0  # an instance not safe by then is an alert
+    repair_stalled_after_s: float = 300.0  # unsafe studies not decreasing this long: alert
 
 
 @dataclass(frozen=True)
@@ -133,8 +134,10 @@ def parse(raw: dict[str, Any], path: Path | None = None) -> Config:
     cluster = _section(ClusterSection, raw.get("cluster", {}), "cluster")
     if cluster.copies < 1 or cluster.partitions < 1 or cluster.min_distance_miles < 0:
         raise ConfigError("[cluster] copies and partitions must be >= 1, distance >= 0")
-    if cluster.gossip_interval_s <= 0 or cluster.dead_after_s <= 0:
-        raise ConfigError("[cluster] gossip_interval_s and dead_after_s must be > 0")
+    if (cluster.gossip_interval_s <= 0 or cluster.dead_after_s <= 0
+            or cluster.repair_stalled_after_s <= 0):
+        raise ConfigError("[cluster] gossip_interval_s, dead_after_s and "
+                          "repair_stalled_after_s must be > 0")
     for seed in cluster.seeds:
         _check_address(seed, "[cluster] seeds entry")
     dicom_raw = dict(raw.get("dicom", {}))

@@ -43,6 +43,7 @@ class ClusterView(Protocol):
     def holders(self, study_uid: str, instances: int) -> tuple[list[node_pb2.Holder], int]: ...
     def alerts(self) -> list[node_pb2.Alert]: ...
     def last_drill(self) -> list[node_pb2.DrillResult]: ...
+    def repair(self) -> node_pb2.RepairStatus: ...
 
 
 class LoneView:
@@ -76,6 +77,9 @@ class LoneView:
 
     def last_drill(self) -> list[node_pb2.DrillResult]:
         return []
+
+    def repair(self) -> node_pb2.RepairStatus:
+        return node_pb2.RepairStatus(eta_s=-1.0)
 
     def alerts(self) -> list[node_pb2.Alert]:
         if self._copies <= 1:
@@ -259,20 +263,12 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
         return reply
 
     def _status(self) -> node_pb2.StatusReply:
+        # Counters and one index key: a status call costs the same at any archive size.
         required = self.view.copies()
-        studies = instances = safe_studies = 0
-        oldest_unsafe_ms: int | None = None
+        studies, unsafe, oldest_unsafe_ms = self.store.catalog.safety_counts()
+        instances = self.store.catalog.instance_count()
+        safe_studies = studies - unsafe
         now_ms = time.time() * 1000
-        for rec in self.store.catalog.study_records():
-            studies += 1
-            instances += rec.instances
-            _, safe = self.view.holders(rec.study_uid, rec.instances)
-            if safe >= required:
-                safe_studies += 1
-                continue
-            received = rec.first_received_ms
-            oldest_unsafe_ms = received if oldest_unsafe_ms is None else min(
-                oldest_unsafe_ms, received)
         oldest_age = max(0.0, (now_ms - oldest_unsafe_ms) / 1000) if oldest_unsafe_ms else 0.0
         alerts = list(self.view.alerts())
         alerts += self._own_alerts()
@@ -285,6 +281,7 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
         nodes = self.view.nodes()
         chunk_bytes = sum(self.store.packs.existing().values())
         return node_pb2.StatusReply(
+            repair=self.view.repair(),
             copies=required, min_distance_miles=self.view.min_distance_miles(), nodes=nodes,
             studies=studies, instances=instances, safe_studies=safe_studies,
             unsafe_studies=studies - safe_studies, oldest_unsafe_age_s=oldest_age,

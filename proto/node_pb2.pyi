@@ -721,6 +721,8 @@ class NodeStatus(_message.Message):
     USED_BYTES_FIELD_NUMBER: _builtins.int
     FREE_BYTES_FIELD_NUMBER: _builtins.int
     CAPACITY_BYTES_FIELD_NUMBER: _builtins.int
+    BACKLOG_INSTANCES_FIELD_NUMBER: _builtins.int
+    BACKLOG_BYTES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     site: _builtins.str
     address: _builtins.str
@@ -730,6 +732,9 @@ class NodeStatus(_message.Message):
     used_bytes: _builtins.int
     free_bytes: _builtins.int
     capacity_bytes: _builtins.int
+    backlog_instances: _builtins.int
+    """placed on this node, not held yet (as last reported)"""
+    backlog_bytes: _builtins.int
     def __init__(
         self,
         *,
@@ -742,14 +747,64 @@ class NodeStatus(_message.Message):
         used_bytes: _builtins.int = ...,
         free_bytes: _builtins.int = ...,
         capacity_bytes: _builtins.int = ...,
+        backlog_instances: _builtins.int = ...,
+        backlog_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity_bytes", b"capacity_bytes", "free_bytes", b"free_bytes", "id", b"id", "lat", b"lat", "lon", b"lon", "site", b"site", "state", b"state", "used_bytes", b"used_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backlog_bytes", b"backlog_bytes", "backlog_instances", b"backlog_instances", "capacity_bytes", b"capacity_bytes", "free_bytes", b"free_bytes", "id", b"id", "lat", b"lat", "lon", b"lon", "site", b"site", "state", b"state", "used_bytes", b"used_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NodeStatus: _TypeAlias = NodeStatus  # noqa: Y015
+
+@_typing.final
+class RepairStatus(_message.Message):
+    """Re-protection: is the cluster re-creating missing copies, and when will it be done?"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNSAFE_STUDIES_FIELD_NUMBER: _builtins.int
+    BACKLOG_INSTANCES_FIELD_NUMBER: _builtins.int
+    BACKLOG_BYTES_FIELD_NUMBER: _builtins.int
+    STUDIES_PER_S_FIELD_NUMBER: _builtins.int
+    BYTES_PER_S_FIELD_NUMBER: _builtins.int
+    ETA_S_FIELD_NUMBER: _builtins.int
+    STALLED_FIELD_NUMBER: _builtins.int
+    JUDGING_FIELD_NUMBER: _builtins.int
+    unsafe_studies: _builtins.int
+    backlog_instances: _builtins.int
+    """every alive node's, as last reported"""
+    backlog_bytes: _builtins.int
+    studies_per_s: _builtins.float
+    """unsafe studies decreasing at this rate"""
+    bytes_per_s: _builtins.float
+    """backlog decreasing at this rate"""
+    eta_s: _builtins.float
+    """-1: unknown"""
+    stalled: _builtins.bool
+    """nothing decreased for the stall window"""
+    judging: _builtins.int
+    """studies whose safety is being judged again"""
+    def __init__(
+        self,
+        *,
+        unsafe_studies: _builtins.int = ...,
+        backlog_instances: _builtins.int = ...,
+        backlog_bytes: _builtins.int = ...,
+        studies_per_s: _builtins.float = ...,
+        bytes_per_s: _builtins.float = ...,
+        eta_s: _builtins.float = ...,
+        stalled: _builtins.bool = ...,
+        judging: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog_bytes", b"backlog_bytes", "backlog_instances", b"backlog_instances", "bytes_per_s", b"bytes_per_s", "eta_s", b"eta_s", "judging", b"judging", "stalled", b"stalled", "studies_per_s", b"studies_per_s", "unsafe_studies", b"unsafe_studies"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RepairStatus: _TypeAlias = RepairStatus  # noqa: Y015
 
 @_typing.final
 class Alert(_message.Message):
@@ -795,6 +850,7 @@ class StatusReply(_message.Message):
     CHUNK_BYTES_FIELD_NUMBER: _builtins.int
     LAST_DRILL_FIELD_NUMBER: _builtins.int
     DAYS_UNTIL_FULL_FIELD_NUMBER: _builtins.int
+    REPAIR_FIELD_NUMBER: _builtins.int
     copies: _builtins.int
     """(fields 13+ are additions to the CONTRACT's minimum)"""
     min_distance_miles: _builtins.float
@@ -816,6 +872,8 @@ class StatusReply(_message.Message):
     def alerts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Alert]: ...
     @_builtins.property
     def last_drill(self) -> _containers.RepeatedCompositeFieldContainer[Global___DrillResult]: ...
+    @_builtins.property
+    def repair(self) -> Global___RepairStatus: ...
     def __init__(
         self,
         *,
@@ -833,10 +891,11 @@ class StatusReply(_message.Message):
         chunk_bytes: _builtins.int = ...,
         last_drill: _abc.Iterable[Global___DrillResult] | None = ...,
         days_until_full: _builtins.float = ...,
+        repair: Global___RepairStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["repair", b"repair"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "answered_by", b"answered_by", "chunk_bytes", b"chunk_bytes", "copies", b"copies", "days_until_full", b"days_until_full", "instances", b"instances", "last_drill", b"last_drill", "min_distance_miles", b"min_distance_miles", "nodes", b"nodes", "oldest_unsafe_age_s", b"oldest_unsafe_age_s", "safe_studies", b"safe_studies", "stored_bytes", b"stored_bytes", "studies", b"studies", "unsafe_studies", b"unsafe_studies"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "answered_by", b"answered_by", "chunk_bytes", b"chunk_bytes", "copies", b"copies", "days_until_full", b"days_until_full", "instances", b"instances", "last_drill", b"last_drill", "min_distance_miles", b"min_distance_miles", "nodes", b"nodes", "oldest_unsafe_age_s", b"oldest_unsafe_age_s", "repair", b"repair", "safe_studies", b"safe_studies", "stored_bytes", b"stored_bytes", "studies", b"studies", "unsafe_studies", b"unsafe_studies"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -202,6 +202,44 @@ class AnnounceReply(_message.Message):
 Global___AnnounceReply: _TypeAlias = AnnounceReply  # noqa: Y015
 
 @_typing.final
+class RootRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RootRequest: _TypeAlias = RootRequest  # noqa: Y015
+
+@_typing.final
+class RootDigest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIGEST_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    digest: _builtins.bytes
+    """AdHash sum of every partition digest"""
+    count: _builtins.int
+    def __init__(
+        self,
+        *,
+        digest: _builtins.bytes = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "digest", b"digest"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RootDigest: _TypeAlias = RootDigest  # noqa: Y015
+
+@_typing.final
 class PartitionDigestsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -247,15 +285,23 @@ class StudyDigestsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PARTITION_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
     partition: _builtins.int
+    after: _builtins.str
+    """continue after this study uid"""
+    limit: _builtins.int
+    """the answerer caps it"""
     def __init__(
         self,
         *,
         partition: _builtins.int = ...,
+        after: _builtins.str = ...,
+        limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["partition", b"partition"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "limit", b"limit", "partition", b"partition"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -291,16 +337,19 @@ class StudyDigests(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     STUDIES_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
+    more: _builtins.bool
     @_builtins.property
     def studies(self) -> _containers.RepeatedCompositeFieldContainer[Global___StudyDigest]: ...
     def __init__(
         self,
         *,
         studies: _abc.Iterable[Global___StudyDigest] | None = ...,
+        more: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["studies", b"studies"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["more", b"more", "studies", b"studies"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -311,15 +360,21 @@ class ManifestIdsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     STUDY_UID_FIELD_NUMBER: _builtins.int
+    STUDY_UIDS_FIELD_NUMBER: _builtins.int
     study_uid: _builtins.str
+    @_builtins.property
+    def study_uids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """several studies at once (bounded)"""
+
     def __init__(
         self,
         *,
         study_uid: _builtins.str = ...,
+        study_uids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["study_uid", b"study_uid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["study_uid", b"study_uid", "study_uids", b"study_uids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -364,6 +419,60 @@ class GetManifestsRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetManifestsRequest: _TypeAlias = GetManifestsRequest  # noqa: Y015
+
+@_typing.final
+class PartitionManifestsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTITION_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    partition: _builtins.int
+    after: _builtins.str
+    """study uid"""
+    limit: _builtins.int
+    """manifests; whole studies, at least one"""
+    def __init__(
+        self,
+        *,
+        partition: _builtins.int = ...,
+        after: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "limit", b"limit", "partition", b"partition"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PartitionManifestsRequest: _TypeAlias = PartitionManifestsRequest  # noqa: Y015
+
+@_typing.final
+class PartitionManifests(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MANIFESTS_FIELD_NUMBER: _builtins.int
+    LAST_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
+    last: _builtins.str
+    """the last study given"""
+    more: _builtins.bool
+    @_builtins.property
+    def manifests(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def __init__(
+        self,
+        *,
+        manifests: _abc.Iterable[_builtins.bytes] | None = ...,
+        last: _builtins.str = ...,
+        more: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last", b"last", "manifests", b"manifests", "more", b"more"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PartitionManifests: _TypeAlias = PartitionManifests  # noqa: Y015
 
 @_typing.final
 class FetchChunksRequest(_message.Message):
@@ -432,7 +541,7 @@ class HoldingsRequest(_message.Message):
     STUDY_UIDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def study_uids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """empty = every study"""
+        """at most 1000; empty = none (pages: GetHeldStudies)"""
 
     def __init__(
         self,
@@ -504,3 +613,149 @@ class Holdings(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Holdings: _TypeAlias = Holdings  # noqa: Y015
+
+@_typing.final
+class HeldRootRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeldRootRequest: _TypeAlias = HeldRootRequest  # noqa: Y015
+
+@_typing.final
+class HeldRoot(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    BACKLOG_INSTANCES_FIELD_NUMBER: _builtins.int
+    BACKLOG_BYTES_FIELD_NUMBER: _builtins.int
+    LAST_SCRUB_STARTED_MS_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    digest: _builtins.bytes
+    """AdHash of every current version held here, verified"""
+    count: _builtins.int
+    backlog_instances: _builtins.int
+    """placed here, not held yet"""
+    backlog_bytes: _builtins.int
+    last_scrub_started_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        digest: _builtins.bytes = ...,
+        count: _builtins.int = ...,
+        backlog_instances: _builtins.int = ...,
+        backlog_bytes: _builtins.int = ...,
+        last_scrub_started_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog_bytes", b"backlog_bytes", "backlog_instances", b"backlog_instances", "count", b"count", "digest", b"digest", "last_scrub_started_ms", b"last_scrub_started_ms", "node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeldRoot: _TypeAlias = HeldRoot  # noqa: Y015
+
+@_typing.final
+class HeldPartitionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeldPartitionsRequest: _TypeAlias = HeldPartitionsRequest  # noqa: Y015
+
+@_typing.final
+class HeldPartitions(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIGESTS_FIELD_NUMBER: _builtins.int
+    COUNTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def digests(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """index = partition"""
+
+    @_builtins.property
+    def counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        digests: _abc.Iterable[_builtins.bytes] | None = ...,
+        counts: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "digests", b"digests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeldPartitions: _TypeAlias = HeldPartitions  # noqa: Y015
+
+@_typing.final
+class HeldStudiesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTITION_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    partition: _builtins.int
+    after: _builtins.str
+    limit: _builtins.int
+    def __init__(
+        self,
+        *,
+        partition: _builtins.int = ...,
+        after: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "limit", b"limit", "partition", b"partition"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeldStudiesRequest: _TypeAlias = HeldStudiesRequest  # noqa: Y015
+
+@_typing.final
+class HeldStudies(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STUDIES_FIELD_NUMBER: _builtins.int
+    LAST_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
+    last: _builtins.str
+    """the last study examined"""
+    more: _builtins.bool
+    @_builtins.property
+    def studies(self) -> _containers.RepeatedCompositeFieldContainer[Global___StudyHolding]:
+        """only studies with something held"""
+
+    def __init__(
+        self,
+        *,
+        studies: _abc.Iterable[Global___StudyHolding] | None = ...,
+        last: _builtins.str = ...,
+        more: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last", b"last", "more", b"more", "studies", b"studies"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeldStudies: _TypeAlias = HeldStudies  # noqa: Y015

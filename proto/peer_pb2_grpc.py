@@ -74,6 +74,31 @@ class PeerApiStub:
                 request_serializer=proto_dot_peer__pb2.HoldingsRequest.SerializeToString,
                 response_deserializer=proto_dot_peer__pb2.Holdings.FromString,
                 _registered_method=True)
+        self.GetRoot = channel.unary_unary(
+                '/pacsmesh.peer.PeerApi/GetRoot',
+                request_serializer=proto_dot_peer__pb2.RootRequest.SerializeToString,
+                response_deserializer=proto_dot_peer__pb2.RootDigest.FromString,
+                _registered_method=True)
+        self.GetPartitionManifests = channel.unary_unary(
+                '/pacsmesh.peer.PeerApi/GetPartitionManifests',
+                request_serializer=proto_dot_peer__pb2.PartitionManifestsRequest.SerializeToString,
+                response_deserializer=proto_dot_peer__pb2.PartitionManifests.FromString,
+                _registered_method=True)
+        self.GetHeldRoot = channel.unary_unary(
+                '/pacsmesh.peer.PeerApi/GetHeldRoot',
+                request_serializer=proto_dot_peer__pb2.HeldRootRequest.SerializeToString,
+                response_deserializer=proto_dot_peer__pb2.HeldRoot.FromString,
+                _registered_method=True)
+        self.GetHeldPartitions = channel.unary_unary(
+                '/pacsmesh.peer.PeerApi/GetHeldPartitions',
+                request_serializer=proto_dot_peer__pb2.HeldPartitionsRequest.SerializeToString,
+                response_deserializer=proto_dot_peer__pb2.HeldPartitions.FromString,
+                _registered_method=True)
+        self.GetHeldStudies = channel.unary_unary(
+                '/pacsmesh.peer.PeerApi/GetHeldStudies',
+                request_serializer=proto_dot_peer__pb2.HeldStudiesRequest.SerializeToString,
+                response_deserializer=proto_dot_peer__pb2.HeldStudies.FromString,
+                _registered_method=True)
 
 
 class PeerApiServicer:
@@ -127,6 +152,36 @@ class PeerApiServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRoot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPartitionManifests(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetHeldRoot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetHeldPartitions(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetHeldStudies(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerApiServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +224,31 @@ def add_PeerApiServicer_to_server(servicer, server):
                     servicer.GetHoldings,
                     request_deserializer=proto_dot_peer__pb2.HoldingsRequest.FromString,
                     response_serializer=proto_dot_peer__pb2.Holdings.SerializeToString,
+            ),
+            'GetRoot': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRoot,
+                    request_deserializer=proto_dot_peer__pb2.RootRequest.FromString,
+                    response_serializer=proto_dot_peer__pb2.RootDigest.SerializeToString,
+            ),
+            'GetPartitionManifests': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPartitionManifests,
+                    request_deserializer=proto_dot_peer__pb2.PartitionManifestsRequest.FromString,
+                    response_serializer=proto_dot_peer__pb2.PartitionManifests.SerializeToString,
+            ),
+            'GetHeldRoot': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetHeldRoot,
+                    request_deserializer=proto_dot_peer__pb2.HeldRootRequest.FromString,
+                    response_serializer=proto_dot_peer__pb2.HeldRoot.SerializeToString,
+            ),
+            'GetHeldPartitions': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetHeldPartitions,
+                    request_deserializer=proto_dot_peer__pb2.HeldPartitionsRequest.FromString,
+                    response_serializer=proto_dot_peer__pb2.HeldPartitions.SerializeToString,
+            ),
+            'GetHeldStudies': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetHeldStudies,
+                    request_deserializer=proto_dot_peer__pb2.HeldStudiesRequest.FromString,
+                    response_serializer=proto_dot_peer__pb2.HeldStudies.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -387,6 +467,141 @@ class PeerApi:
             '/pacsmesh.peer.PeerApi/GetHoldings',
             proto_dot_peer__pb2.HoldingsRequest.SerializeToString,
             proto_dot_peer__pb2.Holdings.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRoot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pacsmesh.peer.PeerApi/GetRoot',
+            proto_dot_peer__pb2.RootRequest.SerializeToString,
+            proto_dot_peer__pb2.RootDigest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPartitionManifests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pacsmesh.peer.PeerApi/GetPartitionManifests',
+            proto_dot_peer__pb2.PartitionManifestsRequest.SerializeToString,
+            proto_dot_peer__pb2.PartitionManifests.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetHeldRoot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pacsmesh.peer.PeerApi/GetHeldRoot',
+            proto_dot_peer__pb2.HeldRootRequest.SerializeToString,
+            proto_dot_peer__pb2.HeldRoot.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetHeldPartitions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pacsmesh.peer.PeerApi/GetHeldPartitions',
+            proto_dot_peer__pb2.HeldPartitionsRequest.SerializeToString,
+            proto_dot_peer__pb2.HeldPartitions.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetHeldStudies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pacsmesh.peer.PeerApi/GetHeldStudies',
+            proto_dot_peer__pb2.HeldStudiesRequest.SerializeToString,
+            proto_dot_peer__pb2.HeldStudies.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,11 @@ class PeerApiStub:
     GetManifests: _grpc.UnaryUnaryMultiCallable[_peer_pb2.GetManifestsRequest, _peer_pb2.ManifestBatch]
     FetchChunks: _grpc.UnaryStreamMultiCallable[_peer_pb2.FetchChunksRequest, _peer_pb2.ChunkData]
     GetHoldings: _grpc.UnaryUnaryMultiCallable[_peer_pb2.HoldingsRequest, _peer_pb2.Holdings]
+    GetRoot: _grpc.UnaryUnaryMultiCallable[_peer_pb2.RootRequest, _peer_pb2.RootDigest]
+    GetPartitionManifests: _grpc.UnaryUnaryMultiCallable[_peer_pb2.PartitionManifestsRequest, _peer_pb2.PartitionManifests]
+    GetHeldRoot: _grpc.UnaryUnaryMultiCallable[_peer_pb2.HeldRootRequest, _peer_pb2.HeldRoot]
+    GetHeldPartitions: _grpc.UnaryUnaryMultiCallable[_peer_pb2.HeldPartitionsRequest, _peer_pb2.HeldPartitions]
+    GetHeldStudies: _grpc.UnaryUnaryMultiCallable[_peer_pb2.HeldStudiesRequest, _peer_pb2.HeldStudies]
 
 @_typing.type_check_only
 class PeerApiAsyncStub(PeerApiStub):
@@ -54,6 +59,11 @@ class PeerApiAsyncStub(PeerApiStub):
     GetManifests: _aio.UnaryUnaryMultiCallable[_peer_pb2.GetManifestsRequest, _peer_pb2.ManifestBatch]  # type: ignore[assignment]
     FetchChunks: _aio.UnaryStreamMultiCallable[_peer_pb2.FetchChunksRequest, _peer_pb2.ChunkData]  # type: ignore[assignment]
     GetHoldings: _aio.UnaryUnaryMultiCallable[_peer_pb2.HoldingsRequest, _peer_pb2.Holdings]  # type: ignore[assignment]
+    GetRoot: _aio.UnaryUnaryMultiCallable[_peer_pb2.RootRequest, _peer_pb2.RootDigest]  # type: ignore[assignment]
+    GetPartitionManifests: _aio.UnaryUnaryMultiCallable[_peer_pb2.PartitionManifestsRequest, _peer_pb2.PartitionManifests]  # type: ignore[assignment]
+    GetHeldRoot: _aio.UnaryUnaryMultiCallable[_peer_pb2.HeldRootRequest, _peer_pb2.HeldRoot]  # type: ignore[assignment]
+    GetHeldPartitions: _aio.UnaryUnaryMultiCallable[_peer_pb2.HeldPartitionsRequest, _peer_pb2.HeldPartitions]  # type: ignore[assignment]
+    GetHeldStudies: _aio.UnaryUnaryMultiCallable[_peer_pb2.HeldStudiesRequest, _peer_pb2.HeldStudies]  # type: ignore[assignment]
 
 class PeerApiServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -111,5 +121,40 @@ class PeerApiServicer(metaclass=_abc_1.ABCMeta):
         request: _peer_pb2.HoldingsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_peer_pb2.Holdings, _abc.Awaitable[_peer_pb2.Holdings]]: ...
+
+    @_abc_1.abstractmethod
+    def GetRoot(
+        self,
+        request: _peer_pb2.RootRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_peer_pb2.RootDigest, _abc.Awaitable[_peer_pb2.RootDigest]]: ...
+
+    @_abc_1.abstractmethod
+    def GetPartitionManifests(
+        self,
+        request: _peer_pb2.PartitionManifestsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_peer_pb2.PartitionManifests, _abc.Awaitable[_peer_pb2.PartitionManifests]]: ...
+
+    @_abc_1.abstractmethod
+    def GetHeldRoot(
+        self,
+        request: _peer_pb2.HeldRootRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_peer_pb2.HeldRoot, _abc.Awaitable[_peer_pb2.HeldRoot]]: ...
+
+    @_abc_1.abstractmethod
+    def GetHeldPartitions(
+        self,
+        request: _peer_pb2.HeldPartitionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_peer_pb2.HeldPartitions, _abc.Awaitable[_peer_pb2.HeldPartitions]]: ...
+
+    @_abc_1.abstractmethod
+    def GetHeldStudies(
+        self,
+        request: _peer_pb2.HeldStudiesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_peer_pb2.HeldStudies, _abc.Awaitable[_peer_pb2.HeldStudies]]: ...
 
 def add_PeerApiServicer_to_server(servicer: PeerApiServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

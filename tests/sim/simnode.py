@@ -1,27 +1,28 @@
-"""One simulated member: the real Membership and ClusterState, driven the way
-cluster/gossip.py and cluster/replication.py drive them, but over the world's
-simulated network instead of gRPC and over an in-memory catalog instead of LMDB.
+"""One simulated member: the real Membership, ClusterState and replication
+machines (cluster/announce.py, fetch.py, antientropy.py, holdings.py, trim.py),
+driven the way cluster/gossip.py and cluster/workers.py drive them, but over the
+world's simulated network instead of gRPC and over an in-memory catalog instead
+of LMDB. Only the driving is written here; every decision is the machines'.
 
 A `Disk` is what survives a crash (the catalog: known manifests, which of them
-are held, the incarnation counter). A `Process` is one run of the node, from boot
-to crash: its member table, its timers and its requests in flight die with it.
-
-Where the runtime's order of steps matters for safety (trim reads the study
-record and its ids, asks the replica set one node after another, then unholds
-those ids if the study did not change), the order here is the same, so a race in
-that order shows up in the simulation too. Change both together.
+are held, the cache of peers' holdings, the incarnation counter). A `Process`
+is one run of the node, from boot to crash: its member table, its timers and
+its requests in flight die with it.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
-import itertools
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
-from cluster import antientropy, repair
+from cluster.announce import AnnounceQueue
+from cluster.antientropy import SyncRound, root_of
+from cluster.fetch import Candidate, FetchPlanner, source_order
+from cluster.holdings import HoldingsRound
 from cluster.membership import (
     ClusterSettings,
     Effect,
@@ -33,16 +34,42 @@ from cluster.membership import (
     SendGossip,
     StateChanged,
 )
+from cluster.messages import (
+    HeldPartitionsAsk,
+    HeldPartitionsGive,
+    HeldRootAsk,
+    HeldRootGive,
+    HeldStudiesAsk,
+    HeldStudiesGive,
+    IdsAsk,
+    IdsGive,
+    ManifestsAsk,
+    ManifestsGive,
+    PartDigest,
+    PartitionDigestsAsk,
+    PartitionDigestsGive,
+    PartitionManifestsAsk,
+    PartitionManifestsGive,
+    RootAsk,
+    RootGive,
+    StudyDigestsAsk,
+    StudyDigestsGive,
+    StudyHeld,
+    StudyHoldingAsk,
+    StudyHoldingGive,
+)
+from cluster.messages import Request as ProtocolRequest
 from cluster.peers import RPC_TIMEOUT_S
-from cluster.replication import FETCH_BATCH_MANIFESTS_MAX, NOT_HELD_SCAN_MAX, SCAN_INTERVAL_S
-from cluster.safety import Holding
-from cluster.state import ClusterState, Snapshot
+from cluster.state import ClusterState
+from cluster.trim import STUDIES_PER_STEP_MAX as STUDIES_PER_TRIM_STEP
+from cluster.trim import TrimCase, TrimPlanner, TrimRound, eligible
 from node.catalog import EMPTY_DIGEST, digest_add
 
 # FetchWorker.idle_s: how often an idle fetch worker looks again.
 FETCH_INTERVAL_S = 1.0
-# FetchWorker pops this many candidates per step before it stops looking.
-FETCH_CANDIDATES_MAX = FETCH_BATCH_MANIFESTS_MAX * 4
+# The old names of the trim question, kept for the scenarios that script it.
+HoldingsAsk = StudyHoldingAsk
+HoldingsGive = StudyHoldingGive
 
 
 @dataclass(frozen=True)
@@ -59,6 +86,10 @@ class Timing:
         """Anti-entropy and trim: a few gossip rounds apart (cluster/member.py)."""
         return max(1.0, 5 * self.gossip_interval_s)
 
+    @property
+    def holdings_s(self) -> float:
+        return max(0.5, 2 * self.gossip_interval_s)
+
 
 @dataclass(frozen=True, slots=True)
 class SimManifest:
@@ -70,7 +101,8 @@ class SimManifest:
     partition: int
 
 
-# Messages. Each request gets at most one reply, as a unary gRPC call does.
+# Messages the simulation adds to the protocol's: an announcement, and the chunk
+# transfer (in the runtime a stream of chunk bytes, here the ids held).
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,65 +120,8 @@ class FetchGive:
     mids: tuple[bytes, ...]  # the asked ones the peer holds: their chunks, verified
 
 
-@dataclass(frozen=True, slots=True)
-class DigestsAsk:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class DigestsGive:
-    parts: tuple[tuple[bytes, int], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class StudyDigestsAsk:
-    partitions: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class StudyDigestsGive:
-    studies: tuple[tuple[str, bytes, int], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class IdsAsk:
-    studies: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class IdsGive:
-    mids: tuple[bytes, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class ManifestsAsk:
-    mids: tuple[bytes, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class ManifestsGive:
-    manifests: tuple[SimManifest, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class HoldingsAsk:
-    study_uid: str
-
-
-@dataclass(frozen=True, slots=True)
-class HoldingsGive:
-    holding: Holding
-    replica: bool  # the answerer places the study on itself (Replicator.own_holdings)
-
-
-Request: TypeAlias = (
-    GossipMessage | Announce | FetchAsk | DigestsAsk | StudyDigestsAsk | IdsAsk | ManifestsAsk
-    | HoldingsAsk
-)
-Reply: TypeAlias = (
-    GossipMessage | FetchGive | DigestsGive | StudyDigestsGive | IdsGive | ManifestsGive
-    | HoldingsGive | None
-)
+Request: TypeAlias = GossipMessage | Announce | FetchAsk | ProtocolRequest
+Reply: TypeAlias = object
 OnReply: TypeAlias = Callable[[Reply], None]
 OnTimeout: TypeAlias = Callable[[], None]
 
@@ -168,39 +143,60 @@ class Net(Protocol):
         """Called just before a node drops copies: the world checks them first."""
 
 
+HELD_BYTES = 1  # a simulated manifest's backlog bytes: counts are what matter here
+
+
+def _sum(digests: Iterable[bytes]) -> bytes:
+    return (sum(int.from_bytes(d, "big") for d in digests) % (1 << 256)).to_bytes(32, "big")
+
+
 @dataclass
 class Disk:
-    """The catalog of one node, with the AdHash digests node/catalog.py keeps."""
+    """The catalog of one node, with the indexes and AdHash digests node/catalog.py
+    keeps, and the cache of peers' holdings cluster/holdings_cache.py keeps.
+    Per-study tuples are replaced, never mutated, so disks may share them."""
 
     partitions: int
     incarnation: int = 0  # the one of the last boot, persisted (cluster/member.py)
     manifests: dict[bytes, SimManifest] = field(default_factory=dict)
     held: set[bytes] = field(default_factory=set)
-    by_study: dict[str, list[bytes]] = field(default_factory=dict)
+    by_study: dict[str, tuple[bytes, ...]] = field(default_factory=dict)
     all_digest: dict[str, bytes] = field(default_factory=dict)
     held_digest: dict[str, bytes] = field(default_factory=dict)
     held_count: dict[str, int] = field(default_factory=dict)
-    by_partition: dict[int, list[str]] = field(default_factory=dict)
+    by_partition: dict[int, list[str]] = field(default_factory=dict)  # sorted study uids
     part_digest: list[bytes] = field(default_factory=list)
     part_count: list[int] = field(default_factory=list)
+    part_held: list[bytes] = field(default_factory=list)
+    part_held_count: list[int] = field(default_factory=list)
+    need: dict[int, set[bytes]] = field(default_factory=dict)  # partition -> not held
+    # peer -> partition -> study -> (held instances, held digest)
+    peer_held: dict[str, dict[int, dict[str, tuple[int, bytes]]]] = field(
+        default_factory=dict)
+    peer_parts: dict[str, dict[int, PartDigest]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.part_digest = [EMPTY_DIGEST] * self.partitions
-        self.part_count = [0] * self.partitions
+        if not self.part_digest:
+            self.part_digest = [EMPTY_DIGEST] * self.partitions
+            self.part_count = [0] * self.partitions
+            self.part_held = [EMPTY_DIGEST] * self.partitions
+            self.part_held_count = [0] * self.partitions
 
     def know(self, m: SimManifest) -> bool:
-        """Record a manifest as known; False if it already was."""
+        """Record a manifest as known (not held); False if it already was."""
         if m.mid in self.manifests:
             return False
         self.manifests[m.mid] = m
         study = m.study_uid
         if study not in self.by_study:
-            self.by_study[study] = []
-            self.by_partition.setdefault(m.partition, []).append(study)
-        self.by_study[study].append(m.mid)
+            self.by_study[study] = ()
+            studies = self.by_partition.setdefault(m.partition, [])
+            bisect.insort(studies, study)
+        self.by_study[study] = (*self.by_study[study], m.mid)
         self.all_digest[study] = digest_add(self.all_digest.get(study, EMPTY_DIGEST), m.mid)
         self.part_digest[m.partition] = digest_add(self.part_digest[m.partition], m.mid)
         self.part_count[m.partition] += 1
+        self.need.setdefault(m.partition, set()).add(m.mid)
         return True
 
     def hold(self, mid: bytes) -> None:
@@ -213,25 +209,81 @@ class Disk:
         m = self.manifests[mid]
         if (mid in self.held) == (sign > 0):
             return
+        need = self.need.setdefault(m.partition, set())
         if sign > 0:
             self.held.add(mid)
+            need.discard(mid)
         else:
             self.held.discard(mid)
+            need.add(mid)
         study = m.study_uid
         self.held_digest[study] = digest_add(self.held_digest.get(study, EMPTY_DIGEST), mid, sign)
         self.held_count[study] = self.held_count.get(study, 0) + sign
+        p = m.partition
+        self.part_held[p] = digest_add(self.part_held[p], mid, sign)
+        self.part_held_count[p] += sign
 
-    def holding(self, node_id: str, study_uid: str) -> Holding:
-        return Holding(node_id, self.held_count.get(study_uid, 0),
-                       self.held_digest.get(study_uid, EMPTY_DIGEST))
+    def holding(self, node_id: str, study_uid: str, replica: bool) -> StudyHoldingGive:
+        return StudyHoldingGive(node_id, self.held_count.get(study_uid, 0),
+                                self.held_digest.get(study_uid, EMPTY_DIGEST), replica)
 
-    def study_digests(self, partitions: Sequence[int]) -> dict[str, tuple[bytes, int]]:
-        return {s: (self.all_digest[s], len(self.by_study[s]))
-                for p in partitions for s in self.by_partition.get(p, ())}
+    # ---- what the machines read (NeedIndex, ManifestSet) ------------------------------
+
+    def need_totals(self) -> Mapping[int, tuple[int, int]]:
+        return {p: (len(ids), len(ids) * HELD_BYTES) for p, ids in self.need.items() if ids}
+
+    def need_page(self, partition: int, after: bytes, limit: int) -> list[bytes]:
+        ids = sorted(self.need.get(partition, ()))
+        start = bisect.bisect_right(ids, after) if after else 0
+        return ids[start:start + limit]
+
+    def candidate(self, mid: bytes) -> Candidate | None:
+        m = self.manifests.get(mid)
+        if m is None or mid in self.held:
+            return None
+        return Candidate(mid, m.study_uid, m.partition, m.origin)
+
+    def partition_digests(self) -> Sequence[PartDigest]:
+        return tuple(zip(self.part_digest, self.part_count, strict=True))
+
+    def study_digests(self, studies: Sequence[str]) -> Mapping[str, tuple[bytes, int]]:
+        return {s: (self.all_digest[s], len(self.by_study[s])) for s in studies
+                if s in self.by_study}
+
+    def unknown(self, ids: Sequence[bytes]) -> list[bytes]:
+        return [i for i in ids if i not in self.manifests]
+
+    def studies_page(self, partition: int, after: str, limit: int) -> list[str]:
+        studies = self.by_partition.get(partition, [])
+        start = bisect.bisect_right(studies, after) if after else 0
+        return studies[start:start + limit]
+
+    # ---- the holdings cache (HoldingsView) ---------------------------------------------
+
+    def peer_partition_digests(self, peer: str) -> Sequence[PartDigest]:
+        parts = self.peer_parts.get(peer, {})
+        return [parts.get(p, (EMPTY_DIGEST, 0)) for p in range(self.partitions)]
+
+    def replace_holdings(self, peer: str, partition: int, studies: Sequence[StudyHeld]) -> None:
+        """As cluster/holdings_cache.py: a partition replaced whole, its sum kept."""
+        kept = {s: (n, d) for s, n, d in studies if n > 0}
+        self.peer_held.setdefault(peer, {})[partition] = kept
+        self.peer_parts.setdefault(peer, {})[partition] = (
+            _sum(d for _, d in kept.values()), sum(n for n, _ in kept.values()))
+
+
+class _PeerCache:
+    """A Disk's holdings cache seen as the HoldingsView the machine reads."""
+
+    def __init__(self, disk: Disk) -> None:
+        self.disk = disk
+
+    def partition_digests(self, peer: str) -> Sequence[PartDigest]:
+        return self.disk.peer_partition_digests(peer)
 
 
 class Process:
-    """One run of a node: gossip, announce, fetch, anti-entropy and trim."""
+    """One run of a node: gossip, announce, fetch, anti-entropy, holdings and trim."""
 
     def __init__(self, net: Net, me: Member, disk: Disk, seeds: Sequence[str],
                  settings: ClusterSettings, timing: Timing, rng_seed: str) -> None:
@@ -247,12 +299,13 @@ class Process:
         self.state = ClusterState(self.node_id, settings.partitions, settings.copies,
                                   settings.min_distance_miles, timing.dead_after_s)
         self.rng = random.Random(f"{rng_seed}/work")
-        self.fresh: collections.deque[bytes] = collections.deque()
-        self.scan: collections.deque[bytes] = collections.deque()
-        self.rescan = True
-        self.scanned_at = -SCAN_INTERVAL_S
+        self.announce: AnnounceQueue[SimManifest] = AnnounceQueue()
+        self.planner = FetchPlanner()
+        self.trim = TrimPlanner()
         self.fetching = False
         self.syncing = False
+        self.sync_rounds = 0
+        self.holdings_busy: set[str] = set()
         self.trimming: set[str] = set()
 
     def start(self) -> None:
@@ -261,6 +314,7 @@ class Process:
         self.net.every(self, t.gossip_interval_s, self.gossip_step)
         self.net.every(self, t.fetch_interval_s, self.fetch_step)
         self.net.every(self, t.background_s, self.sync_step)
+        self.net.every(self, t.holdings_s, self.holdings_step)
         self.net.every(self, t.background_s, self.trim_step)
 
     # ---- gossip (cluster/gossip.py) -------------------------------------------------
@@ -291,7 +345,16 @@ class Process:
         silent: dict[str, float] = {m.node_id: self.membership.time_since_heard(m.node_id, now)
                   for m in members if m.state == MemberState.LEFT}
         if self.state.publish(members, silent):
-            self.rescan = True  # Replicator.on_placement_change
+            mine = self.my_partitions()
+            self.planner.on_placement(mine)  # Replicator.on_placement_change
+            self.trim.enqueue(p for p, n in enumerate(self.disk.part_held_count)
+                              if n and p not in mine)  # TrimWorker.on_placement_change
+
+    def my_partitions(self) -> frozenset[int]:
+        table = self.state.snapshot.table
+        if table is None or not self.state.snapshot.placeable:
+            return frozenset()
+        return table.partitions_of(self.node_id)
 
     def leave(self) -> None:
         """A clean shutdown: tell some peers we left, wait for no answer."""
@@ -313,20 +376,51 @@ class Process:
                 return None
             case FetchAsk(mids):
                 return FetchGive(tuple(mid for mid in mids if mid in disk.held))
-            case DigestsAsk():
-                return DigestsGive(tuple(zip(disk.part_digest, disk.part_count, strict=True)))
-            case StudyDigestsAsk(partitions):
-                studies = disk.study_digests(partitions)
-                return StudyDigestsGive(tuple((s, d, c) for s, (d, c) in studies.items()))
+            case RootAsk():
+                parts = disk.partition_digests()
+                return RootGive(*root_of(parts))
+            case PartitionDigestsAsk():
+                return PartitionDigestsGive(tuple(disk.partition_digests()))
+            case StudyDigestsAsk(partition, after, limit):
+                studies = disk.studies_page(partition, after, limit)
+                return StudyDigestsGive(tuple((s, disk.all_digest[s], len(disk.by_study[s]))
+                                              for s in studies), len(studies) >= limit)
             case IdsAsk(studies):
                 return IdsGive(tuple(mid for s in studies for mid in disk.by_study.get(s, ())))
             case ManifestsAsk(mids):
-                return ManifestsGive(tuple(disk.manifests[m] for m in mids if m in disk.manifests))
-            case HoldingsAsk(study_uid):
+                return ManifestsGive(tuple(disk.manifests[m] for m in mids
+                                           if m in disk.manifests))
+            case PartitionManifestsAsk(partition, after, limit):
+                return self._partition_manifests(partition, after, limit)
+            case HeldRootAsk():
+                digest, count = root_of(zip(disk.part_held, disk.part_held_count, strict=True))
+                backlog, backlog_bytes = self.planner.backlog(disk)
+                return HeldRootGive(digest, count, backlog, backlog_bytes, 0)
+            case HeldPartitionsAsk():
+                return HeldPartitionsGive(tuple(zip(disk.part_held, disk.part_held_count,
+                                                    strict=True)))
+            case HeldStudiesAsk(partition, after, limit):
+                studies = disk.studies_page(partition, after, limit)
+                held = tuple((s, disk.held_count[s], disk.held_digest[s]) for s in studies
+                             if disk.held_count.get(s, 0) > 0)
+                return HeldStudiesGive(held, studies[-1] if studies else after,
+                                       len(studies) >= limit)
+            case StudyHoldingAsk(study_uid):
                 placement = self.state.placement(study_uid)
                 replica = placement is not None and self.node_id in placement.replicas
-                return HoldingsGive(disk.holding(self.node_id, study_uid), replica)
+                return disk.holding(self.node_id, study_uid, replica)
         raise AssertionError(f"unknown request {request!r}")
+
+    def _partition_manifests(self, partition: int, after: str, limit: int) -> Reply:
+        disk = self.disk
+        out: list[SimManifest] = []
+        last = after
+        for study in disk.studies_page(partition, after, limit):
+            out += [disk.manifests[mid] for mid in disk.by_study[study]]
+            last = study
+            if len(out) >= limit:
+                return PartitionManifestsGive(tuple(out), last, True)
+        return PartitionManifestsGive(tuple(out), last, False)
 
     # ---- ingest and announce (Replicator.on_stored, AnnounceWorker) -----------------
 
@@ -334,77 +428,51 @@ class Process:
         """A modality stored an instance here: durable, so acknowledged; tell everyone."""
         self.disk.know(m)
         self.disk.hold(m.mid)
+        self.announce.on_stored(m)
+        batch = self.announce.next_batch()
         for peer in self.state.snapshot.alive_peers(self.node_id):
-            self.net.call(self, peer.node_id, Announce((m,)))
+            self.net.call(self, peer.node_id, Announce(tuple(batch)))
 
-    def accept(self, manifests: Sequence[SimManifest]) -> None:
-        for m in manifests:
-            if self.disk.know(m):
-                self.fresh.append(m.mid)
+    def accept(self, manifests: Iterable[Any]) -> None:
+        new = [m.mid for m in manifests if self.disk.know(m)]
+        self.planner.on_announced(new)
 
     # ---- fetch (FetchWorker, Replicator.fetch_batch) ---------------------------------
 
     def fetch_step(self) -> None:
         if self.fetching:
             return
-        wanted = self._wanted()
+        wanted = self.planner.plan(self.disk, self.net.now)
         if not wanted:
             return
         self.fetching = True
-        self._fetch_from(self._sources(wanted), set(wanted))
+        self._fetch_from(self._sources(wanted[0]), {c.mid for c in wanted})
 
-    def _wanted(self) -> list[SimManifest]:
-        now = self.net.now
-        if not self.scan and (self.rescan or now - self.scanned_at > SCAN_INTERVAL_S):
-            self.rescan = False
-            self.scanned_at = now
-            not_held = (mid for mid in self.disk.manifests if mid not in self.disk.held)
-            self.scan.extend(itertools.islice(not_held, NOT_HELD_SCAN_MAX))
-        wanted: list[SimManifest] = []
-        for _ in range(FETCH_CANDIDATES_MAX):
-            if not (self.fresh or self.scan) or len(wanted) >= FETCH_BATCH_MANIFESTS_MAX:
-                break
-            m = self._want(self.fresh.popleft() if self.fresh else self.scan.popleft())
-            if m is not None:
-                wanted.append(m)
-        return wanted
-
-    def _want(self, mid: bytes) -> SimManifest | None:
-        m = self.disk.manifests.get(mid)
-        if m is None or mid in self.disk.held:
-            return None
-        placement = self.state.placement(m.study_uid)
-        if placement is None or not repair.should_fetch(self.node_id, placement.replicas, False):
-            return None
-        return m
-
-    def _sources(self, wanted: Sequence[SimManifest]) -> list[str]:
-        """Replicator._sources without a holdings cache: the origin, then everyone alive."""
+    def _sources(self, c: Candidate) -> list[str]:
+        """Replicator._sources: peers known to hold the study, its origin, anyone."""
         alive = sorted(p.node_id for p in self.state.snapshot.alive_peers(self.node_id))
-        order = [wanted[0].origin, *alive]
-        return [n for n in dict.fromkeys(order) if n in alive]
+        holders = [peer for peer in alive
+                   if c.study_uid in self.disk.peer_held.get(peer, {}).get(c.partition, {})]
+        self.rng.shuffle(holders)
+        return source_order(c.origin, holders, alive)
 
-    def _fetch_from(self, sources: list[str], need: set[SimManifest]) -> None:
+    def _fetch_from(self, sources: list[str], need: set[bytes]) -> None:
         if not sources or not need:
             self.fetching = False
             return
         source, rest = sources[0], sources[1:]
-        asked = tuple(sorted(m.mid for m in need))
 
         def got(reply: Reply) -> None:
             if isinstance(reply, FetchGive):
-                self._fetched(reply.mids, need)
+                for mid in reply.mids:
+                    if mid in need:
+                        need.discard(mid)
+                        self.disk.hold(mid)  # every chunk verified on arrival
+                        self.net.stats["fetched"] += 1
             self._fetch_from(rest, need)
 
-        self.net.call(self, source, FetchAsk(asked), got, lambda: self._fetch_from(rest, need))
-
-    def _fetched(self, mids: Sequence[bytes], need: set[SimManifest]) -> None:
-        for mid in mids:
-            m = self.disk.manifests[mid]
-            if m in need:
-                need.discard(m)
-                self.disk.hold(mid)  # every chunk verified on arrival
-                self.net.stats["fetched"] += 1
+        self.net.call(self, source, FetchAsk(tuple(sorted(need))), got,
+                      lambda: self._fetch_from(rest, need))
 
     # ---- anti-entropy (AntiEntropyWorker.sync_with) ----------------------------------
 
@@ -413,142 +481,123 @@ class Process:
         if self.syncing or not peers:
             return
         self.syncing = True
-        _SyncRound(self, self.rng.choice(peers).node_id).start()
+        self.sync_rounds += 1
+        peer = self.rng.choice(peers).node_id
+        machine: SyncRound[SimManifest] = SyncRound(self.disk, peer,
+                                                     first_partition=self.sync_rounds * 7919)
+        self._sync_ask(machine, machine.start())
+
+    def _sync_ask(self, machine: SyncRound[SimManifest], request: ProtocolRequest | None
+                  ) -> None:
+        if request is None:
+            self.syncing = False
+            return
+
+        def answered(reply: Reply) -> None:
+            manifests, nxt = machine.on_reply(reply)
+            if manifests:
+                self.accept(manifests)
+                self.net.stats["synced"] += len(manifests)
+            self._sync_ask(machine, nxt)
+
+        self.net.call(self, machine.peer, request, answered, lambda: self._sync_ask(machine,
+                                                                                    None))
+
+    # ---- holdings (HoldingsWorker) ---------------------------------------------------
+
+    def holdings_step(self) -> None:
+        for peer in self.state.snapshot.alive_peers(self.node_id):
+            if peer.node_id in self.holdings_busy:
+                continue
+            self.holdings_busy.add(peer.node_id)
+            machine = HoldingsRound(_PeerCache(self.disk), peer.node_id)
+            self._holdings_ask(machine, machine.start())
+
+    def _holdings_ask(self, machine: HoldingsRound, request: ProtocolRequest | None) -> None:
+        if request is None:
+            self.holdings_busy.discard(machine.peer)
+            return
+
+        def answered(reply: Reply) -> None:
+            replace, nxt = machine.on_reply(reply)
+            if replace is not None:
+                self.disk.replace_holdings(replace.peer, replace.partition, replace.studies)
+                mine = self.my_partitions()
+                if replace.partition not in mine:  # TrimWorker.on_holdings_changed
+                    self.trim.enqueue([replace.partition])
+            self._holdings_ask(machine, nxt)
+
+        self.net.call(self, machine.peer, request, answered,
+                      lambda: self._holdings_ask(machine, None))
 
     # ---- trim (TrimWorker) -----------------------------------------------------------
 
     def trim_step(self) -> None:
         if self.state.snapshot.table is None:
             return
-        for study in self._trim_candidates():
-            self._maybe_trim(study)
+        partition = self.trim.next(self.net.now)
+        if partition is None:
+            return
+        after = self.trim.cursor.pop(partition, "")
+        studies = self.disk.studies_page(partition, after, STUDIES_PER_TRIM_STEP)
+        if len(studies) >= STUDIES_PER_TRIM_STEP:
+            self.trim.cursor[partition] = studies[-1]
+            self.trim.enqueue([partition])
+        for study in studies:
+            if self.disk.held_count.get(study, 0) > 0 and study not in self.trimming:
+                self._maybe_trim(partition, study)
 
-    def _trim_candidates(self) -> list[str]:
-        out = []
-        for study, count in self.disk.held_count.items():
-            if count == 0 or study in self.trimming:
-                continue
-            placement = self.state.placement(study)
-            if placement is not None and self.node_id not in placement.replicas:
-                out.append(study)
-        return out
-
-    def _maybe_trim(self, study: str) -> None:
+    def _maybe_trim(self, partition: int, study: str) -> None:
         disk = self.disk
         # What the answers will cover. Every version is current here, so the study's
         # digest of all manifests is also its current digest.
-        mids = tuple(disk.by_study[study])
-        instances, current_digest = len(mids), disk.all_digest[study]
+        mids = disk.by_study[study]
+        case = TrimCase(study, len(mids), disk.all_digest[study], disk.all_digest[study], mids,
+                        any(disk.manifests[mid].origin == self.node_id for mid in mids))
         placement = self.state.placement(study)
-        if placement is None or not placement.replicas:
+        if placement is None:
             return
-        if any(disk.manifests[mid].origin == self.node_id for mid in mids):
-            return  # a site keeps what it received itself
+        if case.origin_here or self.node_id in placement.replicas:
+            return  # nothing to decide: we keep it
         snap = self.state.snapshot
-        alive = {p.node_id for p in snap.alive_peers(self.node_id)}
-        if any(node_id not in alive for node_id in placement.replicas):
+        if not eligible(self.node_id, case, placement.replicas,
+                        [p.node_id for p in snap.alive_peers(self.node_id)]):
+            self.trim.retry_later(partition, self.net.now)
             return
         self.trimming.add(study)
-        _TrimRound(self, study, placement.replicas, mids, instances, current_digest, snap).ask()
+        machine = TrimRound(self.node_id, case, placement.replicas, snap.positions(),
+                            self.settings.copies, self.settings.min_distance_miles)
+        self._trim_ask(partition, machine, machine.start())
 
-    def decide_trim(self, trim: _TrimRound) -> None:
-        self.trimming.discard(trim.study)
-        if not repair.may_trim(self.node_id, "", trim.replicas, trim.instances,
-                               trim.current_digest, trim.holdings, trim.snapshot.positions(),
-                               self.settings.copies, self.settings.min_distance_miles):
+    def _trim_ask(self, partition: int, machine: TrimRound,
+                  step: tuple[str, StudyHoldingAsk] | bool) -> None:
+        study = machine.case.study_uid
+        if isinstance(step, bool):
+            self.trimming.discard(study)
+            if not step:
+                self.trim.retry_later(partition, self.net.now)
+                return
+            self._drop(machine)
             return
+        node_id, ask = step
+
+        def failed() -> None:
+            self.trimming.discard(study)
+            self.trim.retry_later(partition, self.net.now)
+
+        self.net.call(self, node_id, ask,
+                      lambda reply: self._trim_ask(partition, machine, machine.on_reply(reply)),
+                      failed)
+
+    def _drop(self, machine: TrimRound) -> None:
         # Store.unhold_unchanged: only what the answers covered, and only if nothing
         # reached the study meanwhile (an instance stored here may be its only copy).
-        if self.disk.all_digest[trim.study] != trim.current_digest:
+        case = machine.case
+        if self.disk.all_digest[case.study_uid] != case.all_digest:
             return
-        mids = [mid for mid in trim.mids if mid in self.disk.held]
-        self.net.trimming(self, trim.study, mids)
+        mids = [mid for mid in case.mids if mid in self.disk.held]
+        self.net.trimming(self, case.study_uid, mids)
         for mid in mids:
             self.disk.unhold(mid)
         self.net.stats["trims"] += 1
 
-
-@dataclass
-class _TrimRound:
-    """One study's trim decision: asks the replicas one after another, as
-    TrimWorker does, so the first answer is the stalest when it decides."""
-
-    proc: Process
-    study: str
-    replicas: tuple[str, ...]
-    mids: tuple[bytes, ...]
-    instances: int
-    current_digest: bytes
-    snapshot: Snapshot
-    holdings: list[Holding] = field(default_factory=list)
-    answers: int = 0
-
-    def ask(self) -> None:
-        # ask now: trimming on stale news is how data dies
-        node_id = self.replicas[self.answers]
-        self.proc.net.call(self.proc, node_id, HoldingsAsk(self.study), self._answered,
-                           self._failed)
-
-    def _answered(self, reply: Reply) -> None:
-        if not isinstance(reply, HoldingsGive):
-            return self._failed()
-        self.answers += 1
-        if reply.replica:  # a holder about to trim too must not be counted on
-            self.holdings.append(reply.holding)
-        if self.answers < len(self.replicas):
-            return self.ask()
-        return self.proc.decide_trim(self)
-
-    def _failed(self) -> None:
-        self.proc.trimming.discard(self.study)
-
-
-@dataclass
-class _SyncRound:
-    """One anti-entropy round with one peer: partitions, then studies, then ids."""
-
-    proc: Process
-    peer: str
-    partitions: tuple[int, ...] = ()
-
-    def start(self) -> None:
-        self._ask(DigestsAsk(), self._digests)
-
-    def _ask(self, request: Request, then: OnReply) -> None:
-        self.proc.net.call(self.proc, self.peer, request, then, self._finish)
-
-    def _finish(self) -> None:
-        self.proc.syncing = False
-
-    def _digests(self, reply: Reply) -> None:
-        disk = self.proc.disk
-        if not isinstance(reply, DigestsGive):
-            return self._finish()
-        mine = list(zip(disk.part_digest, disk.part_count, strict=True))
-        self.partitions = tuple(antientropy.differing_partitions(mine, reply.parts))
-        if not self.partitions:
-            return self._finish()
-        return self._ask(StudyDigestsAsk(self.partitions), self._study_digests)
-
-    def _study_digests(self, reply: Reply) -> None:
-        if not isinstance(reply, StudyDigestsGive):
-            return self._finish()
-        mine = self.proc.disk.study_digests(self.partitions)
-        studies = antientropy.differing_studies(mine, reply.studies)
-        if not studies:
-            return self._finish()
-        return self._ask(IdsAsk(tuple(studies)), self._ids)
-
-    def _ids(self, reply: Reply) -> None:
-        if not isinstance(reply, IdsGive):
-            return self._finish()
-        lacking = antientropy.missing(set(self.proc.disk.manifests), reply.mids)
-        if not lacking:
-            return self._finish()
-        return self._ask(ManifestsAsk(tuple(lacking)), self._manifests)
-
-    def _manifests(self, reply: Reply) -> None:
-        if isinstance(reply, ManifestsGive):
-            self.proc.accept(reply.manifests)
-            self.proc.net.stats["synced"] += len(reply.manifests)
-        self._finish()

@@ -27,7 +27,7 @@ from typing import Any, cast
 
 import pytest
 
-from cluster import antientropy, repair
+from cluster import antientropy, fetch, repair
 from cluster.membership import GossipMessage
 from cluster.placement import PlacementNode, max_pairwise_set_size, partition_of, place
 from tests.sim.simnode import HoldingsAsk, HoldingsGive, OnReply, OnTimeout, Process, Reply, Request
@@ -147,7 +147,7 @@ MUTANT_SEEDS_MAX = 4
 MUTANTS: dict[str, tuple[Any, str, Callable[..., Any], str]] = {
     # what breaks: (module, function, replacement, the invariant that must notice)
     "trim without asking": (repair, "may_trim", _always(True), "invariant [12]"),
-    "never fetch": (repair, "should_fetch", _always(False), "invariant 3"),
+    "never fetch": (fetch.FetchPlanner, "plan", lambda self, index, now: [], "invariant 3"),
     "anti-entropy sees no difference": (
         antientropy, "differing_partitions", lambda mine, theirs: [], "invariant 4"),
 }

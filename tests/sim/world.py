@@ -30,6 +30,7 @@ from functools import partial
 from typing import NoReturn
 
 from cluster.membership import ClusterSettings, Member, MemberState, NodeId
+from cluster.messages import approx_size
 from cluster.placement import max_pairwise_set_size, partition_of
 from tests.sim.simnode import (
     Disk,
@@ -193,6 +194,10 @@ class World:
         self.replay = replay or replay_hint(seed)  # how to run this world again
         self.now = 0.0
         self.stats: collections.Counter[str] = collections.Counter()
+        # per node: messages and bytes it sent (requests and replies), for the
+        # at-rest cost checker
+        self.sent_messages: collections.Counter[str] = collections.Counter()
+        self.sent_bytes: collections.Counter[str] = collections.Counter()
         self.settings = ClusterSettings(COPIES, MIN_DISTANCE_MILES, PARTITIONS)
         self.acked: dict[bytes, SimManifest] = {}
         self._queue: list[tuple[float, int, Callable[[], None]]] = []
@@ -280,6 +285,8 @@ class World:
 
     def _transmit(self, src: str, dst: str, message: Request | Reply,
                   deliver: Callable[[], None]) -> None:
+        self.sent_messages[src] += 1
+        self.sent_bytes[src] += approx_size(message)
         if self._cut(src, dst) or self._net_rng.random() < self._loss:
             self.stats["dropped"] += 1
             return

@@ -1,0 +1,113 @@
+"""Trim, sans-IO: drop copies this node no longer has to hold, make before break.
+
+A node holds copies outside its replica set after placement moved a partition
+away (a healed outage, a new node). It may drop one only when the replica set,
+without it, holds verified full copies at N distant sites, by fresh answers from
+each replica (trimming on stale news is how data dies), counting only replicas
+that place the study on themselves too (two nodes whose views differ would
+otherwise each trim counting on the other), and never what this site received
+itself.
+
+Work is driven by change, not by time: `TrimPlanner` queues the partitions
+worth a look (placement moved them away from us, or a peer's holdings there
+changed) and hands them out one at a time; a partition whose trim could not be
+decided (a replica did not answer, or does not hold a full copy yet) is looked
+at again after RETRY_S. At rest the queue is empty and trim costs nothing.
+
+`TrimRound` is one study's decision: it asks the replicas one after another, as
+the runtime and the simulation both do, so the first answer is the stalest
+when it decides.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from cluster import repair
+from cluster.messages import StudyHoldingAsk, StudyHoldingGive
+from cluster.safety import Holding, Position
+
+RETRY_S = 30.0  # a partition whose trim was not decided is looked at again after this
+STUDIES_PER_STEP_MAX = 256  # studies of one partition examined per step
+
+
+class TrimPlanner:
+    def __init__(self) -> None:
+        self._queue: collections.deque[int] = collections.deque()
+        self._queued: set[int] = set()
+        self._later: dict[int, float] = {}  # partition -> when to look again
+        self.cursor: dict[int, str] = {}  # partition -> last study examined
+
+    def enqueue(self, partitions: Iterable[int]) -> None:
+        for p in partitions:
+            if p not in self._queued:
+                self._queued.add(p)
+                self._queue.append(p)
+
+    def retry_later(self, partition: int, now: float) -> None:
+        self._later[partition] = min(self._later.get(partition, now + RETRY_S), now + RETRY_S)
+
+    def next(self, now: float) -> int | None:
+        if self._later:
+            due = [p for p, t in self._later.items() if t <= now]
+            for p in due:
+                del self._later[p]
+            self.enqueue(sorted(due))
+        if not self._queue:
+            return None
+        p = self._queue.popleft()
+        self._queued.discard(p)
+        return p
+
+    def pending(self) -> int:
+        return len(self._queue) + len(self._later)
+
+
+@dataclass(frozen=True, slots=True)
+class TrimCase:
+    """One study held here, as the catalog says at the start of the decision."""
+
+    study_uid: str
+    instances: int  # current versions
+    current_digest: bytes
+    all_digest: bytes  # of every version: unhold only if it did not change meanwhile
+    mids: tuple[bytes, ...]  # every version: what the answers cover
+    origin_here: bool  # a current version was received at this site
+
+
+def eligible(me: str, case: TrimCase, replicas: Sequence[str], alive: Iterable[str]) -> bool:
+    """Worth asking the replicas about at all."""
+    if case.origin_here or me in replicas or not replicas or case.instances == 0:
+        return False
+    alive_set = set(alive)
+    return all(r in alive_set for r in replicas)
+
+
+@dataclass
+class TrimRound:
+    me: str
+    case: TrimCase
+    replicas: tuple[str, ...]
+    positions: Mapping[str, Position]
+    copies: int
+    min_distance_miles: float
+    holdings: list[Holding] = field(default_factory=list)
+    answers: int = 0
+
+    def start(self) -> tuple[str, StudyHoldingAsk]:
+        return self.replicas[0], StudyHoldingAsk(self.case.study_uid)
+
+    def on_reply(self, reply: object) -> tuple[str, StudyHoldingAsk] | bool:
+        """The next replica to ask, or the verdict: True = drop our copy."""
+        if not isinstance(reply, StudyHoldingGive):
+            return False
+        self.answers += 1
+        if reply.replica:  # a holder about to trim too must not be counted on
+            self.holdings.append(Holding(reply.node_id, reply.held_instances, reply.held_digest))
+        if self.answers < len(self.replicas):
+            return self.replicas[self.answers], StudyHoldingAsk(self.case.study_uid)
+        return repair.may_trim(self.me, "", self.replicas, self.case.instances,
+                               self.case.current_digest, self.holdings, self.positions,
+                               self.copies, self.min_distance_miles)

@@ -1,0 +1,271 @@
+"""The thin runtime workers: each drives one sans-IO machine over gRPC and disk.
+
+    announce     AnnounceQueue -> Announce to every alive peer
+    fetch        FetchPlanner -> pull chunks, verify, commit (cluster/transfer.py)
+    antientropy  SyncRound with a random peer -> accept the manifests it gives
+    holdings     HoldingsRound with every alive peer -> our cache of their holdings
+    trim         TrimPlanner and TrimRound -> drop copies we need not hold
+
+The decisions are the machines'; the simulation (tests/sim) drives the same
+machines, so what it proves is about this code. Disk reads of the machines run
+in the thread pool; network calls on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from typing import Any
+
+import grpc
+
+from cluster import wire
+from cluster.antientropy import SyncRound
+from cluster.holdings import HoldingsRound
+from cluster.messages import HeldRootGive, Request, approx_size
+from cluster.peers import RPC_TIMEOUT_S
+from cluster.transfer import Replicator
+from cluster.trim import STUDIES_PER_STEP_MAX, TrimCase, TrimPlanner, TrimRound, eligible
+from node.alerts import DISK_REFUSE_REPLICAS_FRACTION
+from node.worker import Worker, WorkerState
+from proto import node_pb2, peer_pb2
+
+LOGGER = logging.getLogger(__name__)
+
+
+class AnnounceWorker(Worker):
+    name = "announce"
+    idle_s = 0.2
+
+    def __init__(self, r: Replicator) -> None:
+        self.r = r
+
+    async def step(self) -> WorkerState:
+        if not len(self.r.announce):
+            self.r.wakeup.clear()
+            try:
+                await asyncio.wait_for(self.r.wakeup.wait(), timeout=1.0)
+            except TimeoutError:
+                return WorkerState.IDLE
+        batch = self.r.announce.next_batch()
+        if not batch:
+            return WorkerState.IDLE
+        msg = peer_pb2.ManifestBatch(manifests=batch, sender=self.r.node_id,
+                                     sender_address=self.r.address)
+        peers = self.r.state.snapshot.alive_peers(self.r.node_id)
+        await asyncio.gather(*(self._send(p.address, msg) for p in peers))
+        return WorkerState.BUSY
+
+    async def _send(self, address: str, msg: peer_pb2.ManifestBatch) -> None:
+        try:
+            await self.r.peers.stub(address).Announce(msg, timeout=RPC_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:  # anti-entropy will deliver it later
+            LOGGER.info("announce to %s failed: %s", address, exc.code().name)
+
+
+class FetchWorker(Worker):
+    name = "fetch"
+    idle_s = 1.0
+
+    def __init__(self, r: Replicator) -> None:
+        self.r = r
+        self._refusing = False
+
+    async def step(self) -> WorkerState:
+        r = self.r
+        full = await r._run(r.store.used_fraction)
+        if full >= DISK_REFUSE_REPLICAS_FRACTION:  # local ingest keeps the rest of the disk
+            if not self._refusing:
+                LOGGER.error("storage %.0f %% used: refusing new replicas", full * 100)
+            self._refusing = True
+            return WorkerState.THROTTLED
+        self._refusing = False
+        wanted = await r._run(self._plan)
+        if not wanted:
+            r.wakeup.clear()
+            with contextlib.suppress(TimeoutError):  # announcements wake us early
+                await asyncio.wait_for(r.wakeup.wait(), timeout=self.idle_s)
+            return WorkerState.BUSY if r.planner.fresh else WorkerState.IDLE
+        held = await r._run(r.fetch_batch, wanted)
+        if held < len(wanted) and not r.planner.busy():
+            return WorkerState.THROTTLED  # some chunks are nowhere yet: back off
+        return WorkerState.BUSY
+
+    def _plan(self) -> list[tuple[bytes, bytes, node_pb2.Manifest]]:
+        out = []
+        for c in self.r.planner.plan(self.r, time.monotonic()):
+            got = self.r.store.catalog.get(c.mid)
+            if got is not None:
+                out.append((c.mid, got[0], got[1]))
+        return out
+
+
+class AntiEntropyWorker(Worker):
+    name = "antientropy"
+
+    def __init__(self, r: Replicator, interval_s: float) -> None:
+        self.r = r
+        self.idle_s = interval_s
+        self.rounds = 0
+        self.last_bytes = 0  # received in the last round, for the benchmark
+        self._rotate = 0
+
+    async def step(self) -> WorkerState:
+        peers = self.r.state.snapshot.alive_peers(self.r.node_id)
+        if not peers:
+            return WorkerState.IDLE
+        peer = random.choice(peers)
+        try:
+            pulled = await self.sync_with(peer.address)
+        except grpc.aio.AioRpcError as exc:
+            LOGGER.info("anti-entropy with %s failed: %s", peer.node_id, exc.code().name)
+            return WorkerState.IDLE
+        self.rounds += 1
+        if pulled:
+            LOGGER.info("anti-entropy with %s: pulled %d manifests", peer.node_id, pulled)
+        return WorkerState.IDLE
+
+    async def sync_with(self, address: str) -> int:
+        """One round against one peer; returns how many manifests were new here."""
+        r = self.r
+        stub = r.peers.stub(address)
+        self._rotate += 1
+        machine: SyncRound[bytes] = SyncRound(r, address, first_partition=self._rotate * 7919)
+        request: Request | None = machine.start()
+        received = new = 0
+        while request is not None:
+            reply = await wire.call(stub, request, RPC_TIMEOUT_S)
+            received += approx_size(reply)
+            manifests, request = await r._run(machine.on_reply, reply)
+            if manifests:
+                new += await r._run(r.accept_manifests, list(manifests), address)
+        self.last_bytes = received
+        if new:
+            r.wakeup.set()
+        return new
+
+
+class HoldingsWorker(Worker):
+    """Keeps our cache of every alive peer's holdings equal to theirs, by digests."""
+
+    name = "holdings"
+
+    def __init__(self, r: Replicator, interval_s: float) -> None:
+        self.r = r
+        self.idle_s = interval_s
+
+    async def step(self) -> WorkerState:
+        peers = self.r.state.snapshot.alive_peers(self.r.node_id)
+        await asyncio.gather(*(self._one(p.node_id, p.address) for p in peers))
+        return WorkerState.IDLE
+
+    async def _one(self, node_id: str, address: str) -> None:
+        r = self.r
+        machine = HoldingsRound(r.holdings, node_id)
+        request: Any = machine.start()
+        stub = r.peers.stub(address)
+        try:
+            while request is not None:
+                reply = await wire.call(stub, request, RPC_TIMEOUT_S)
+                if isinstance(reply, HeldRootGive):  # copy on write: API threads read it
+                    r.reports = {**r.reports, node_id: reply}
+                replace, request = await r._run(machine.on_reply, reply)
+                if replace is not None:
+                    changed = await r._run(r.holdings.replace, replace.peer, replace.partition,
+                                           list(replace.studies))
+                    for callback in r.on_holdings_changed:
+                        callback(node_id, [replace.partition], changed)
+        except grpc.aio.AioRpcError as exc:
+            LOGGER.debug("holdings of %s: %s", node_id, exc.code().name)
+
+
+class TrimWorker(Worker):
+    name = "trim"
+
+    def __init__(self, r: Replicator, interval_s: float) -> None:
+        self.r = r
+        self.idle_s = interval_s
+        self.planner = TrimPlanner()
+
+    def on_placement_change(self) -> None:
+        """Partitions placed elsewhere now where we hold something: worth a look."""
+        mine = self.r.my_partitions()
+        held = self.r.store.catalog.held_partition_digests()
+        self.planner.enqueue(p for p, (_, n) in enumerate(held) if n and p not in mine)
+
+    def on_holdings_changed(self, peer: str, partitions: list[int], studies: set[str]) -> None:
+        mine = self.r.my_partitions()
+        self.planner.enqueue(p for p in partitions if p not in mine)
+
+    async def step(self) -> WorkerState:
+        r = self.r
+        if r.state.snapshot.table is None:
+            return WorkerState.IDLE
+        partition = self.planner.next(time.monotonic())
+        if partition is None:
+            return WorkerState.IDLE
+        after = self.planner.cursor.pop(partition, "")
+        cases, last, more = await r._run(self._cases, partition, after)
+        undecided = False
+        for case in cases:
+            undecided |= not await self._maybe_trim(case)
+        if more:  # the rest of this partition next step
+            self.planner.cursor[partition] = last
+            self.planner.enqueue([partition])
+        elif undecided:
+            self.planner.retry_later(partition, time.monotonic())
+        return WorkerState.BUSY
+
+    def _cases(self, partition: int, after: str) -> tuple[list[TrimCase], str, bool]:
+        catalog = self.r.store.catalog
+        recs = catalog.partition_study_page(partition, after, STUDIES_PER_STEP_MAX)
+        out = []
+        for rec in recs:
+            if rec.held_instances == 0:
+                continue
+            current = catalog.current_manifests(rec.study_uid)
+            out.append(TrimCase(
+                rec.study_uid, rec.instances, rec.current_digest, rec.all_digest,
+                tuple(catalog.study_manifest_ids(rec.study_uid)),
+                any(m.origin_node == self.r.node_id for _, _, m in current)))
+        last = recs[-1].study_uid if recs else after
+        return out, last, len(recs) >= STUDIES_PER_STEP_MAX
+
+    async def _maybe_trim(self, case: TrimCase) -> bool:
+        """False when the decision could not be made (ask again later)."""
+        r = self.r
+        placement = r.state.placement(case.study_uid)
+        snap = r.state.snapshot
+        if placement is None:
+            return False
+        addresses = {m.node_id: m.address for m in snap.alive_peers(r.node_id)}
+        if case.origin_here or r.node_id in placement.replicas:
+            return True  # nothing to decide: we keep it
+        if not eligible(r.node_id, case, placement.replicas, addresses):
+            return False
+        machine = TrimRound(r.node_id, case, placement.replicas, snap.positions(),
+                            r.state.copies, r.state.min_distance_miles)
+        step: Any = machine.start()
+        while not isinstance(step, bool):  # ask now: trimming on stale news is how data dies
+            node_id, ask = step
+            try:
+                reply = await wire.call(r.peers.stub(addresses[node_id]), ask, RPC_TIMEOUT_S)
+            except grpc.aio.AioRpcError:
+                return False
+            step = machine.on_reply(reply)
+        if not step:
+            return False
+        # Only what the answers covered, and only if nothing reached the study meanwhile
+        # (an instance stored here while we asked may be its only copy).
+        dropped = await r._run(r.store.unhold_unchanged, case.study_uid, case.all_digest,
+                               list(case.mids))
+        if dropped is None:
+            return False
+        r.trimmed_studies += 1
+        LOGGER.info("trimmed study %s (%d manifests): the replica set %s holds %d verified "
+                    "copies", case.study_uid, dropped, ",".join(placement.replicas),
+                    r.state.copies)
+        return True
