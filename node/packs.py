@@ -9,7 +9,10 @@ Bounds, whatever the number of packs (a 100 TB node has ~200,000):
 - open descriptors: at most `read_fds_max` for reads (an LRU, see node/readfds.py),
   1 for appends to the active pack, and 1 for a moment while a sealed pack or the
   directory is fsync'd; the store adds LMDB's own (data.mdb, its meta-sync handle,
-  lock.mdb) and the data dir's LOCK.
+  lock.mdb) and the data dir's LOCK;
+- `bytes_total` is O(1): a running count, set from one directory listing at
+  `recover` and again only after a read or append noticed a pack deleted or cut
+  outside pacsmesh.
 """
 
 from __future__ import annotations
@@ -89,6 +92,9 @@ class PackSet:
         self._active_len = 0
         self._dirty: set[int] = set()
         self._sealed_len: dict[int, int] = {}
+        self._bytes = 0  # all packs on disk, under _lock
+        self._recount = False  # a pack changed outside pacsmesh: list the directory once
+        self._noticed: dict[int, int] = {}  # pack -> size a read found (-1: gone); damage only
 
     def existing(self) -> dict[int, int]:
         """pack number -> size on disk."""
@@ -100,6 +106,14 @@ class PackSet:
                 continue
         return out
 
+    def bytes_total(self) -> int:
+        """Bytes of all pack files, without listing them (see the module's bounds)."""
+        with self._lock:
+            if self._recount:
+                self._recount = False  # before listing: a change noticed meanwhile recounts
+                self._bytes = sum(self.existing().values())
+            return self._bytes
+
     def recover(self, committed: dict[int, int]) -> list[str]:
         """Cut every pack back to its committed length; open the last one for appends.
 
@@ -108,6 +122,7 @@ class PackSet:
         """
         notes: list[str] = []
         on_disk = self.existing()
+        self._bytes = sum(min(size, committed.get(no, 0)) for no, size in on_disk.items())
         for no, size in sorted(on_disk.items()):
             keep = committed.get(no, 0)
             if size > keep:
@@ -146,6 +161,7 @@ class PackSet:
                 LOGGER.error("%s was deleted or changed outside pacsmesh; starting a new pack",
                              pack_name(self._active_no))
                 self._active_len = st.st_size
+                self._recount = True
                 self._rotate()
             elif self._active_len > 0 and self._active_len + len(record) > self.pack_size_max:
                 self._rotate()
@@ -161,6 +177,7 @@ class PackSet:
                     raise StoreFull(f"disk full while writing {name}") from exc
                 raise
             self._active_len = offset + len(record)
+            self._bytes += len(record)
             self._dirty.add(self._active_no)
             return self._active_no, offset, len(record)
 
@@ -228,10 +245,20 @@ class PackSet:
                         self._reads.discard(pack_no, fd)
                         continue
                     raw = os.pread(fd, length, offset)
+                    if len(raw) != length:
+                        self._notice(pack_no, os.fstat(fd).st_size)
                     return raw
             except FileNotFoundError as exc:
+                self._notice(pack_no, -1)
                 raise ChunkCorrupt(f"{where}: pack file is missing") from exc
         raise ChunkCorrupt(f"{where}: pack file was deleted while being read")
+
+    def _notice(self, pack_no: int, size: int) -> None:
+        """A read found a pack cut or gone (-1): recount its bytes, once per change."""
+        with self._lock:
+            if self._noticed.get(pack_no) != size:
+                self._noticed[pack_no] = size
+                self._recount = True
 
     def close(self) -> None:
         with self._lock:
