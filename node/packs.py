@@ -91,7 +91,7 @@ class PackSet:
         self._active_fd = -1
         self._active_len = 0
         self._dirty: set[int] = set()
-        self._sealed_len: dict[int, int] = {}
+        self._sealed_len: dict[int, int] = {}  # final lengths of dirty sealed packs only
         self._bytes = 0  # all packs on disk, under _lock
         self._recount = False  # a pack changed outside pacsmesh: list the directory once
         self._noticed: dict[int, int] = {}  # pack -> size a read found (-1: gone); damage only
@@ -184,7 +184,8 @@ class PackSet:
     def _rotate(self) -> None:
         os.fsync(self._active_fd)  # the old pack is finished: make it durable before leaving it
         os.close(self._active_fd)
-        self._sealed_len[self._active_no] = self._active_len
+        if self._active_no in self._dirty:  # else the last snapshot took its final length
+            self._sealed_len[self._active_no] = self._active_len
         self._active_no += 1
         self._open_active()
         self._sync_dir()
@@ -200,15 +201,20 @@ class PackSet:
         """Lengths of the packs written since the last sync; call under the caller's ordering."""
         with self._lock:
             dirty = {
-                no: (self._active_len if no == self._active_no else self._sealed_len[no])
+                # a sealed pack's length is needed once: pop it, or one entry per pack stays
+                no: (self._active_len if no == self._active_no else self._sealed_len.pop(no))
                 for no in self._dirty
             }
             self._dirty.clear()
             return dirty
 
     def mark_dirty(self, pack_nos: dict[int, int]) -> None:
+        """Packs of a snapshot whose commit failed: the next snapshot reports them again."""
         with self._lock:
             self._dirty.update(pack_nos)
+            for no, length in pack_nos.items():
+                if no != self._active_no:  # sealed since, maybe longer than the snapshot saw
+                    self._sealed_len[no] = max(self._sealed_len.get(no, 0), length)
 
     def sync(self, pack_nos: list[int]) -> None:
         for no in pack_nos:

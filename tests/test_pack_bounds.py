@@ -217,7 +217,7 @@ def test_read_fds_never_closes_a_descriptor_in_use(tmp_path: Path) -> None:
 
     def borrower(t: int) -> None:
         rng = random.Random(t)
-        for n in range(3000):
+        for n in range(1500):
             k = rng.randrange(len(files))
             with fds.borrow(k) as fd:
                 if n % 7 == 0:
@@ -316,6 +316,36 @@ def test_byte_counter_follows_appends_restarts_recovery_and_damage(
 
     store = Store(data_dir, pack_size_max=PACK_SIZE_MAX)
     assert_counter_true(store, data_dir)
+    store.close()
+
+
+def test_sealed_pack_lengths_are_kept_only_until_committed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory does not grow per pack, and a failed group commit loses no pack length."""
+    data_dir = tmp_path / "node"
+    store = Store(data_dir, pack_size_max=PACK_SIZE_MAX)
+    for i in range(300):  # 100 packs, a commit every 10 chunks
+        data = chunk(i)
+        store.chunks.put(content_hash(data), len(data), data, 0)
+        if i % 10 == 9:
+            store.flush()
+    assert store.packs._sealed_len == {}
+
+    def failing_sync(pack_nos: list[int]) -> None:
+        raise OSError("injected: fsync failed")
+
+    for i in range(300, 330):  # appended, then their commit fails
+        data = chunk(i)
+        store.chunks.put(content_hash(data), len(data), data, 0)
+    monkeypatch.setattr(store.packs, "sync", failing_sync)
+    store.flush()
+    monkeypatch.undo()
+    for i in range(330, 345):  # more packs sealed before the retry
+        data = chunk(i)
+        store.chunks.put(content_hash(data), len(data), data, 0)
+    store.flush()
+    assert store.chunks.committed_pack_lengths() == pack_sizes(data_dir)
+    assert store.packs._sealed_len == {}
     store.close()
 
 
