@@ -4,6 +4,15 @@ A record is self-describing (magic, hash algorithm, flags, key, lengths, a CRC
 of the header) so the scrubber and a rebuild can walk packs without the index.
 Packs never change in place: a crash can only leave bytes past the last
 committed length, and `recover` cuts those off (they were never acknowledged).
+
+Bounds, whatever the number of packs (a 100 TB node has ~200,000):
+- open descriptors: at most `read_fds_max` for reads (an LRU, see node/readfds.py),
+  1 for appends to the active pack, and 1 for a moment while a sealed pack or the
+  directory is fsync'd; the store adds LMDB's own (data.mdb, its meta-sync handle,
+  lock.mdb) and the data dir's LOCK;
+- `bytes_total` is O(1): a running count, set from one directory listing at
+  `recover` and again only after a read or append noticed a pack deleted or cut
+  outside pacsmesh.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from pathlib import Path
 
 from node.errors import ChunkCorrupt, StoreFull
 from node.hashing import HASH_ALGO_ID, HASH_LEN
+from node.readfds import ReadFds
 
 LOGGER = logging.getLogger(__name__)
 RECORD_MAGIC = b"PMCK"
@@ -28,6 +38,10 @@ _HEADER = struct.Struct("<4sBBBB32sII")  # magic, version, algo, flags, reserved
 _CRC = struct.Struct("<I")
 RECORD_HEADER_LEN = _HEADER.size + _CRC.size
 PACK_SIZE_MAX = 512 << 20  # small enough to scrub or copy one at a time, big enough to keep few fds
+# A quarter of the 1,024 open files a service manager often allows, leaving the rest to
+# sockets and LMDB; 256 packs are 128 GiB, more than the hot set of reads (the scrubber
+# walks packs in order, so it needs one at a time).
+READ_FDS_MAX = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,20 +77,24 @@ def pack_name(pack_no: int) -> str:
 
 
 class PackSet:
-    """The pack files of one node. Appends are serialised; reads are lock-free preads."""
+    """The pack files of one node. Appends are serialised; reads are concurrent preads
+    through a bounded cache of descriptors."""
 
-    def __init__(self, directory: Path, pack_size_max: int = PACK_SIZE_MAX) -> None:
+    def __init__(self, directory: Path, pack_size_max: int = PACK_SIZE_MAX,
+                 read_fds_max: int = READ_FDS_MAX) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.pack_size_max = pack_size_max
         self._lock = threading.Lock()
-        self._read_fds: dict[int, int] = {}
+        self._reads = ReadFds(self._open_read, read_fds_max)
         self._active_no = 0
         self._active_fd = -1
         self._active_len = 0
         self._dirty: set[int] = set()
-        self._sealed_len: dict[int, int] = {}
-        self._fd_lock = threading.Lock()
+        self._sealed_len: dict[int, int] = {}  # final lengths of dirty sealed packs only
+        self._bytes = 0  # all packs on disk, under _lock
+        self._recount = False  # a pack changed outside pacsmesh: list the directory once
+        self._noticed: dict[int, int] = {}  # pack -> size a read found (-1: gone); damage only
 
     def existing(self) -> dict[int, int]:
         """pack number -> size on disk."""
@@ -84,9 +102,17 @@ class PackSet:
         for path in self.dir.glob("pack-*.dat"):
             try:
                 out[int(path.stem.split("-")[1])] = path.stat().st_size
-            except (ValueError, IndexError):
+            except (ValueError, IndexError, FileNotFoundError):  # deleted since the listing
                 continue
         return out
+
+    def bytes_total(self) -> int:
+        """Bytes of all pack files, without listing them (see the module's bounds)."""
+        with self._lock:
+            if self._recount:
+                self._recount = False  # before listing: a change noticed meanwhile recounts
+                self._bytes = sum(self.existing().values())
+            return self._bytes
 
     def recover(self, committed: dict[int, int]) -> list[str]:
         """Cut every pack back to its committed length; open the last one for appends.
@@ -96,6 +122,7 @@ class PackSet:
         """
         notes: list[str] = []
         on_disk = self.existing()
+        self._bytes = sum(min(size, committed.get(no, 0)) for no, size in on_disk.items())
         for no, size in sorted(on_disk.items()):
             keep = committed.get(no, 0)
             if size > keep:
@@ -134,6 +161,7 @@ class PackSet:
                 LOGGER.error("%s was deleted or changed outside pacsmesh; starting a new pack",
                              pack_name(self._active_no))
                 self._active_len = st.st_size
+                self._recount = True
                 self._rotate()
             elif self._active_len > 0 and self._active_len + len(record) > self.pack_size_max:
                 self._rotate()
@@ -149,13 +177,15 @@ class PackSet:
                     raise StoreFull(f"disk full while writing {name}") from exc
                 raise
             self._active_len = offset + len(record)
+            self._bytes += len(record)
             self._dirty.add(self._active_no)
             return self._active_no, offset, len(record)
 
     def _rotate(self) -> None:
         os.fsync(self._active_fd)  # the old pack is finished: make it durable before leaving it
         os.close(self._active_fd)
-        self._sealed_len[self._active_no] = self._active_len
+        if self._active_no in self._dirty:  # else the last snapshot took its final length
+            self._sealed_len[self._active_no] = self._active_len
         self._active_no += 1
         self._open_active()
         self._sync_dir()
@@ -171,15 +201,20 @@ class PackSet:
         """Lengths of the packs written since the last sync; call under the caller's ordering."""
         with self._lock:
             dirty = {
-                no: (self._active_len if no == self._active_no else self._sealed_len[no])
+                # a sealed pack's length is needed once: pop it, or one entry per pack stays
+                no: (self._active_len if no == self._active_no else self._sealed_len.pop(no))
                 for no in self._dirty
             }
             self._dirty.clear()
             return dirty
 
     def mark_dirty(self, pack_nos: dict[int, int]) -> None:
+        """Packs of a snapshot whose commit failed: the next snapshot reports them again."""
         with self._lock:
             self._dirty.update(pack_nos)
+            for no, length in pack_nos.items():
+                if no != self._active_no:  # sealed since, maybe longer than the snapshot saw
+                    self._sealed_len[no] = max(self._sealed_len.get(no, 0), length)
 
     def sync(self, pack_nos: list[int]) -> None:
         for no in pack_nos:
@@ -192,30 +227,12 @@ class PackSet:
     def size_of(self, pack_no: int) -> int:
         return (self.dir / pack_name(pack_no)).stat().st_size
 
-    def _fd(self, pack_no: int) -> int:
-        fd = self._read_fds.get(pack_no)
-        if fd is not None and os.fstat(fd).st_nlink == 0:
-            # The file was deleted: reading it through an old handle would hide the loss
-            # (the bytes die with the handle); look it up by name like a restart would.
-            with self._fd_lock:
-                if self._read_fds.get(pack_no) == fd:
-                    del self._read_fds[pack_no]
-                    os.close(fd)
-            fd = None
-        if fd is None:
-            with self._fd_lock:
-                fd = self._read_fds.get(pack_no)
-                if fd is None:
-                    fd = os.open(self.dir / pack_name(pack_no), os.O_RDONLY)
-                    self._read_fds[pack_no] = fd
-        return fd
+    def _open_read(self, pack_no: int) -> int:
+        return os.open(self.dir / pack_name(pack_no), os.O_RDONLY)
 
     def read(self, pack_no: int, offset: int, record_len: int) -> tuple[RecordHeader, bytes]:
         where = f"{pack_name(pack_no)}@{offset}"
-        try:
-            raw = os.pread(self._fd(pack_no), record_len, offset)
-        except FileNotFoundError as exc:
-            raise ChunkCorrupt(f"{where}: pack file is missing") from exc
+        raw = self._pread(pack_no, offset, record_len, where)
         if len(raw) != record_len:
             raise ChunkCorrupt(f"{where}: record runs past the end of the pack")
         header = decode_header(raw[:RECORD_HEADER_LEN], where)
@@ -223,12 +240,36 @@ class PackSet:
             raise ChunkCorrupt(f"{where}: record length disagrees with the index")
         return header, raw[RECORD_HEADER_LEN:]
 
+    def _pread(self, pack_no: int, offset: int, length: int, where: str) -> bytes:
+        for _ in range(2):  # a cached handle of a deleted pack, then the name
+            try:
+                with self._reads.borrow(pack_no) as fd:
+                    st = os.fstat(fd)
+                    if st.st_nlink == 0:
+                        # Deleted: reading through an old handle would hide the loss (the
+                        # bytes die with the handle); look it up by name like a restart would.
+                        self._reads.discard(pack_no, fd)
+                        continue
+                    raw = os.pread(fd, length, offset)
+                    if len(raw) != length:
+                        self._notice(pack_no, os.fstat(fd).st_size)
+                    return raw
+            except FileNotFoundError as exc:
+                self._notice(pack_no, -1)
+                raise ChunkCorrupt(f"{where}: pack file is missing") from exc
+        raise ChunkCorrupt(f"{where}: pack file was deleted while being read")
+
+    def _notice(self, pack_no: int, size: int) -> None:
+        """A read found a pack cut or gone (-1): recount its bytes, once per change."""
+        with self._lock:
+            if self._noticed.get(pack_no) != size:
+                self._noticed[pack_no] = size
+                self._recount = True
+
     def close(self) -> None:
         with self._lock:
             if self._active_fd >= 0:
                 os.fsync(self._active_fd)
                 os.close(self._active_fd)
                 self._active_fd = -1
-            for fd in self._read_fds.values():
-                os.close(fd)
-            self._read_fds.clear()
+            self._reads.close()

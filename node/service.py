@@ -279,7 +279,7 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
                         f"copies; the oldest for {oldest_age / 3600:.1f} h: check peers and "
                         "placement"))
         nodes = self.view.nodes()
-        chunk_bytes = sum(self.store.packs.existing().values())
+        chunk_bytes = self.store.packs.bytes_total()
         return node_pb2.StatusReply(
             repair=self.view.repair(),
             copies=required, min_distance_miles=self.view.min_distance_miles(), nodes=nodes,

@@ -33,7 +33,7 @@ from node.catalog import Catalog
 from node.chunkstore import ChunkStore, is_lmdb_full
 from node.errors import DataDirLocked, StoreFull
 from node.manifest import decode as manifest_decode
-from node.packs import PACK_SIZE_MAX, PackSet
+from node.packs import PACK_SIZE_MAX, READ_FDS_MAX, PackSet
 from proto import node_pb2
 
 LOGGER = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ LOGGER = logging.getLogger(__name__)
 LMDB_MAP_SIZE = 1 << 40  # address space only (sparse); 1 TiB of index is ~10^9 chunks
 COMMIT_BATCH_MAX = 4096  # manifests per transaction: bounds one commit's latency
 FREE_RESERVE_BYTES = 64 << 20  # kept free so the index can always commit what packs hold
-FREE_CACHE_S = 0.5  # statvfs and pack sizes per instance cost more than the check is worth
+FREE_CACHE_S = 0.5  # a statvfs per instance costs more than the check is worth
 
 
 @dataclass
@@ -55,7 +55,8 @@ class CommitItem:
 
 class Store:
     def __init__(self, data_dir: Path, capacity_bytes: int = 0,
-                 pack_size_max: int = PACK_SIZE_MAX, partitions: int = 1024) -> None:
+                 pack_size_max: int = PACK_SIZE_MAX, partitions: int = 1024,
+                 read_fds_max: int = READ_FDS_MAX) -> None:
         self.data_dir = data_dir
         self.capacity_bytes = capacity_bytes
         self._free_at, self._free_cached, self._admitted_since_check = -1e9, 0, 0
@@ -65,7 +66,7 @@ class Store:
             str(data_dir / "index"), map_size=LMDB_MAP_SIZE, max_dbs=64, subdir=True,
             sync=True, metasync=True, readahead=False, max_readers=512,
         )
-        self.packs = PackSet(data_dir / "packs", pack_size_max)
+        self.packs = PackSet(data_dir / "packs", pack_size_max, read_fds_max)
         self.chunks = ChunkStore(self.env, self.packs)
         self.catalog = Catalog(self.env, partitions)
         for note in self.packs.recover(self.chunks.committed_pack_lengths()):
@@ -84,7 +85,9 @@ class Store:
     # ---- capacity -----------------------------------------------------------------
 
     def used_bytes(self) -> int:
-        return sum(self.packs.existing().values()) + _dir_size(self.data_dir / "index")
+        """Packs plus the index, in O(1): called per status request and per admission
+        check, so it must not list the packs (a 100 TB node has ~200,000)."""
+        return self.packs.bytes_total() + _file_size(self.data_dir / "index" / "data.mdb")
 
     def free_bytes(self) -> int:
         now = time.monotonic()
@@ -258,8 +261,8 @@ def _lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
-def _dir_size(path: Path) -> int:
+def _file_size(path: Path) -> int:
     try:
-        return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+        return path.stat().st_size
     except FileNotFoundError:
         return 0
