@@ -61,7 +61,7 @@ class Store:
         data_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _lock_data_dir(data_dir)
         self.env: Any = lmdb.open(
-            str(data_dir / "index"), map_size=LMDB_MAP_SIZE, max_dbs=16, subdir=True,
+            str(data_dir / "index"), map_size=LMDB_MAP_SIZE, max_dbs=64, subdir=True,
             sync=True, metasync=True, readahead=False, max_readers=512,
         )
         self.packs = PackSet(data_dir / "packs", pack_size_max)
