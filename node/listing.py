@@ -26,7 +26,7 @@ T = TypeVar("T")
 LIMIT_DEFAULT = 1000  # studies per page when the request says 0
 LIMIT_MAX = 10_000  # ~2 MB of summaries: far below the 16 MiB message cap
 EXAMINE_MAX = 50_000  # candidates one request looks at (~0.5 s of record reads)
-READ_BATCH = 1000  # keys per read transaction
+READ_BATCH = 1000  # keys per read transaction, at most
 
 
 class BadQuery(ValueError):
@@ -135,8 +135,10 @@ def list_page(catalog: Catalog, flt: StudyFilter, after: str, limit: int,
     start = source.start(after)
     items: list[T] = []
     examined = 0
+    batch = min(READ_BATCH, limit)  # a small page reads little; a sparse filter, more
     while True:
-        budget = min(READ_BATCH, examine_max - examined)
+        budget = min(batch, examine_max - examined)
+        batch = min(READ_BATCH, batch * 2)
         rows = source.read(start, budget + 1)  # one more: is there anything after?
         for i, (_, uid, rec) in enumerate(rows[:budget]):
             examined += 1

@@ -189,6 +189,13 @@ def _ints(doc: dict[str, Any], *keys: str) -> None:
             doc[k] = int(doc[k])
 
 
+def _study_dict(st: node_pb2.StudySummary) -> dict[str, Any]:
+    """The CONTRACT's fields, built directly: MessageToDict costs ~30 us a study."""
+    return {"study_uid": st.study_uid, "patient_id": st.patient_id,
+            "study_date": st.study_date, "modalities": list(st.modalities),
+            "instances": st.instances, "bytes": st.bytes, "safe_copies": st.safe_copies}
+
+
 def _ls_request(args: argparse.Namespace, after: str) -> node_pb2.ListStudiesRequest:
     return node_pb2.ListStudiesRequest(
         local=args.local, limit=args.limit, after=after, patient_id=args.patient,
@@ -208,10 +215,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 reply = stub.ListStudies(_ls_request(args, after))
             except grpc.RpcError as exc:
                 raise _rpc_error(exc, args.node) from exc
-            for st in reply.studies:
-                d = _to_dict(st)
-                _ints(d, "instances", "bytes", "safe_copies")
-                studies.append(d)
+            studies.extend(_study_dict(st) for st in reply.studies)
             after = reply.next
             if not (args.all and after):
                 break
@@ -226,8 +230,19 @@ def cmd_ls(args: argparse.Namespace) -> int:
         if after:
             print(f"more: repeat with --after {after} for the next page")
 
-    _emit(args, {"studies": studies, "next": after or None}, human)
+    if args.json:
+        sys.stdout.write(_ls_json(studies, after or None))
+    else:
+        human()
     return 0
+
+
+def _ls_json(studies: list[dict[str, Any]], next_: str | None) -> str:
+    """One study a line: readable, and fast (json's indent= runs in pure Python,
+    ~50 us a study)."""
+    rows = ",\n".join(f"    {json.dumps(d)}" for d in studies)
+    body = f"[\n{rows}\n  ]" if rows else "[]"
+    return f'{{\n  "studies": {body},\n  "next": {json.dumps(next_)}\n}}\n'
 
 
 def cmd_locate(args: argparse.Namespace) -> int:
