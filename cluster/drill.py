@@ -11,6 +11,7 @@ in the node's catalog so they survive a restart.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import random
@@ -27,6 +28,7 @@ from node.chunkstore import decompress
 from node.errors import ChunkCorrupt
 from node.hashing import FileHasher, content_hash
 from node.packs import FLAG_ZSTD
+from node.service import DRILL_COUNT_MAX
 from node.worker import Worker, WorkerState
 from proto import node_pb2, peer_pb2
 
@@ -34,6 +36,11 @@ LOGGER = logging.getLogger(__name__)
 DRILL_RESULTS_KEPT = 50
 DRILL_TIMEOUT_S = 600.0  # one study; a restore slower than this is a failed drill
 _RESULTS_KEY = b"drill_results"
+# up to this many studies, drills choose among all of them (a walk this short is cheap)
+DRILL_WALK_STUDIES_MAX = 2000
+# past it, this many random studies per study drilled: most are held in full elsewhere
+DRILL_SAMPLE_FACTOR = 8
+_RNG = random.Random()
 
 
 class Drills:
@@ -71,7 +78,7 @@ class Drills:
 
     async def run(self, count: int) -> list[node_pb2.DrillResult]:
         r = self.r
-        candidates = await r._run(self._candidates)
+        candidates = await r._run(self._candidates, count)
         picked = random.sample(candidates, min(count, len(candidates)))
         at = time.time()
         results = []
@@ -89,14 +96,25 @@ class Drills:
         await r._run(self._save)
         return results
 
-    def _candidates(self) -> list[tuple[str, str, str, str]]:
-        """(study, holder id, site, address) for studies some other alive node holds."""
+    def _candidates(self, count: int) -> list[tuple[str, str, str, str]]:
+        """(study, holder id, site, address) for studies some other alive node holds in
+        full: every study of a small catalog, else a random sample of about
+        DRILL_SAMPLE_FACTOR * count studies (never a walk of a large catalog)."""
         r = self.r
         snap = r.state.snapshot
         positions = snap.positions()
         alive: dict[str, Member] = {m.node_id: m for m in snap.alive_peers(r.node_id)}
+        catalog = r.store.catalog
+        if catalog.study_count() <= DRILL_WALK_STUDIES_MAX:
+            uids = list(itertools.islice(catalog.study_uids(), DRILL_WALK_STUDIES_MAX))
+        else:
+            uids = catalog.sample_study_uids(min(count, DRILL_COUNT_MAX) * DRILL_SAMPLE_FACTOR,
+                                             _RNG)
         out = []
-        for rec in r.store.catalog.study_records():
+        for uid in uids:
+            rec = catalog.study_record(uid)
+            if rec is None:
+                continue
             holdings = [h for h in r.holdings_for(rec.study_uid) if h.node_id in alive]
             verdict = assess(rec.instances, rec.current_digest, holdings, positions,
                              r.state.min_distance_miles)

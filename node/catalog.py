@@ -14,7 +14,10 @@
     part_study  partition(4) study uid -> ''
     safety      study uid -> safe copies(1) unsafe(1)             (as the cluster last judged)
     unsafe      first received ms(8) study uid -> ''               (short of copies, oldest first)
-    meta        b"partitions" -> P (fixed when the catalog is created)
+    meta        b"partitions" -> P (fixed when the catalog is created),
+                b"format" -> 2 (need by partition, part_held, safety),
+                b"catalog_format" -> 2 (the study indexes below are complete)
+    by_patient, by_date, by_accession: value \\0 study uid -> '' (node/study_index.py)
 
 `need` is keyed by partition so a node finds what placement asks it to fetch
 by reading its own partitions only, from a cursor, however many manifests of
@@ -29,8 +32,9 @@ and aggregates never disagree with what they count.
 from __future__ import annotations
 
 import itertools
+import random
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +42,7 @@ import blake3
 
 from node import manifest as mf
 from node.errors import ConfigError
+from node.study_index import StudyIndexes, indexed_values, split_key
 from proto import node_pb2
 
 SEP = b"\x00"
@@ -49,6 +54,12 @@ DIGEST_LEN = 32
 EMPTY_DIGEST = bytes(DIGEST_LEN)
 FORMAT = 2  # 2: need keyed by partition, part_held, safety (1: not_held keyed by id)
 MIGRATE_BATCH = 10_000  # records per transaction when an old data dir is upgraded
+# keys read from one random start in a partition when sampling studies: a partition
+# this small (~4M studies in all at P=1024) is sampled exactly uniformly
+SAMPLE_WINDOW = 4096
+
+# (key, study uid, record) as read in key order by `Catalog.scan`
+Scanned = tuple[bytes, str, node_pb2.StudyRecord | None]
 
 
 def element_hash(manifest_id: bytes) -> int:
@@ -105,6 +116,8 @@ class Catalog:
                 raise ConfigError(
                     f"this data dir was created for {_U32.unpack(stored)[0]} partitions, the "
                     f"config says {partitions}; the partition count is fixed for a cluster")
+        self.indexes = StudyIndexes(env)
+        self.indexes.backfill(self.study_recs, self.meta)
         self._upgrade()
 
     # ---- writes (inside the group commit) ----------------------------------------
@@ -128,6 +141,7 @@ class Catalog:
         self._partition_add(txn, partition, manifest_id)
 
         rec = self._record(txn, m.study_instance_uid)
+        before = indexed_values(rec)
         if rec is None:  # a new study is unsafe until the cluster says otherwise
             rec = node_pb2.StudyRecord(study_uid=m.study_instance_uid, partition=partition,
                                        first_received_ms=m.received_hlc >> 16)
@@ -159,6 +173,7 @@ class Catalog:
                     setattr(rec, name, value)
             if m.modality and m.modality not in rec.modalities:
                 rec.modalities.append(m.modality)
+            self.indexes.update(txn, m.study_instance_uid, before, rec)
         txn.put(m.study_instance_uid.encode(), rec.SerializeToString(), db=self.study_recs)
         if held_at_ms is not None:
             self.set_held(txn, manifest_id, m, held_at_ms)
@@ -455,6 +470,64 @@ class Catalog:
                 rec.ParseFromString(bytes(raw))
                 yield rec
 
+    def study_count(self) -> int:
+        with self.env.begin() as txn:
+            return int(txn.stat(self.study_recs)["entries"])
+
+    def scan(self, index: str, start: bytes, count: int,
+             within: Callable[[bytes], bool] | None = None) -> list[Scanned]:
+        """Up to `count` studies in key order from `start` (inclusive; b"" = the first)
+        of `index` ("" = study_recs, by study uid; else a field of study_index), with
+        their records, stopping at the first key `within` rejects. One short read
+        transaction: LMDB cannot reuse freed pages while a reader stays open."""
+        db = self.indexes.dbs[index] if index else self.study_recs
+        out: list[Scanned] = []
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=db)
+            ok = cur.set_range(start) if start else cur.first()
+            while ok and len(out) < count:
+                key = bytes(cur.key())
+                if within is not None and not within(key):
+                    break
+                if index:
+                    uid = split_key(key)[1]
+                    rec = self._record(txn, uid)
+                else:
+                    uid = key.decode()
+                    rec = node_pb2.StudyRecord()
+                    rec.ParseFromString(bytes(cur.value()))
+                out.append((key, uid, rec))
+                ok = cur.next()
+        return out
+
+    def sample_study_uids(self, count: int, rng: random.Random) -> list[str]:
+        """About `count` random study uids (distinct), without walking the catalog: each
+        from a random partition, drawn from up to SAMPLE_WINDOW of its studies read
+        from a random point (wrapping round)."""
+        out: dict[str, None] = {}
+        for _ in range(count):
+            with self.env.begin(db=self.part_study) as txn:
+                uid = self._sample_partition(txn.cursor(), rng.randrange(self.partitions), rng)
+            if uid is not None:
+                out[uid] = None
+        return list(out)
+
+    def _sample_partition(self, cur: Any, partition: int, rng: random.Random) -> str | None:
+        prefix = _U32.pack(partition)
+        if not cur.set_range(prefix) or not bytes(cur.key()).startswith(prefix):
+            return None  # an empty partition
+        first = bytes(cur.key())
+        # its last key: just before the next partition's first, else the last of all
+        if partition + 1 < self.partitions and cur.set_range(_U32.pack(partition + 1)):
+            cur.prev()
+        else:
+            cur.last()
+        keys = _window(cur, prefix, _between(first, bytes(cur.key()), rng), SAMPLE_WINDOW)
+        if len(keys) < SAMPLE_WINDOW:  # wrap round to the partition's start
+            keys += _window(cur, prefix, first, SAMPLE_WINDOW - len(keys),
+                            keys[0] if keys else None)
+        return rng.choice(keys)[len(prefix):].decode()
+
     def study_info(self, study_uid: str) -> StudyInfo:
         rec = self.study_record(study_uid)
         if rec is None:
@@ -622,3 +695,24 @@ class Catalog:
                 int(txn.stat(self.manifests)["entries"]),
                 int(txn.stat(self.versions)["entries"]),
             )
+
+
+def _between(low: bytes, high: bytes, rng: random.Random) -> bytes:
+    """A random key between two keys (as numbers, padded to one length)."""
+    n = max(len(low), len(high))
+    a, b = int.from_bytes(low.ljust(n, SEP), "big"), int.from_bytes(high.ljust(n, SEP), "big")
+    return rng.randint(a, b).to_bytes(n, "big")
+
+
+def _window(cur: Any, prefix: bytes, start: bytes, count: int,
+            stop: bytes | None = None) -> list[bytes]:
+    """Up to `count` keys of one partition from `start` on, ending before `stop`."""
+    out: list[bytes] = []
+    ok = cur.set_range(start)
+    while ok and len(out) < count:
+        key = bytes(cur.key())
+        if not key.startswith(prefix) or (stop is not None and key >= stop):
+            break
+        out.append(key)
+        ok = cur.next()
+    return out

@@ -17,6 +17,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 
 from node import alerts as alerts_mod
+from node import listing
 from node.errors import ChunkCorrupt, ChunkMissing, PacsmeshError
 from node.hlc import HybridClock
 from node.ingest import IngestSession, Prepared
@@ -226,23 +227,32 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
 
     # ---- views ------------------------------------------------------------------------
 
-    def _study_summaries(self, local: bool) -> list[node_pb2.StudySummary]:
-        out = []
-        for rec in self.store.catalog.study_records():
-            if local and (rec.instances == 0 or rec.held_instances < rec.instances):
-                continue
-            _, safe = self.view.holders(rec.study_uid, rec.instances)
-            out.append(node_pb2.StudySummary(
-                study_uid=rec.study_uid, patient_id=rec.patient_id, study_date=rec.study_date,
-                modalities=sorted(rec.modalities), instances=rec.instances, bytes=rec.bytes,
-                safe_copies=safe))
-        return out
+    def _summary(self, rec: node_pb2.StudyRecord, unsafe_only: bool
+                 ) -> node_pb2.StudySummary | None:
+        _, safe = self.view.holders(rec.study_uid, rec.instances)
+        if unsafe_only and safe >= self.view.copies():
+            return None
+        return node_pb2.StudySummary(
+            study_uid=rec.study_uid, patient_id=rec.patient_id, study_date=rec.study_date,
+            modalities=sorted(rec.modalities), instances=rec.instances, bytes=rec.bytes,
+            safe_copies=safe)
+
+    def _study_page(self, request: node_pb2.ListStudiesRequest
+                    ) -> listing.Page[node_pb2.StudySummary]:
+        flt = listing.StudyFilter(patient_id=request.patient_id, since=request.since,
+                                  until=request.until, modality=request.modality,
+                                  local=request.local)
+        return listing.list_page(self.store.catalog, flt, request.after, request.limit,
+                                 lambda rec: self._summary(rec, request.unsafe))
 
     async def ListStudies(self, request: node_pb2.ListStudiesRequest,
                           context: grpc.aio.ServicerContext[Any, Any]
                           ) -> node_pb2.ListStudiesReply:
-        studies = await self._run(self._study_summaries, request.local)
-        return node_pb2.ListStudiesReply(studies=studies)
+        try:
+            page = await self._run(self._study_page, request)
+        except listing.BadQuery as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return node_pb2.ListStudiesReply(studies=page.items, next=page.next)
 
     def _locate(self, study_uid: str) -> node_pb2.LocateReply:
         info = self.store.catalog.study_info(study_uid)

@@ -533,20 +533,55 @@ Global___GetStudyMessage: _TypeAlias = GetStudyMessage  # noqa: Y015
 
 @_typing.final
 class ListStudiesRequest(_message.Message):
-    """---- views -----------------------------------------------------------------"""
+    """---- views -----------------------------------------------------------------
+
+    One page of studies. Order: study UID; with since/until (and no patient_id) by
+    study date, then UID. Filters combine (AND). A request examines a bounded
+    number of studies, so a page may hold fewer than `limit` (even none) while
+    `next` says there is more to look at.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     LOCAL_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    PATIENT_ID_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
+    MODALITY_FIELD_NUMBER: _builtins.int
+    UNSAFE_FIELD_NUMBER: _builtins.int
     local: _builtins.bool
+    """only studies this node holds in full, verified"""
+    limit: _builtins.int
+    """studies per page: 0 = 1000; at most 10000"""
+    after: _builtins.str
+    """continue after this study UID (a previous reply's `next`)"""
+    patient_id: _builtins.str
+    """exact Patient ID"""
+    since: _builtins.str
+    """YYYYMMDD: study date on or after"""
+    until: _builtins.str
+    """YYYYMMDD: study date on or before"""
+    modality: _builtins.str
+    """a modality in the study (e.g. "CT")"""
+    unsafe: _builtins.bool
+    """only studies with fewer safe copies than required"""
     def __init__(
         self,
         *,
         local: _builtins.bool = ...,
+        limit: _builtins.int = ...,
+        after: _builtins.str = ...,
+        patient_id: _builtins.str = ...,
+        since: _builtins.str = ...,
+        until: _builtins.str = ...,
+        modality: _builtins.str = ...,
+        unsafe: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["local", b"local"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "limit", b"limit", "local", b"local", "modality", b"modality", "patient_id", b"patient_id", "since", b"since", "unsafe", b"unsafe", "until", b"until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -595,16 +630,20 @@ class ListStudiesReply(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     STUDIES_FIELD_NUMBER: _builtins.int
+    NEXT_FIELD_NUMBER: _builtins.int
+    next: _builtins.str
+    """pass as `after` for the next page; empty: no more"""
     @_builtins.property
     def studies(self) -> _containers.RepeatedCompositeFieldContainer[Global___StudySummary]: ...
     def __init__(
         self,
         *,
         studies: _abc.Iterable[Global___StudySummary] | None = ...,
+        next: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["studies", b"studies"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next", b"next", "studies", b"studies"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

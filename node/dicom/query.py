@@ -9,9 +9,10 @@ keep no value for matches everything and comes back empty, as the standard
 allows for optional keys.
 
 Where the values come from: study records hold the patient and study keys most
-queries use, so a study-level query reads one small record per study; the rest
-(study time, series and instance keys) come from the manifests of the studies
-that already matched. Answers are streamed, and bounded by `MATCHES_MAX`.
+queries use, so a study-level query reads one small record per candidate study
+(found through the indexes where a key allows: candidates.py); the rest (study
+time, series and instance keys) come from the manifests of the studies that
+already matched. Answers are streamed, and bounded by `MATCHES_MAX`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from node.catalog import Catalog
+from node.dicom.candidates import candidate_records
 from node.dicom.status import CANCEL, PENDING, SUCCESS, status
 from proto import node_pb2
 
@@ -33,7 +35,7 @@ LOGGER = logging.getLogger(__name__)
 
 MATCHES_MAX = 10_000  # responses to one C-FIND: past this, narrow the query
 RETRIEVE_INSTANCES_MAX = 65_535  # sub-operation counts are US (PS3.7 C.4.2/3)
-STUDIES_MATCHED_MAX = 100_000  # studies held in memory while one query runs
+STUDIES_MATCHED_MAX = 100_000  # studies one query answers (patients held in memory)
 
 STATUS_FIND_TOO_MANY = 0xA700  # out of resources
 STATUS_FIND_BAD_IDENTIFIER = 0xA900  # identifier does not match SOP class
@@ -240,46 +242,28 @@ def _instance_order(m: node_pb2.Manifest) -> tuple[str, int, str]:
 # ---- the search -----------------------------------------------------------------------------
 
 
-def _key_values(keys: list[Key], keyword: str) -> tuple[str, ...] | None:
-    """A key's exact values when it names specific entities (no wildcard), else None."""
-    for key in keys:
-        if key.keyword == keyword and not key.universal:
-            if any("*" in v or "?" in v for v in key.values):
-                return None
-            return key.values
-    return None
+def _wanted(keys: list[Key]) -> dict[str, tuple[str, ...]]:
+    """keyword -> values of the keys that name something (not universal)."""
+    return {k.keyword: k.values for k in keys if not k.universal}
 
 
-def _study_records(catalog: Catalog, keys: list[Key]) -> Iterator[node_pb2.StudyRecord]:
-    """Candidate studies: looked up by UID when the query names them, else all."""
-    uids = _key_values(keys, "StudyInstanceUID")
-    if uids is not None:
-        for uid in dict.fromkeys(uids):
-            rec = catalog.study_record(uid)
-            if rec is not None and rec.instances > 0:
-                yield rec
-        return
-    for rec in catalog.study_records():
-        if rec.instances > 0:
-            yield rec
-
-
-def matching_studies(catalog: Catalog, keys: list[Key]) -> list[Row]:
-    """Studies whose patient and study keys match. The record-level keys are tested
-    while the records are read (one short read transaction); the rest after it."""
+def matching_studies(catalog: Catalog, keys: list[Key]) -> Iterator[Row]:
+    """Studies whose patient and study keys match, streamed. Candidates come from the
+    indexes (candidates.py); keys the study record holds are tested first, the rest
+    (which read the study's manifests) only on studies that passed those."""
     record_keys = [k for k in keys if k.keyword in RECORD_KEYS]
     other_keys = [k for k in keys if k.keyword not in RECORD_KEYS]
-    found: list[node_pb2.StudyRecord] = []
-    for rec in _study_records(catalog, record_keys):
+    matched = 0
+    for rec in candidate_records(catalog, _wanted(record_keys)):
         row = study_row(catalog, rec)
-        if row_matches(record_keys, row):
-            found.append(rec)
-            if len(found) >= STUDIES_MATCHED_MAX:
-                LOGGER.warning("query matched more than %d studies; the rest are left out",
-                               STUDIES_MATCHED_MAX)
-                break
-    rows = [study_row(catalog, rec) for rec in found]
-    return [row for row in rows if row_matches(other_keys, row)]
+        if not (row_matches(record_keys, row) and row_matches(other_keys, row)):
+            continue
+        yield row
+        matched += 1
+        if matched >= STUDIES_MATCHED_MAX:
+            LOGGER.warning("query matched more than %d studies; the rest are left out",
+                           STUDIES_MATCHED_MAX)
+            return
 
 
 def _upper_keys(keys: list[Key], fields: dict[str, str]) -> list[Key]:
@@ -311,11 +295,10 @@ def _patients(catalog: Catalog, keys: list[Key]) -> Iterator[Row]:
     patient_keys = [k for k in keys if k.keyword in PATIENT_FIELDS or
                     k.keyword.startswith("NumberOfPatientRelated")]
     by_patient: dict[str, list[Row]] = {}
-    for rec in catalog.study_records():
-        if rec.instances == 0:
-            continue
+    record_keys = [k for k in patient_keys if k.keyword in RECORD_KEYS]
+    for rec in candidate_records(catalog, _wanted(record_keys)):
         row = study_row(catalog, rec)
-        if row_matches([k for k in patient_keys if k.keyword in RECORD_KEYS], row):
+        if row_matches(record_keys, row):
             by_patient.setdefault(rec.patient_id, []).append(row)
             if len(by_patient) >= STUDIES_MATCHED_MAX:
                 break
