@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from cluster.drill import Drills, DrillWorker
@@ -55,6 +56,10 @@ def build(cfg: Config) -> NodeDaemon:
     settings = ClusterSettings(c.copies, c.min_distance_miles, c.partitions)
     me = me_as_member(daemon.node_id, cfg.node.site, cfg.node.lat, cfg.node.lon, cfg.advertise,
                       next_incarnation(cfg.node.data_dir))
+    # our real size from the first record on: a weight of zero until the first gossip
+    # round would move placement away from us and back at every start
+    me = replace(me, capacity_bytes=cfg.node.capacity_bytes,
+                 used_bytes=daemon.store.used_bytes(), free_bytes=daemon.store.free_bytes())
     membership = new_membership(me, settings, list(c.seeds), c.gossip_interval_s,
                                 c.suspect_after_s or None, c.dead_after_s)
     peers = Peers()
@@ -66,7 +71,7 @@ def build(cfg: Config) -> NodeDaemon:
                             daemon.pool)
     background = max(1.0, 5 * c.gossip_interval_s)
     trim = TrimWorker(replicator, background)
-    safety = SafetyWorker(replicator, c.repair_stalled_after_s)
+    safety = SafetyWorker(replicator, c.repair_stalled_after_s, c.gossip_interval_s)
     gossip.on_placement_change.append(replicator.on_placement_change)
     gossip.on_placement_change.append(trim.on_placement_change)
     replicator.on_holdings_changed.append(trim.on_holdings_changed)

@@ -27,6 +27,12 @@ from node.worker import Worker, WorkerState
 
 LOGGER = logging.getLogger(__name__)
 STUDIES_PER_STEP_MAX = 2000  # judged per step: ~0.1 s of work
+# A holder that stops counting (suspect, dead, gone) must stay so this many gossip
+# intervals before its studies are judged again: an overloaded node flapping
+# alive <-> suspect would otherwise make every peer re-judge everything it holds
+# on every flap (and load them more). A holder that starts counting is adopted
+# at once: that only ever makes verdicts more accurate sooner.
+SETTLE_GOSSIP_ROUNDS = 5
 SWEEP_PAGE = 2000
 _POSITIONS_KEY = b"safety_positions"
 ALL = ""  # a sweep over every study (after an upgrade)
@@ -36,12 +42,15 @@ class SafetyWorker(Worker):
     name = "safety"
     idle_s = 0.5
 
-    def __init__(self, r: Replicator, stall_after_s: float) -> None:
+    def __init__(self, r: Replicator, stall_after_s: float, gossip_interval_s: float) -> None:
         self.r = r
+        self.settle_s = SETTLE_GOSSIP_ROUNDS * gossip_interval_s
         self._lock = threading.Lock()
         self._dirty: set[str] = set()
         self._sweeps: collections.deque[tuple[str, bytes]] = collections.deque()
         self._judged_positions = self._load_positions()
+        # node -> (its new state, since when): changes not yet lasting SETTLE_S
+        self._unsettled: dict[str, tuple[list[object] | None, float]] = {}
         self.tracker = RepairTracker(stall_after_s)
         self.judged = 0
         if r.store.catalog.take_sweep_request():
@@ -82,7 +91,7 @@ class SafetyWorker(Worker):
 
     def _judge(self, studies: list[str]) -> None:
         r = self.r
-        positions = r.state.snapshot.positions()
+        positions = self._positions()
         verdicts = []
         for study in studies:
             rec = r.store.catalog.study_record(study)
@@ -92,8 +101,13 @@ class SafetyWorker(Worker):
                              positions, r.state.min_distance_miles)
             verdicts.append((study, verdict.safe_copies,
                              rec.instances == 0 or verdict.safe_copies < r.state.copies))
-        r.store.catalog.set_safety(verdicts)
+            LOGGER.debug("judged %s: %d safe copies, full holders %s", study,
+                         verdict.safe_copies, verdict.full_holders)
+        changed = r.store.catalog.set_safety(verdicts)
         self.judged += len(verdicts)
+        if changed:
+            LOGGER.info("safety of %d studies changed (%d judged; %d unsafe now)", changed,
+                        len(verdicts), sum(1 for _, _, unsafe in verdicts if unsafe))
 
     def _sweep_page(self, limit: int) -> list[str]:
         peer, after = self._sweeps.popleft()
@@ -110,18 +124,50 @@ class SafetyWorker(Worker):
     # ---- holders whose state or site changed ----------------------------------------
 
     def _watch_positions(self) -> None:
-        now = self.r.state.snapshot.positions()
-        changed = [n for n, pos in now.items() if n != self.r.node_id
-                   and self._judged_positions.get(n) != _key(pos)]
+        """Adopt holders' settled changes of state or site; queue their studies."""
+        live = {n: _key(pos) for n, pos in self.r.state.snapshot.positions().items()
+                if n != self.r.node_id}
+        t = time.monotonic()
+        changed = []
+        for n in sorted(live.keys() | self._judged_positions.keys()):
+            key = live.get(n)  # None: not in our member table (not counted as a holder)
+            if self._judged_positions.get(n) == key:
+                self._unsettled.pop(n, None)
+                continue
+            seen = self._unsettled.get(n)
+            if key is not None and key[3]:  # counts from now on: adopt at once
+                changed.append(n)
+                self._unsettled.pop(n, None)
+            elif seen is None or seen[0] != key:
+                self._unsettled[n] = (key, t)
+            elif t - seen[1] >= self.settle_s:
+                changed.append(n)
+                del self._unsettled[n]
         if not changed:
             return
+        judged = dict(self._judged_positions)
         for node_id in changed:
-            self._judged_positions[node_id] = _key(now[node_id])
+            key = live.get(node_id)
+            if key is None:
+                judged.pop(node_id, None)
+            else:
+                judged[node_id] = key
             if all(p != node_id for p, _ in self._sweeps):
                 self._sweeps.append((node_id, b""))
+        self._judged_positions = judged  # replaced, not mutated: _judge reads it in a thread
         LOGGER.info("holders changed state (%s): judging their studies again",
-                    ", ".join(sorted(changed)))
+                    ", ".join(changed))
         self._save_positions()
+
+    def _positions(self) -> dict[str, Position]:
+        """Holders as the stored verdicts see them: every verdict is judged against the
+        same settled view, and a settled change re-judges what it touches."""
+        out = {n: Position(n, str(k[0]), float(k[1]), float(k[2]), bool(k[3]))  # type: ignore[arg-type]
+               for n, k in self._judged_positions.items()}
+        me = self.r.state.snapshot.positions().get(self.r.node_id)
+        if me is not None:
+            out[me.node_id] = me
+        return out
 
     def _load_positions(self) -> dict[str, list[object]]:
         catalog = self.r.store.catalog

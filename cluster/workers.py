@@ -149,17 +149,20 @@ class AntiEntropyWorker(Worker):
 
 
 class HoldingsWorker(Worker):
-    """Keeps our cache of every alive peer's holdings equal to theirs, by digests."""
+    """Keeps our cache of every alive peer's holdings equal to theirs, by digests.
+    Each peer's round runs on its own: a slow peer delays only its own news."""
 
     name = "holdings"
 
     def __init__(self, r: Replicator, interval_s: float) -> None:
         self.r = r
         self.idle_s = interval_s
+        self._rounds: dict[str, asyncio.Task[None]] = {}
 
     async def step(self) -> WorkerState:
-        peers = self.r.state.snapshot.alive_peers(self.r.node_id)
-        await asyncio.gather(*(self._one(p.node_id, p.address) for p in peers))
+        for p in self.r.state.snapshot.alive_peers(self.r.node_id):
+            if p.node_id not in self._rounds:
+                self._rounds[p.node_id] = asyncio.create_task(self._one(p.node_id, p.address))
         return WorkerState.IDLE
 
     async def _one(self, node_id: str, address: str) -> None:
@@ -180,6 +183,10 @@ class HoldingsWorker(Worker):
                         callback(node_id, [replace.partition], changed)
         except grpc.aio.AioRpcError as exc:
             LOGGER.debug("holdings of %s: %s", node_id, exc.code().name)
+        except Exception:  # a task of its own: nobody else would see it
+            LOGGER.exception("holdings round with %s failed", node_id)
+        finally:
+            self._rounds.pop(node_id, None)
 
 
 class TrimWorker(Worker):

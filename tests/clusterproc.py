@@ -34,6 +34,7 @@ CITIES: dict[str, tuple[float, float]] = {
     "Chicago": (41.8781, -87.6298),
     "Denver": (39.7392, -104.9903),
     "Seattle": (47.6062, -122.3321),
+    "Atlanta": (33.7490, -84.3880),
 }
 
 GOSSIP_INTERVAL_S = 0.2
