@@ -46,6 +46,7 @@ ADHASH_MOD = 1 << 256
 PARTITIONS_PER_ROUND_MAX = 64  # partitions opened per round: bounds one round's work
 STUDY_PAGE_MAX = 1000  # study digests per page (~100 KB)
 IDS_STUDIES_MAX = 64  # studies whose ids one request asks for
+IDS_PER_ASK_MAX = 100_000  # ids one request may bring back (~3.4 MB); a bigger study alone
 MANIFESTS_PER_ASK_MAX = 1000  # manifests per request (~300 KB)
 BULK_PAGE_MANIFESTS = 2000  # manifests per page when a whole partition is pulled
 
@@ -99,10 +100,11 @@ class SyncRound(Generic[M]):
     _mine: Sequence[PartDigest] = ()
     _parts: list[int] = field(default_factory=list)
     _partition: int = -1
-    _studies: list[str] = field(default_factory=list)  # differing, ids not asked yet
+    _studies: list[tuple[str, int]] = field(default_factory=list)  # differing: (uid, count)
     _page_more: bool = False
     _page_after: str = ""
     _ids: list[bytes] = field(default_factory=list)  # unknown here, not asked yet
+    _asked: tuple[bytes, ...] = ()  # the ids of the ManifestsAsk in flight
 
     def start(self) -> Request:
         return RootAsk()
@@ -124,15 +126,18 @@ class SyncRound(Generic[M]):
                 return (), self._next()
             case StudyDigestsGive(studies, more):
                 mine = self.local.study_digests([s for s, _, _ in studies])
-                self._studies += differing_studies(mine, studies)
+                counts = {s: n for s, _, n in studies}
+                self._studies += [(s, counts[s]) for s in differing_studies(mine, studies)]
                 self._page_more = more
                 self._page_after = studies[-1][0] if studies else ""
                 return (), self._next()
             case IdsGive(ids):
                 self._ids += self.local.unknown(list(ids))
                 return (), self._next()
-            case ManifestsGive(manifests):
+            case ManifestsGive(manifests, covered):
                 self.pulled += len(manifests)
+                if 0 < covered < len(self._asked):  # the answer was full: ask the rest
+                    self._ids = list(self._asked[covered:]) + self._ids
                 return manifests, self._next()
             case PartitionManifestsGive(manifests, last, more):
                 self.pulled += len(manifests)
@@ -148,11 +153,16 @@ class SyncRound(Generic[M]):
         if self._ids:
             batch, self._ids = (self._ids[:MANIFESTS_PER_ASK_MAX],
                                 self._ids[MANIFESTS_PER_ASK_MAX:])
-            return ManifestsAsk(tuple(batch))
+            self._asked = tuple(batch)
+            return ManifestsAsk(self._asked)
         if self._studies:
-            batch_s, self._studies = (self._studies[:IDS_STUDIES_MAX],
-                                      self._studies[IDS_STUDIES_MAX:])
-            return IdsAsk(tuple(batch_s))
+            take = total = 0
+            for _, n in self._studies[:IDS_STUDIES_MAX]:
+                if take and total + n > IDS_PER_ASK_MAX:
+                    break
+                take, total = take + 1, total + n
+            batch_s, self._studies = self._studies[:take], self._studies[take:]
+            return IdsAsk(tuple(s for s, _ in batch_s))
         if self._page_more:
             self._page_more = False
             return StudyDigestsAsk(self._partition, self._page_after, STUDY_PAGE_MAX)

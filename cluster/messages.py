@@ -75,6 +75,7 @@ class ManifestsAsk:
 @dataclass(frozen=True, slots=True)
 class ManifestsGive(Generic[M]):
     manifests: tuple[M, ...]
+    covered: int  # how many of the asked ids the answer covers (a reply has a byte cap)
 
 
 @dataclass(frozen=True, slots=True)

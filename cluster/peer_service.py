@@ -12,7 +12,7 @@ import grpc
 
 from cluster import antientropy, holdings
 from cluster.gossip import GossipWorker
-from cluster.transfer import GET_MANIFESTS_MAX, Replicator
+from cluster.transfer import GET_MANIFESTS_MAX, REPLY_BYTES_MAX, Replicator
 from node.errors import ChunkCorrupt, ChunkMissing
 from proto import peer_pb2, peer_pb2_grpc
 
@@ -118,11 +118,19 @@ class PeerService(peer_pb2_grpc.PeerApiServicer):
         if len(request.ids) > GET_MANIFESTS_MAX:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "too many ids")
 
-        def collect() -> list[bytes]:
-            return [got[0] for mid in request.ids if (got := self.r.store.catalog.get(mid))]
+        def collect() -> tuple[list[bytes], int]:
+            out: list[bytes] = []
+            size = 0
+            for i, mid in enumerate(request.ids):
+                if size >= REPLY_BYTES_MAX:  # the asker asks again for the rest
+                    return out, i
+                if got := self.r.store.catalog.get(mid):
+                    out.append(got[0])
+                    size += len(got[0])
+            return out, len(request.ids)
 
-        return peer_pb2.ManifestBatch(manifests=await self.r._run(collect),
-                                      sender=self.r.node_id)
+        raws, covered = await self.r._run(collect)
+        return peer_pb2.ManifestBatch(manifests=raws, sender=self.r.node_id, covered=covered)
 
     async def FetchChunks(self, request: peer_pb2.FetchChunksRequest, context: Any
                           ) -> AsyncIterator[peer_pb2.ChunkData]:

@@ -44,6 +44,7 @@ from proto import node_pb2, peer_pb2
 
 LOGGER = logging.getLogger(__name__)
 GET_MANIFESTS_MAX = 1000  # per GetManifests request
+REPLY_BYTES_MAX = 8 << 20  # manifests per reply stop here: half the message cap
 T = TypeVar("T")
 
 
@@ -142,7 +143,8 @@ class Replicator:
         """Raw manifests of whole studies of a partition after `after`, about `limit`."""
         out: list[bytes] = []
         last = after
-        while len(out) < limit:
+        size = 0
+        while len(out) < limit and size < REPLY_BYTES_MAX:
             recs = self.store.catalog.partition_study_page(partition, last, 64)
             if not recs:
                 return out, last, False
@@ -151,8 +153,9 @@ class Replicator:
                     got = self.store.catalog.get(mid)
                     if got is not None:
                         out.append(got[0])
+                        size += len(got[0])
                 last = rec.study_uid
-                if len(out) >= limit:
+                if len(out) >= limit or size >= REPLY_BYTES_MAX:
                     break
         return out, last, True
 

@@ -72,7 +72,7 @@ async def call(stub: peer_pb2_grpc.PeerApiAsyncStub, request: msg.Request,
             return msg.IdsGive(tuple(i.ids))
         case msg.ManifestsAsk(ids):
             b = await stub.GetManifests(peer_pb2.GetManifestsRequest(ids=ids), timeout=timeout_s)
-            return msg.ManifestsGive(tuple(b.manifests))
+            return msg.ManifestsGive(tuple(b.manifests), b.covered or len(ids))
         case msg.PartitionManifestsAsk(partition, after, limit):
             pm = await stub.GetPartitionManifests(peer_pb2.PartitionManifestsRequest(
                 partition=partition, after=after, limit=limit), timeout=timeout_s)

@@ -161,8 +161,11 @@ class ManifestBatch(_message.Message):
     MANIFESTS_FIELD_NUMBER: _builtins.int
     SENDER_FIELD_NUMBER: _builtins.int
     SENDER_ADDRESS_FIELD_NUMBER: _builtins.int
+    COVERED_FIELD_NUMBER: _builtins.int
     sender: _builtins.str
     sender_address: _builtins.str
+    covered: _builtins.int
+    """GetManifests: the asked ids this answer covers (byte cap)"""
     @_builtins.property
     def manifests(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """exact bytes; the receiver derives each id"""
@@ -173,10 +176,11 @@ class ManifestBatch(_message.Message):
         manifests: _abc.Iterable[_builtins.bytes] | None = ...,
         sender: _builtins.str = ...,
         sender_address: _builtins.str = ...,
+        covered: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["manifests", b"manifests", "sender", b"sender", "sender_address", b"sender_address"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["covered", b"covered", "manifests", b"manifests", "sender", b"sender", "sender_address", b"sender_address"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -389,7 +389,7 @@ class Process:
                 return IdsGive(tuple(mid for s in studies for mid in disk.by_study.get(s, ())))
             case ManifestsAsk(mids):
                 return ManifestsGive(tuple(disk.manifests[m] for m in mids
-                                           if m in disk.manifests))
+                                           if m in disk.manifests), len(mids))
             case PartitionManifestsAsk(partition, after, limit):
                 return self._partition_manifests(partition, after, limit)
             case HeldRootAsk():
