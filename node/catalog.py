@@ -305,23 +305,10 @@ class Catalog:
             oldest = _U64.unpack(bytes(cur.key()[:8]))[0] if cur.first() else None
             return studies, unsafe, oldest
 
-    def unsafe_page(self, after: str, limit: int) -> list[str]:
-        """Unsafe studies, oldest first, after the one named (its key order)."""
-        out: list[str] = []
-        with self.env.begin() as txn:
-            cur = txn.cursor(db=self.unsafe)
-            start = b""
-            if after:
-                rec = self._record(txn, after)
-                start = (_U64.pack(rec.first_received_ms) + after.encode() + b"\x00"
-                         if rec is not None else b"")
-            if not cur.set_range(start):
-                return out
-            for key in cur.iternext(values=False):
-                out.append(bytes(key[8:]).decode())
-                if len(out) >= limit:
-                    break
-        return out
+    def unsafe_key(self, study_uid: str) -> bytes:
+        """A study's key in the unsafe index (b"" if it has no record)."""
+        rec = self.study_record(study_uid)
+        return _U64.pack(rec.first_received_ms) + study_uid.encode() if rec else b""
 
     def _partition_add(self, txn: Any, partition: int, manifest_id: bytes) -> None:
         key = _U32.pack(partition)
@@ -480,7 +467,8 @@ class Catalog:
         of `index` ("" = study_recs, by study uid; else a field of study_index), with
         their records, stopping at the first key `within` rejects. One short read
         transaction: LMDB cannot reuse freed pages while a reader stays open."""
-        db = self.indexes.dbs[index] if index else self.study_recs
+        db = (self.unsafe if index == "unsafe" else self.indexes.dbs[index] if index
+              else self.study_recs)
         out: list[Scanned] = []
         with self.env.begin() as txn:
             cur = txn.cursor(db=db)
@@ -489,7 +477,10 @@ class Catalog:
                 key = bytes(cur.key())
                 if within is not None and not within(key):
                     break
-                if index:
+                if index == "unsafe":
+                    uid = key[8:].decode()
+                    rec = self._record(txn, uid)
+                elif index:
                     uid = split_key(key)[1]
                     rec = self._record(txn, uid)
                 else:

@@ -1,8 +1,9 @@
 """Pages of studies for `pacsmesh ls`: filters through indexes, bounded work per request.
 
 Where the candidates come from: a patient id reads by_patient (in study uid
-order), a date range by_date (in date, then uid order), anything else the study
-records themselves (in uid order). Every other filter is checked on each
+order), a date range by_date (in date, then uid order), unsafe studies alone the
+unsafe index (oldest first, kept by the cluster's safety verdicts), anything
+else the study records themselves (in uid order). Every other filter is checked on each
 candidate's record. Reading happens in short transactions of READ_BATCH keys,
 and one request examines at most EXAMINE_MAX candidates: a filter that matches
 little answers a short (even empty) page and a `next` to continue from, rather
@@ -51,6 +52,7 @@ class StudyFilter:
     until: str = ""
     modality: str = ""
     local: bool = False  # every current instance held here, verified
+    unsafe: bool = False  # judged short of safe copies (the caller re-checks live)
 
     def check(self) -> None:
         for name in ("since", "until"):
@@ -95,10 +97,14 @@ class _Source:
             self.index, self.prefix = "patient_id", value_key(flt.patient_id) + SEP
         elif flt.dated:
             self.index, self.until = "study_date", flt.until.encode()
+        elif flt.unsafe:
+            self.index = "unsafe"
         self.since = flt.since.encode() if self.index == "study_date" else b""
 
     def start(self, after: str) -> bytes:
         """The first key after study `after` ("" = from the beginning)."""
+        if self.index == "unsafe":
+            return self.catalog.unsafe_key(after) + SEP if after else b""
         if self.index == "study_date":
             if not after:
                 return self.since

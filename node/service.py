@@ -241,7 +241,7 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
                     ) -> listing.Page[node_pb2.StudySummary]:
         flt = listing.StudyFilter(patient_id=request.patient_id, since=request.since,
                                   until=request.until, modality=request.modality,
-                                  local=request.local)
+                                  local=request.local, unsafe=request.unsafe)
         return listing.list_page(self.store.catalog, flt, request.after, request.limit,
                                  lambda rec: self._summary(rec, request.unsafe))
 

@@ -288,3 +288,29 @@ def test_retrieve_selection_by_patient_and_accession(store: Store, studies: list
         studies, lambda x: x.patient_id == s.patient_id)
     (m,) = select_instances(store.catalog, identifier("STUDY", AccessionNumber=s.accession))
     assert m.sop_instance_uid == f"{s.study_uid}.1.1"
+
+
+def test_unsafe_alone_reads_the_unsafe_index_oldest_first(tmp_path: Path) -> None:
+    """Safety verdicts (kept by the cluster) put studies in and out of the unsafe
+    index; `--unsafe` alone pages through it, oldest first, and looks at no safe one."""
+    few = synth_studies(12_000, seed=5, patients=100)
+    s = Store(tmp_path / "d")
+    try:
+        fill(s, few)
+        unsafe = {x.study_uid for i, x in enumerate(few) if i % 13 == 0}
+        s.catalog.set_safety((x.study_uid, 0 if x.study_uid in unsafe else 3,
+                              x.study_uid in unsafe) for x in few)
+        assert s.catalog.safety_counts()[1] == len(unsafe)
+        seen: list[str] = []
+
+        def keep(rec: Any) -> str:
+            seen.append(rec.study_uid)
+            return str(rec.study_uid)
+
+        got, pages = walk(s.catalog, StudyFilter(unsafe=True), 100)
+        order = sorted(unsafe, key=lambda u: (s.catalog.study_record(u).first_received_ms, u))  # type: ignore[union-attr]
+        assert got == order and pages == -(-len(unsafe) // 100)
+        list_page(s.catalog, StudyFilter(unsafe=True), "", 10_000, keep)
+        assert set(seen) == unsafe  # no safe study was even read
+    finally:
+        s.close()
