@@ -13,6 +13,11 @@ dies, everything placement newly asks of us is reached in one pass.
 Each call does bounded work (EXAMINE_MAX candidates at most). At rest, a pass
 starts only every PASS_INTERVAL_S and finds nothing to do from the per-partition
 backlog counts alone.
+
+A new placement is acted on only once it has held for `settle_s` (a few gossip
+rounds): while a booting node's member table fills, placement passes through
+views in which it holds far more partitions than it will, and fetching for
+those would copy data only to trim it again seconds later.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ BATCH_MAX = 64  # manifests whose chunks one fetch round asks for
 EXAMINE_MAX = BATCH_MAX * 16  # candidates looked at per call
 PAGE_MAX = 256  # need-index keys read per page
 PASS_INTERVAL_S = 5.0  # a new pass over our partitions at least this often, when idle
+FETCH_SETTLE_ROUNDS = 3  # gossip rounds a new placement must hold before we fetch for it
 FRESH_MAX = 100_000  # announced ids remembered for priority; the cursor finds the rest
 
 
@@ -46,9 +52,11 @@ class NeedIndex(Protocol):
 
 
 class FetchPlanner:
-    def __init__(self) -> None:
+    def __init__(self, settle_s: float = 0.0) -> None:
+        self.settle_s = settle_s
         self.fresh: collections.deque[bytes] = collections.deque(maxlen=FRESH_MAX)
         self.mine: frozenset[int] = frozenset()  # partitions placed here
+        self._placed_at = -1e18
         self._pass: list[int] = []  # partitions left in this pass, with a backlog
         self._after = b""
         self._pass_started = -1e18
@@ -58,9 +66,11 @@ class FetchPlanner:
     def on_announced(self, mids: Iterable[bytes]) -> None:
         self.fresh.extend(mids)
 
-    def on_placement(self, mine: Iterable[int]) -> None:
-        """Placement changed: walk our (new) partitions from the start, now."""
+    def on_placement(self, mine: Iterable[int], now: float) -> None:
+        """Placement changed: walk our (new) partitions from the start once it settled."""
         self.mine = frozenset(mine)
+        self._placed_at = now
+        self._pass = []
         self._restart = True
 
     def backlog(self, index: NeedIndex) -> tuple[int, int]:
@@ -77,6 +87,8 @@ class FetchPlanner:
 
     def plan(self, index: NeedIndex, now: float) -> list[Candidate]:
         """Up to BATCH_MAX manifests to fetch now, fresh first; [] when nothing is due."""
+        if now - self._placed_at < self.settle_s:
+            return []  # announcements wait in `fresh`; the pass starts when it settled
         if not self._pass and (self._restart or now - self._pass_started >= PASS_INTERVAL_S):
             self._start_pass(index, now)
         out: list[Candidate] = []

@@ -52,7 +52,7 @@ def build(cfg: Config) -> NodeDaemon:
     daemon = NodeDaemon(cfg)
     c = cfg.cluster
     state = ClusterState(daemon.node_id, c.partitions, c.copies, c.min_distance_miles,
-                         c.dead_after_s)
+                         c.dead_after_s, c.gossip_interval_s)
     settings = ClusterSettings(c.copies, c.min_distance_miles, c.partitions)
     me = me_as_member(daemon.node_id, cfg.node.site, cfg.node.lat, cfg.node.lon, cfg.advertise,
                       next_incarnation(cfg.node.data_dir))

@@ -42,12 +42,13 @@ class Snapshot:
 
 class ClusterState:
     def __init__(self, me: str, partitions: int, copies: int, min_distance_miles: float,
-                 dead_after_s: float) -> None:
+                 dead_after_s: float, gossip_interval_s: float = 1.0) -> None:
         self.me = me
         self.partitions = partitions
         self.copies = copies
         self.min_distance_miles = min_distance_miles
         self.dead_after_s = dead_after_s
+        self.gossip_interval_s = gossip_interval_s
         self.snapshot = Snapshot()
         # Replaced, never mutated (copy on write): API threads read them unlocked.
         self.refusals: dict[str, tuple[float, str]] = {}  # peer address -> (when, reason)

@@ -25,7 +25,7 @@ import grpc
 from cluster import fetch
 from cluster.announce import AnnounceQueue
 from cluster.antientropy import root_of
-from cluster.fetch import Candidate, FetchPlanner
+from cluster.fetch import FETCH_SETTLE_ROUNDS, Candidate, FetchPlanner
 from cluster.holdings_cache import PeerHoldings
 from cluster.messages import HeldRootGive, PartDigest, StudyHeld
 from cluster.peers import CHUNK_BATCH_BYTES_MAX, RPC_TIMEOUT_S, Peers
@@ -57,7 +57,8 @@ class Replicator:
         self.store, self.state, self.peers, self.node_id = store, state, peers, node_id
         self.address, self.clock, self.pool = address, clock, pool
         self.announce: AnnounceQueue[bytes] = AnnounceQueue()
-        self.planner = FetchPlanner()
+        # placement must hold for a few gossip rounds before we fetch for it
+        self.planner = FetchPlanner(settle_s=FETCH_SETTLE_ROUNDS * state.gossip_interval_s)
         self.holdings = PeerHoldings(store.env, store.catalog.partitions)
         self.wakeup = asyncio.Event()
         self.scrub_started_ms: Callable[[], int] | None = None  # last complete pass
@@ -76,7 +77,7 @@ class Replicator:
         self.wakeup.set()
 
     def on_placement_change(self) -> None:
-        self.planner.on_placement(self.my_partitions())
+        self.planner.on_placement(self.my_partitions(), time.monotonic())
         self.wakeup.set()
 
     def my_partitions(self) -> frozenset[int]:

@@ -56,11 +56,12 @@ def test_every_placed_manifest_is_reached_past_any_window(tmp_path: Path) -> Non
         assert sum(n for n, _ in totals.values()) == STUDIES
         want = sum(totals[p][0] for p in MINE if p in totals)
         assert STUDIES - want > 10_000 and want > 50 * BATCH_MAX
-        planner = FetchPlanner()
-        planner.on_placement(MINE)
+        planner = FetchPlanner(settle_s=2.0)
+        planner.on_placement(MINE, 0.0)
+        assert planner.plan(index, 1.0) == []  # a new placement must settle first
         assert planner.backlog(index) == (want, want * 96)
         planned: list[bytes] = []
-        now = 0.0
+        now = 2.0
         for _ in range(STUDIES):  # bounded: each round must make progress
             batch = planner.plan(index, now)
             if not batch:
@@ -87,7 +88,7 @@ def test_a_manifest_whose_chunks_are_nowhere_does_not_block_the_rest(tmp_path: P
     try:
         index = Index(store)
         planner = FetchPlanner()
-        planner.on_placement(MINE)
+        planner.on_placement(MINE, 0.0)
         want = sum(n for p, (n, _) in index.need_totals().items() if p in MINE)
         first = planner.plan(index, 0.0)
         seen = {c.mid for c in first}  # never fetched: the sources had nothing

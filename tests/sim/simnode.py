@@ -21,7 +21,7 @@ from typing import Any, Protocol, TypeAlias
 
 from cluster.announce import AnnounceQueue
 from cluster.antientropy import SyncRound, root_of
-from cluster.fetch import Candidate, FetchPlanner, source_order
+from cluster.fetch import FETCH_SETTLE_ROUNDS, Candidate, FetchPlanner, source_order
 from cluster.holdings import HoldingsRound
 from cluster.membership import (
     ClusterSettings,
@@ -297,10 +297,11 @@ class Process:
             me, settings, seeds, rng=random.Random(f"{rng_seed}/gossip"),
             gossip_interval_s=timing.gossip_interval_s, dead_after_s=timing.dead_after_s)
         self.state = ClusterState(self.node_id, settings.partitions, settings.copies,
-                                  settings.min_distance_miles, timing.dead_after_s)
+                                  settings.min_distance_miles, timing.dead_after_s,
+                                  timing.gossip_interval_s)
         self.rng = random.Random(f"{rng_seed}/work")
         self.announce: AnnounceQueue[SimManifest] = AnnounceQueue()
-        self.planner = FetchPlanner()
+        self.planner = FetchPlanner(settle_s=FETCH_SETTLE_ROUNDS * timing.gossip_interval_s)
         self.trim = TrimPlanner()
         self.fetching = False
         self.syncing = False
@@ -346,7 +347,7 @@ class Process:
                   for m in members if m.state == MemberState.LEFT}
         if self.state.publish(members, silent):
             mine = self.my_partitions()
-            self.planner.on_placement(mine)  # Replicator.on_placement_change
+            self.planner.on_placement(mine, now)  # Replicator.on_placement_change
             self.trim.enqueue(p for p, n in enumerate(self.disk.part_held_count)
                               if n and p not in mine)  # TrimWorker.on_placement_change
 

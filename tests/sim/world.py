@@ -198,6 +198,7 @@ class World:
         # at-rest cost checker
         self.sent_messages: collections.Counter[str] = collections.Counter()
         self.sent_bytes: collections.Counter[str] = collections.Counter()
+        self.sent_kinds: collections.Counter[str] = collections.Counter()  # by message type
         self.settings = ClusterSettings(COPIES, MIN_DISTANCE_MILES, PARTITIONS)
         self.acked: dict[bytes, SimManifest] = {}
         self._queue: list[tuple[float, int, Callable[[], None]]] = []
@@ -287,6 +288,7 @@ class World:
                   deliver: Callable[[], None]) -> None:
         self.sent_messages[src] += 1
         self.sent_bytes[src] += approx_size(message)
+        self.sent_kinds[type(message).__name__] += 1
         if self._cut(src, dst) or self._net_rng.random() < self._loss:
             self.stats["dropped"] += 1
             return
