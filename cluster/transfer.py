@@ -134,7 +134,7 @@ class Replicator:
 
     def held_studies(self, partition: int, after: str, limit: int
                      ) -> tuple[list[StudyHeld], str, bool]:
-        recs = self.store.catalog.partition_study_page(partition, after, limit)
+        recs = self.store.catalog.partition_study_page(partition, after, limit, held_only=True)
         held = [(r.study_uid, r.held_instances, r.held_digest) for r in recs
                 if r.held_instances > 0]
         return held, (recs[-1].study_uid if recs else after), len(recs) >= limit

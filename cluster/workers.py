@@ -204,8 +204,11 @@ class TrimWorker(Worker):
         self.planner.enqueue(p for p, (_, n) in enumerate(held) if n and p not in mine)
 
     def on_holdings_changed(self, peer: str, partitions: list[int], studies: set[str]) -> None:
+        """A peer's holdings changed where we hold copies placed elsewhere: look again."""
         mine = self.r.my_partitions()
-        self.planner.enqueue(p for p in partitions if p not in mine)
+        catalog = self.r.store.catalog
+        self.planner.enqueue(p for p in partitions
+                             if p not in mine and catalog.held_in_partition(p))
 
     async def step(self) -> WorkerState:
         r = self.r
@@ -228,7 +231,8 @@ class TrimWorker(Worker):
 
     def _cases(self, partition: int, after: str) -> tuple[list[TrimCase], str, bool]:
         catalog = self.r.store.catalog
-        recs = catalog.partition_study_page(partition, after, STUDIES_PER_STEP_MAX)
+        recs = catalog.partition_study_page(partition, after, STUDIES_PER_STEP_MAX,
+                                            held_only=True)
         out = []
         for rec in recs:
             if rec.held_instances == 0:

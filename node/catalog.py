@@ -12,6 +12,7 @@
     part_held   partition(4) -> AdHash(32) count(8)               (held current versions:
                                                                    holdings exchange, level 0)
     part_study  partition(4) study uid -> ''
+    held_studies partition(4) study uid -> ''                    (something held here)
     safety      study uid -> safe copies(1) unsafe(1)             (as the cluster last judged)
     unsafe      first received ms(8) study uid -> ''               (short of copies, oldest first)
     meta        b"partitions" -> P (fixed when the catalog is created),
@@ -104,6 +105,7 @@ class Catalog:
         self.partition_db = env.open_db(b"partitions")
         self.part_held = env.open_db(b"part_held")
         self.part_study = env.open_db(b"part_study")
+        self.held_studies = env.open_db(b"held_studies")
         self.safety = env.open_db(b"safety")
         self.unsafe = env.open_db(b"unsafe")
         self.meta = env.open_db(b"meta")
@@ -162,6 +164,8 @@ class Catalog:
                 if txn.get(previous, db=self.held) is not None:
                     rec.held_digest = digest_add(rec.held_digest, previous, -1)
                     rec.held_instances -= 1
+                    # the partition's digest sums its studies' held digests: keep it so
+                    self._partition_held(txn, partition, previous, -1)
             rec.current_digest = digest_add(rec.current_digest, manifest_id)
             rec.bytes += m.size
             rec.instances += 1
@@ -175,6 +179,7 @@ class Catalog:
                 rec.modalities.append(m.modality)
             self.indexes.update(txn, m.study_instance_uid, before, rec)
         txn.put(m.study_instance_uid.encode(), rec.SerializeToString(), db=self.study_recs)
+        self._held_index(txn, rec)
         if held_at_ms is not None:
             self.set_held(txn, manifest_id, m, held_at_ms)
         else:
@@ -249,7 +254,17 @@ class Catalog:
         rec.held_digest = digest_add(rec.held_digest, manifest_id, sign)
         rec.held_instances += sign
         txn.put(study_uid.encode(), rec.SerializeToString(), db=self.study_recs)
+        self._held_index(txn, rec)
         self._partition_held(txn, rec.partition, manifest_id, sign)
+
+    def _held_index(self, txn: Any, rec: node_pb2.StudyRecord) -> None:
+        """Studies with something held here, by partition: trim and the holdings
+        exchange read only those, not every study the node knows."""
+        key = _U32.pack(rec.partition) + rec.study_uid.encode()
+        if rec.held_instances > 0:
+            txn.put(key, b"", db=self.held_studies)
+        else:
+            txn.delete(key, db=self.held_studies)
 
     def _partition_held(self, txn: Any, partition: int, manifest_id: bytes, sign: int) -> None:
         key = _U32.pack(partition)
@@ -582,6 +597,12 @@ class Catalog:
         with self.env.begin(db=self.part_need) as txn:
             return {_U32.unpack(k)[0]: _U64U64.unpack(v) for k, v in txn.cursor()}
 
+    def held_in_partition(self, partition: int) -> int:
+        """Current versions held here in one partition (one read)."""
+        with self.env.begin(db=self.part_held) as txn:
+            raw = txn.get(_U32.pack(partition))
+        return _U64.unpack(raw[DIGEST_LEN:])[0] if raw is not None else 0
+
     def held_partition_digests(self) -> list[tuple[bytes, int]]:
         """(AdHash of held current versions, their count) per partition."""
         out = [(EMPTY_DIGEST, 0)] * self.partitions
@@ -591,13 +612,14 @@ class Catalog:
                                             _U64.unpack(raw[DIGEST_LEN:])[0])
         return out
 
-    def partition_study_page(self, partition: int, after: str, limit: int
-                             ) -> list[node_pb2.StudyRecord]:
-        """Study records of one partition in uid order after `after`: one short read."""
+    def partition_study_page(self, partition: int, after: str, limit: int,
+                             held_only: bool = False) -> list[node_pb2.StudyRecord]:
+        """Study records of one partition in uid order after `after` (`held_only`: those
+        with something held here): one short read."""
         prefix = _U32.pack(partition)
         out: list[node_pb2.StudyRecord] = []
         with self.env.begin() as txn:
-            cur = txn.cursor(db=self.part_study)
+            cur = txn.cursor(db=self.held_studies if held_only else self.part_study)
             if not cur.set_range(prefix + after.encode() + (b"\x00" if after else b"")):
                 return out
             for key in cur.iternext(values=False):
@@ -662,6 +684,7 @@ class Catalog:
             txn.put(b"safety_sweep", b"1")  # the cluster judges every study once
 
     def _upgrade_study(self, txn: Any, rec: node_pb2.StudyRecord) -> None:
+        self._held_index(txn, rec)
         self._count(txn, b"instances", rec.instances)
         if txn.get(rec.study_uid.encode(), db=self.safety) is None:
             self._put_safety(txn, rec, 0, True)

@@ -75,6 +75,7 @@ def load(world: World, studies: int, instances: int = 1) -> None:
                 held_values[p] += [elem[m] for m in study_mids]
             else:
                 disk.need.setdefault(p, set()).update(study_mids)
+        disk.held_by_partition = {p: list(s) for p, s in by_partition.items() if p in mine}
         disk.part_held = [_digest(v) if v else EMPTY_DIGEST for v in held_values]
         disk.part_held_count = [len(v) for v in held_values]
         disk.incarnation = slot.disk.incarnation

@@ -165,6 +165,7 @@ class Disk:
     held_digest: dict[str, bytes] = field(default_factory=dict)
     held_count: dict[str, int] = field(default_factory=dict)
     by_partition: dict[int, list[str]] = field(default_factory=dict)  # sorted study uids
+    held_by_partition: dict[int, list[str]] = field(default_factory=dict)  # held, sorted
     part_digest: list[bytes] = field(default_factory=list)
     part_count: list[int] = field(default_factory=list)
     part_held: list[bytes] = field(default_factory=list)
@@ -219,6 +220,13 @@ class Disk:
         study = m.study_uid
         self.held_digest[study] = digest_add(self.held_digest.get(study, EMPTY_DIGEST), mid, sign)
         self.held_count[study] = self.held_count.get(study, 0) + sign
+        held = self.held_by_partition.setdefault(m.partition, [])  # catalog.held_studies
+        i = bisect.bisect_left(held, study)
+        present = i < len(held) and held[i] == study
+        if self.held_count[study] > 0 and not present:
+            held.insert(i, study)
+        elif self.held_count[study] == 0 and present:
+            del held[i]
         p = m.partition
         self.part_held[p] = digest_add(self.part_held[p], mid, sign)
         self.part_held_count[p] += sign
@@ -253,8 +261,10 @@ class Disk:
     def unknown(self, ids: Sequence[bytes]) -> list[bytes]:
         return [i for i in ids if i not in self.manifests]
 
-    def studies_page(self, partition: int, after: str, limit: int) -> list[str]:
-        studies = self.by_partition.get(partition, [])
+    def studies_page(self, partition: int, after: str, limit: int,
+                     held_only: bool = False) -> list[str]:
+        by = self.held_by_partition if held_only else self.by_partition
+        studies = by.get(partition, [])
         start = bisect.bisect_right(studies, after) if after else 0
         return studies[start:start + limit]
 
@@ -401,7 +411,7 @@ class Process:
                 return HeldPartitionsGive(tuple(zip(disk.part_held, disk.part_held_count,
                                                     strict=True)))
             case HeldStudiesAsk(partition, after, limit):
-                studies = disk.studies_page(partition, after, limit)
+                studies = disk.studies_page(partition, after, limit, held_only=True)
                 held = tuple((s, disk.held_count[s], disk.held_digest[s]) for s in studies
                              if disk.held_count.get(s, 0) > 0)
                 return HeldStudiesGive(held, studies[-1] if studies else after,
@@ -524,8 +534,9 @@ class Process:
             if replace is not None:
                 self.disk.replace_holdings(replace.peer, replace.partition, replace.studies)
                 mine = self.my_partitions()
-                if replace.partition not in mine:  # TrimWorker.on_holdings_changed
-                    self.trim.enqueue([replace.partition])
+                p = replace.partition
+                if p not in mine and self.disk.part_held_count[p]:  # on_holdings_changed
+                    self.trim.enqueue([p])
             self._holdings_ask(machine, nxt)
 
         self.net.call(self, machine.peer, request, answered,
@@ -540,7 +551,7 @@ class Process:
         if partition is None:
             return
         after = self.trim.cursor.pop(partition, "")
-        studies = self.disk.studies_page(partition, after, STUDIES_PER_TRIM_STEP)
+        studies = self.disk.studies_page(partition, after, STUDIES_PER_TRIM_STEP, held_only=True)
         if len(studies) >= STUDIES_PER_TRIM_STEP:
             self.trim.cursor[partition] = studies[-1]
             self.trim.enqueue([partition])
