@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from bench import antientropy, dicom, ingest, limits, replication, scrub
+from bench import antientropy, dicom, ingest, limits, replication, scale, scrub
 
 BENCHES = {
     "limits": limits.main,
@@ -13,6 +13,7 @@ BENCHES = {
     "replication": replication.main,
     "scrub": scrub.main,
     "dicom": dicom.main,
+    "scale": scale.main,
 }
 
 
