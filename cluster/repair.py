@@ -1,6 +1,5 @@
 """What a node should hold: pure decisions from placement, holdings and policy.
 
-    should_fetch  I am in the study's replica set and lack a verified copy.
     may_trim      I hold a copy I am no longer meant to hold (a healed outage
                   moved the partition and it came back), I am not the origin
                   (a site keeps what it received), and the replica set, without
@@ -13,10 +12,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from cluster.safety import Holding, Position, assess
-
-
-def should_fetch(me: str, replicas: Sequence[str], held_here: bool) -> bool:
-    return not held_here and me in replicas
 
 
 def may_trim(me: str, origin: str, replicas: Sequence[str], instances: int,

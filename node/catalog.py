@@ -465,13 +465,6 @@ class Catalog:
         with self.env.begin() as txn:
             return self._record(txn, study_uid)
 
-    def study_records(self) -> Iterator[node_pb2.StudyRecord]:
-        with self.env.begin(db=self.study_recs) as txn:
-            for raw in txn.cursor().iternext(keys=False):
-                rec = node_pb2.StudyRecord()
-                rec.ParseFromString(bytes(raw))
-                yield rec
-
     def study_count(self) -> int:
         with self.env.begin() as txn:
             return int(txn.stat(self.study_recs)["entries"])
@@ -562,18 +555,6 @@ class Catalog:
             for key, raw in txn.cursor():
                 out[_U32.unpack(key)[0]] = (bytes(raw[:DIGEST_LEN]),
                                             _U64.unpack(raw[DIGEST_LEN:])[0])
-        return out
-
-    def partition_studies(self, partition: int) -> list[str]:
-        prefix = _U32.pack(partition)
-        out = []
-        with self.env.begin(db=self.part_study) as txn:
-            cur = txn.cursor()
-            if cur.set_range(prefix):
-                for key in cur.iternext(values=False):
-                    if not key.startswith(prefix):
-                        break
-                    out.append(bytes(key[4:]).decode())
         return out
 
     def need_page(self, partition: int, after: bytes, limit: int) -> list[bytes]:

@@ -89,9 +89,6 @@ def test_trim_only_when_the_replica_set_is_safe_without_me() -> None:
     assert not repair.may_trim("n", "b", replicas, 1, d, safe[:2], POSITIONS, 3, 250)
     wrong = [*safe[:2], Holding("d", 1, _digest(b"other" * 7))]
     assert not repair.may_trim("n", "b", replicas, 1, d, wrong, POSITIONS, 3, 250)
-    assert repair.should_fetch("c", replicas, held_here=False)
-    assert not repair.should_fetch("c", replicas, held_here=True)
-    assert not repair.should_fetch("n", replicas, held_here=False)
 
 
 def test_antientropy_descends_only_where_digests_differ() -> None:
