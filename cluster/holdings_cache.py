@@ -19,7 +19,7 @@ from typing import Any
 
 from cluster.messages import PartDigest, StudyHeld
 from cluster.safety import Holding
-from node.catalog import DIGEST_LEN, EMPTY_DIGEST
+from node.catalog import DIGEST_LEN, EMPTY_DIGEST, mark_dirty
 
 SEP = b"\x00"
 _U32 = struct.Struct(">I")
@@ -38,6 +38,7 @@ class PeerHoldings:
         self.partitions = partitions
         self.held = env.open_db(b"peer_held")
         self.parts = env.open_db(b"peer_part")
+        self.dirty = env.open_db(b"safety_dirty")  # node/catalog.py's: judge them again
 
     def partition_digests(self, peer: str) -> list[PartDigest]:
         out: list[PartDigest] = [(EMPTY_DIGEST, 0)] * self.partitions
@@ -84,6 +85,7 @@ class PeerHoldings:
                 txn.put(part_key, digest + _U64.pack(count), db=self.parts)
             else:
                 txn.delete(part_key, db=self.parts)
+            mark_dirty(txn, self.dirty, changed)  # with the change: a crash cannot lose it
         return changed
 
     def for_study(self, study_uid: str, partition: int, peers: Iterable[str]) -> list[Holding]:

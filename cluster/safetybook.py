@@ -4,10 +4,12 @@ Each study's verdict (how many safe copies; unsafe or not) is stored in the
 catalog (`safety` and the `unsafe` index, oldest first), so `status` reads two
 counts and one key, and `ls --unsafe` walks only unsafe studies. A study is
 judged again when something it depends on changed:
-  - a commit here touched it (new versions, held or dropped copies);
-  - a peer's holding of it changed (the holdings exchange says which studies);
+  - a commit here touched it (new versions, held or dropped copies), or a peer's
+    holding of it changed (the holdings exchange): the transaction that changed
+    it also marks it dirty (`safety_dirty`), so a crash never loses the request;
   - a holder's state or site changed (alive, suspect, dead, left): every study
-    that holder holds, from the holdings cache, is queued for judgement.
+    that holder holds, from the holdings cache, is swept; the sweeps and their
+    cursors are kept in the catalog with the view they bring verdicts up to.
 Work per step is bounded (STUDIES_PER_STEP_MAX); `pending()` says how far behind
 the counts are, and status shows it.
 """
@@ -17,7 +19,6 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import threading
 import time
 
 from cluster.progress import RepairTracker
@@ -33,8 +34,12 @@ STUDIES_PER_STEP_MAX = 2000  # judged per step: ~0.1 s of work
 # on every flap (and load them more). A holder that starts counting is adopted
 # at once: that only ever makes verdicts more accurate sooner.
 SETTLE_GOSSIP_ROUNDS = 5
+# A holder absent from our member table (we restarted and have not heard of it yet)
+# stops counting only after this many rounds: peers normally reappear within a few,
+# and each flip re-judges everything that holder holds.
+ABSENT_GOSSIP_ROUNDS = 15
 SWEEP_PAGE = 2000
-_POSITIONS_KEY = b"safety_positions"
+_STATE_KEY = b"safety_view"
 ALL = ""  # a sweep over every study (after an upgrade)
 
 
@@ -45,37 +50,32 @@ class SafetyWorker(Worker):
     def __init__(self, r: Replicator, stall_after_s: float, gossip_interval_s: float) -> None:
         self.r = r
         self.settle_s = SETTLE_GOSSIP_ROUNDS * gossip_interval_s
-        self._lock = threading.Lock()
-        self._dirty: set[str] = set()
-        self._sweeps: collections.deque[tuple[str, bytes]] = collections.deque()
-        self._judged_positions = self._load_positions()
-        # node -> (its new state, since when): changes not yet lasting SETTLE_S
+        self.absent_s = ABSENT_GOSSIP_ROUNDS * gossip_interval_s
+        self._judged_positions, sweeps = self._load()
+        self._sweeps: collections.deque[tuple[str, bytes]] = collections.deque(sweeps)
+        # node -> (its new state, since when): changes not yet lasting settle_s
         self._unsettled: dict[str, tuple[list[object] | None, float]] = {}
         self.tracker = RepairTracker(stall_after_s)
         self.judged = 0
         if r.store.catalog.take_sweep_request():
             self._sweeps.append((ALL, b""))
-        r.store.study_listeners.append(self.mark)
-        r.on_holdings_changed.append(lambda peer, parts, studies: self.mark(studies))
-
-    def mark(self, studies: set[str]) -> None:
-        """These studies changed (any thread)."""
-        with self._lock:
-            self._dirty |= studies
+            self._save()
 
     def pending(self) -> int:
-        with self._lock:
-            return len(self._dirty) + (SWEEP_PAGE * len(self._sweeps))
+        return self.r.store.catalog.dirty_count() + SWEEP_PAGE * len(self._sweeps)
 
     async def step(self) -> WorkerState:
         self._watch_positions()
-        with self._lock:
-            batch = [self._dirty.pop() for _ in range(min(len(self._dirty),
-                                                          STUDIES_PER_STEP_MAX))]
+        marks = await self.r._run(self.r.store.catalog.dirty_page, STUDIES_PER_STEP_MAX)
+        batch = [study for study, _ in marks]
+        swept = False
         if len(batch) < STUDIES_PER_STEP_MAX and self._sweeps:
             batch += await self.r._run(self._sweep_page, STUDIES_PER_STEP_MAX - len(batch))
+            swept = True
         if batch:
-            await self.r._run(self._judge, batch)
+            await self.r._run(self._judge, batch, marks)
+        if swept:
+            await self.r._run(self._save)  # the sweep's cursor, once its page is judged
         await self.r._run(self._sample)
         return WorkerState.BUSY if (batch and self.pending()) else WorkerState.IDLE
 
@@ -89,7 +89,7 @@ class SafetyWorker(Worker):
         total = self.r.planner.backlog(self.r)[1]
         return total + sum(rep.backlog_bytes for n, rep in self.r.reports.items() if n in alive)
 
-    def _judge(self, studies: list[str]) -> None:
+    def _judge(self, studies: list[str], marks: list[tuple[str, bytes]]) -> None:
         r = self.r
         positions = self._positions()
         verdicts = []
@@ -97,13 +97,16 @@ class SafetyWorker(Worker):
             rec = r.store.catalog.study_record(study)
             if rec is None:
                 continue
-            verdict = assess(rec.instances, rec.current_digest, r.holdings_for(study),
+            # the holders of the settled view, not of the live one: a node that has
+            # just started knows no peers yet, and its verdicts must not say so
+            verdict = assess(rec.instances, rec.current_digest,
+                             r.holdings_for(study, self._judged_positions),
                              positions, r.state.min_distance_miles)
             verdicts.append((study, verdict.safe_copies,
                              rec.instances == 0 or verdict.safe_copies < r.state.copies))
             LOGGER.debug("judged %s: %d safe copies, full holders %s", study,
                          verdict.safe_copies, verdict.full_holders)
-        changed = r.store.catalog.set_safety(verdicts)
+        changed = r.store.catalog.set_safety(verdicts, marks)
         self.judged += len(verdicts)
         if changed:
             LOGGER.info("safety of %d studies changed (%d judged; %d unsafe now)", changed,
@@ -140,7 +143,7 @@ class SafetyWorker(Worker):
                 self._unsettled.pop(n, None)
             elif seen is None or seen[0] != key:
                 self._unsettled[n] = (key, t)
-            elif t - seen[1] >= self.settle_s:
+            elif t - seen[1] >= (self.absent_s if key is None else self.settle_s):
                 changed.append(n)
                 del self._unsettled[n]
         if not changed:
@@ -152,12 +155,14 @@ class SafetyWorker(Worker):
                 judged.pop(node_id, None)
             else:
                 judged[node_id] = key
-            if all(p != node_id for p, _ in self._sweeps):
-                self._sweeps.append((node_id, b""))
+            # from the start: what an unfinished sweep judged was judged against the
+            # view this change replaces
+            self._sweeps = collections.deque(s for s in self._sweeps if s[0] != node_id)
+            self._sweeps.append((node_id, b""))
         self._judged_positions = judged  # replaced, not mutated: _judge reads it in a thread
         LOGGER.info("holders changed state (%s): judging their studies again",
                     ", ".join(changed))
-        self._save_positions()
+        self._save()
 
     def _positions(self) -> dict[str, Position]:
         """Holders as the stored verdicts see them: every verdict is judged against the
@@ -169,16 +174,23 @@ class SafetyWorker(Worker):
             out[me.node_id] = me
         return out
 
-    def _load_positions(self) -> dict[str, list[object]]:
+    def _load(self) -> tuple[dict[str, list[object]], list[tuple[str, bytes]]]:
+        """The view the stored verdicts are judged against, and the sweeps still owed
+        to bring them up to it (kept together: a restart resumes where it stopped)."""
         catalog = self.r.store.catalog
         with catalog.env.begin(db=catalog.meta) as txn:
-            raw = txn.get(_POSITIONS_KEY)
-        return dict(json.loads(bytes(raw))) if raw is not None else {}
+            raw = txn.get(_STATE_KEY)
+        if raw is None:
+            return {}, []
+        doc = json.loads(bytes(raw))
+        return dict(doc["positions"]), [(n, bytes.fromhex(a)) for n, a in doc["sweeps"]]
 
-    def _save_positions(self) -> None:
+    def _save(self) -> None:
+        doc = {"positions": self._judged_positions,
+               "sweeps": [(n, a.hex()) for n, a in list(self._sweeps)]}
         catalog = self.r.store.catalog
         with catalog.env.begin(write=True, db=catalog.meta) as txn:
-            txn.put(_POSITIONS_KEY, json.dumps(self._judged_positions).encode())
+            txn.put(_STATE_KEY, json.dumps(doc).encode())
 
 
 def _key(pos: Position) -> list[object]:

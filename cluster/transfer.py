@@ -16,7 +16,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -340,10 +340,13 @@ class Replicator:
                                              held_digest=rec.held_digest, replica=replica))
         return out
 
-    def holdings_for(self, study_uid: str) -> list[Holding]:
-        """Every alive or remembered holder of a study: peers from the cache, us fresh."""
-        snap = self.state.snapshot
-        peers = sorted(m.node_id for m in snap.members if m.node_id != self.node_id)
+    def holdings_for(self, study_uid: str, peers: Iterable[str] | None = None
+                     ) -> list[Holding]:
+        """Holders of a study: `peers` (default: every member we know) from the cache,
+        us fresh."""
+        if peers is None:
+            snap = self.state.snapshot
+            peers = sorted(m.node_id for m in snap.members if m.node_id != self.node_id)
         partition = partition_of(study_uid, self.store.catalog.partitions)
         out = self.holdings.for_study(study_uid, partition, peers)
         own = self.local_holding(study_uid)

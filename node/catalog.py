@@ -13,6 +13,8 @@
                                                                    holdings exchange, level 0)
     part_study  partition(4) study uid -> ''
     held_studies partition(4) study uid -> ''                    (something held here)
+    safety_dirty study uid -> mark(8)                           (to be judged again; the mark
+                                                                   is new at every change)
     safety      study uid -> safe copies(1) unsafe(1)             (as the cluster last judged)
     unsafe      first received ms(8) study uid -> ''               (short of copies, oldest first)
     meta        b"partitions" -> P (fixed when the catalog is created),
@@ -33,6 +35,7 @@ and aggregates never disagree with what they count.
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import struct
 from collections.abc import Callable, Iterable, Iterator
@@ -73,6 +76,14 @@ def digest_add(digest: bytes, manifest_id: bytes, sign: int = 1) -> bytes:
     return (value % ADHASH_MOD).to_bytes(DIGEST_LEN, "big")
 
 
+def mark_dirty(txn: Any, db: Any, studies: Iterable[str]) -> None:
+    """Ask for these studies' safety to be judged again, in the transaction that changed
+    what it depends on: a crash can never lose the request. A fresh mark each time lets
+    the judge tell a study changed again while it was being judged."""
+    for study in studies:
+        txn.put(study.encode(), os.urandom(8), db=db)
+
+
 def partition_of(study_uid: str, partitions: int) -> int:
     """The partition of a study: the same rule cluster/placement uses."""
     digest = blake3.blake3(study_uid.encode()).digest()
@@ -106,6 +117,7 @@ class Catalog:
         self.part_held = env.open_db(b"part_held")
         self.part_study = env.open_db(b"part_study")
         self.held_studies = env.open_db(b"held_studies")
+        self.safety_dirty = env.open_db(b"safety_dirty")
         self.safety = env.open_db(b"safety")
         self.unsafe = env.open_db(b"unsafe")
         self.meta = env.open_db(b"meta")
@@ -180,6 +192,7 @@ class Catalog:
             self.indexes.update(txn, m.study_instance_uid, before, rec)
         txn.put(m.study_instance_uid.encode(), rec.SerializeToString(), db=self.study_recs)
         self._held_index(txn, rec)
+        mark_dirty(txn, self.safety_dirty, [rec.study_uid])
         if held_at_ms is not None:
             self.set_held(txn, manifest_id, m, held_at_ms)
         else:
@@ -255,6 +268,7 @@ class Catalog:
         rec.held_instances += sign
         txn.put(study_uid.encode(), rec.SerializeToString(), db=self.study_recs)
         self._held_index(txn, rec)
+        mark_dirty(txn, self.safety_dirty, [study_uid])
         self._partition_held(txn, rec.partition, manifest_id, sign)
 
     def _held_index(self, txn: Any, rec: node_pb2.StudyRecord) -> None:
@@ -293,11 +307,27 @@ class Catalog:
         else:
             txn.delete(key, db=self.unsafe)
 
-    def set_safety(self, judged: Iterable[tuple[str, int, bool]]) -> int:
-        """Record (study, safe copies, unsafe) verdicts in one transaction; returns how
-        many changed. Counts come from the index sizes, so status never recounts."""
+    def dirty_page(self, limit: int) -> list[tuple[str, bytes]]:
+        """Studies to judge again, with their marks (oldest keys first)."""
+        with self.env.begin(db=self.safety_dirty) as txn:
+            return [(bytes(k).decode(), bytes(v)) for k, v in
+                    itertools.islice(txn.cursor().iternext(), limit)]
+
+    def dirty_count(self) -> int:
+        with self.env.begin() as txn:
+            return int(txn.stat(self.safety_dirty)["entries"])
+
+    def set_safety(self, judged: Iterable[tuple[str, int, bool]],
+                   marks: Iterable[tuple[str, bytes]] = ()) -> int:
+        """Record (study, safe copies, unsafe) verdicts in one transaction, and clear the
+        dirty marks they answer (unless a study was marked again meanwhile: then it is
+        judged again). Returns how many verdicts changed. Counts come from the index
+        sizes, so status never recounts."""
         changed = 0
         with self.env.begin(write=True) as txn:
+            for study_uid, mark in marks:
+                if txn.get(study_uid.encode(), db=self.safety_dirty) == mark:
+                    txn.delete(study_uid.encode(), db=self.safety_dirty)
             for study_uid, safe_copies, unsafe in judged:
                 rec = self._record(txn, study_uid)
                 if rec is None or self._safety(txn, study_uid) == (min(safe_copies, 255),

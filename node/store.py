@@ -21,7 +21,6 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,9 +72,6 @@ class Store:
             LOGGER.warning("recovery: %s", note)
         self._queue: queue.Queue[CommitItem | None] = queue.Queue()
         self._closed = False
-        # Called (from the committer or the caller's thread) with the studies a
-        # transaction changed, after it is durable: the cluster re-judges their safety.
-        self.study_listeners: list[Callable[[set[str]], None]] = []
         self.commits = 0  # group commits done, and the manifests they carried
         self.committed_items = 0
         self._committer = threading.Thread(target=self._commit_loop, name="group-commit",
@@ -174,35 +170,21 @@ class Store:
         self.chunks.forget_pending(snap)
         self.commits += 1
         self.committed_items += len(batch)
-        self._changed({it.manifest.study_instance_uid for it in batch})
         for it, new in zip(batch, results, strict=True):
             it.future.set_result(new)
-
-    def _changed(self, studies: set[str]) -> None:
-        if not studies:
-            return
-        for listener in self.study_listeners:
-            try:
-                listener(studies)
-            except Exception:  # a listener must never fail a durable commit
-                LOGGER.exception("study listener failed")
 
     def unhold(self, manifest_ids: list[bytes]) -> int:
         """Stop counting this node as a holder of these manifests (trimmed or found bad).
         The chunks stay until garbage collection; the catalog no longer relies on them."""
         done = 0
-        studies: set[str] = set()
         with self.env.begin(write=True) as txn:
             for mid in manifest_ids:
                 raw = txn.get(mid, db=self.catalog.manifests)
                 if raw is None:
                     continue
                 before = txn.get(mid, db=self.catalog.held) is not None
-                m = manifest_decode(bytes(raw))
-                self.catalog.unset_held(txn, mid, m)
-                studies.add(m.study_instance_uid)
+                self.catalog.unset_held(txn, mid, manifest_decode(bytes(raw)))
                 done += before
-        self._changed(studies)
         return done
 
     def unhold_unchanged(self, study_uid: str, all_digest: bytes,
@@ -224,7 +206,6 @@ class Store:
                     continue
                 done += txn.get(mid, db=self.catalog.held) is not None
                 self.catalog.unset_held(txn, mid, manifest_decode(bytes(m_raw)))
-        self._changed({study_uid})
         return done
 
     def flush(self) -> None:

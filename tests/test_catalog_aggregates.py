@@ -70,3 +70,25 @@ def test_aggregates_follow_versions_and_holding(tmp_path: Path) -> None:
             1 for mid in known if not cat.is_held(mid))
     finally:
         store.close()
+
+
+def test_safety_marks_are_durable_and_a_new_change_is_never_cleared(tmp_path: Path) -> None:
+    """The request to judge a study again is written with the change it follows; a
+    verdict clears only the mark it answered, not one a later change made."""
+    store = Store(tmp_path / "d", partitions=PARTITIONS)
+    mid, raw, m, _ = bulkload.manifest_of(1, "o")
+    store.submit(mid, raw, m, held=False).result()
+    study = m.study_instance_uid
+    store.close()
+    store = Store(tmp_path / "d", partitions=PARTITIONS)  # a restart keeps the request
+    cat = store.catalog
+    try:
+        marks = cat.dirty_page(10)
+        assert [s for s, _ in marks] == [study]
+        store.submit(mid, raw, m, held=True).result()  # changed while being judged
+        cat.set_safety([(study, 0, True)], marks)
+        assert [s for s, _ in cat.dirty_page(10)] == [study]  # so judged again
+        cat.set_safety([(study, 1, True)], cat.dirty_page(10))
+        assert cat.dirty_page(10) == [] and cat.dirty_count() == 0
+    finally:
+        store.close()

@@ -5,11 +5,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cluster.placement import PlacementNode
 from cluster.progress import SAMPLE_EVERY_S, RepairTracker
-from tests.clusterproc import Cluster, api_status, make_study, started, wait_for
+from tests import bulkload
+from tests.clusterproc import (
+    CITIES,
+    PARTITIONS,
+    Cluster,
+    api_status,
+    make_study,
+    started,
+    wait_for,
+)
 from tests.nodeproc import cli
 
 WINDOW_S = 300.0
+CAPACITY = 1 << 40  # equal, a power of two: the bulk load's placement is the nodes' own
+BULK_STUDIES = 3000
 
 
 def feed(t: RepairTracker, start: float, end: float, unsafe: int, backlog: int,
@@ -85,3 +97,35 @@ def test_status_raises_repair_stalled_when_no_site_can_take_the_copies(
             return "REPAIR_STALLED" in {a.code for a in st.alerts}
 
         wait_for(stalled, 60, "status to say re-protection is stalled")
+
+
+def test_a_restart_right_after_puts_leaves_no_stale_verdict(tmp_path: Path) -> None:
+    """Studies put and replicated while the node stops: what their safety depends on
+    changed just before the stop, and the request to judge them again must survive it
+    (status once kept one study unsafe for good after such a restart)."""
+    c = Cluster(tmp_path / "c")
+    for node_id, city in (("boston", "Boston"), ("denver", "Denver"), ("seattle", "Seattle")):
+        c.add(node_id, city, node={"capacity_bytes": CAPACITY})
+    nodes = [PlacementNode(m.node_id, m.site, *CITIES[m.site], CAPACITY) for m in c.members]
+    replicas = bulkload.replica_sets(nodes, PARTITIONS, 3, 250.0)
+    for m in c.members:
+        bulkload.load(m.data_dir, m.node_id, BULK_STUDIES, replicas, PARTITIONS)
+    with started(c):
+        c.wait_converged(60)
+        boston = c.by_id("boston")
+
+        def all_safe(expected: int) -> bool:
+            st = api_status(boston.address)
+            assert st.studies == expected and st.unsafe_studies == 0, (st.studies,
+                                                                       st.unsafe_studies)
+            return True
+
+        wait_for(lambda: all_safe(BULK_STUDIES), 120, "the archive to be judged safe")
+        for i in range(5):
+            study = make_study(tmp_path / "in", i, instances=6)
+            assert cli("put", str(study.folder), node=boston.address).returncode == 0
+        assert boston.proc is not None
+        boston.proc.terminate()
+        boston.proc.wait(30)
+        boston.start()
+        wait_for(lambda: all_safe(BULK_STUDIES + 5), 60, "every study safe after the restart")
