@@ -749,17 +749,22 @@ class SizeRun:
             killed = time.monotonic()
             seen: dict[str, float] = {}
             last = [0]
+            peak = [0]
 
             def healed() -> bool:
+                # done only once the loss was seen (unsafe > 0), the victim is dead and
+                # no verdict is still queued: "0 unsafe" before that is status lagging
                 st = status(watcher)
                 last[0] = st.unsafe_studies
+                peak[0] = max(peak[0], st.unsafe_studies)
                 state = next((m.state for m in st.nodes if m.id == REPAIR_VICTIM.node_id), "")
                 now = time.monotonic() - killed
                 if state == "dead":
                     seen.setdefault("dead", now)
                 if st.unsafe_studies:
                     seen.setdefault("unsafe", now)
-                return "dead" in seen and st.unsafe_studies == 0
+                return ("dead" in seen and "unsafe" in seen and st.repair.judging == 0
+                        and st.unsafe_studies == 0)
 
             waited = wait_until(healed, self.args.timeout_s)
             total = time.monotonic() - killed
@@ -767,8 +772,9 @@ class SizeRun:
             self.put("repair: SIGKILL 1 of 5 (copies 2, dead_after_s 10) until 0 unsafe",
                      (f"{fmt_s(total)} for {held:,} studies" if waited.ok else
                       f"{last[0]:,} of {held:,} studies still unsafe after {fmt_s(total)}")
-                     + (f" (declared dead at {fmt_s(dead)})" if dead is not None else
-                        " (never declared dead)"))
+                     + (f" (declared dead at {fmt_s(dead)}; status first showed the loss "
+                        f"at {fmt_s(seen.get('unsafe', 0.0))}, at most {peak[0]:,} unsafe)"
+                        if dead is not None else " (never declared dead)"))
         finally:
             fed.stop()
             if not self.args.keep:

@@ -90,7 +90,9 @@ class ManifestSet(Protocol):
 @dataclass
 class SyncRound(Generic[M]):
     """One anti-entropy round against one peer, bounded: at most
-    PARTITIONS_PER_ROUND_MAX partitions are opened; the rest wait for the next round."""
+    PARTITIONS_PER_ROUND_MAX partitions are opened by study; the rest wait for the
+    next round. Partitions we know nothing of are pulled whole, page by page (every
+    call still does bounded work)."""
 
     local: ManifestSet
     peer: str
@@ -122,7 +124,11 @@ class SyncRound(Generic[M]):
                 if differ:  # rotate, so a large difference is worked through over rounds
                     k = self.first_partition % len(differ)
                     differ = differ[k:] + differ[:k]
-                self._parts = differ[:PARTITIONS_PER_ROUND_MAX]
+                # partitions we know nothing of are a join, pulled whole and not counted
+                # against the bound: an empty node learns the catalog in one round
+                empty = [p for p in differ if self._mine[p][1] == 0]
+                opened = [p for p in differ if self._mine[p][1] != 0]
+                self._parts = empty + opened[:PARTITIONS_PER_ROUND_MAX]
                 return (), self._next()
             case StudyDigestsGive(studies, more):
                 mine = self.local.study_digests([s for s, _, _ in studies])

@@ -126,6 +126,7 @@ class AntiEntropyWorker(Worker):
         self.rounds += 1
         if pulled:
             LOGGER.info("anti-entropy with %s: pulled %d manifests", peer.node_id, pulled)
+            return WorkerState.BUSY  # more may differ: the next round now, not in idle_s
         return WorkerState.IDLE
 
     async def sync_with(self, address: str) -> int:

@@ -71,10 +71,13 @@ def test_every_copy_lost_with_a_node_is_recreated(tmp_path: Path) -> None:
                 if st.repair.backlog_instances:
                     seen_progress.append(st.repair.backlog_instances)
                 assert states(st)[VICTIM] == "dead", states(st)
-                assert st.unsafe_studies == 0, (m.node_id, st.unsafe_studies, st.repair)
+                # no verdict still queued: "0 unsafe" before that is status lagging
+                assert st.repair.judging == 0 and st.unsafe_studies == 0, (
+                    m.node_id, st.unsafe_studies, st.repair)
             return True
 
         wait_for(healed, HEAL_TIMEOUT_S, f"the {held[VICTIM]} studies {VICTIM} held to get "
                  "their second copy back", interval_s=1.0)
+        assert max(seen_progress, default=0) > 0  # status showed the copies to re-create
         codes = {a.code for a in api_status(survivor.address).alerts}
         assert "REPAIR_STALLED" not in codes, codes
