@@ -88,6 +88,43 @@ class PeerHoldings:
             mark_dirty(txn, self.dirty, changed)  # with the change: a crash cannot lose it
         return changed
 
+    def apply(self, peer: str, deltas: Sequence[tuple[str, int, int, bytes]]) -> set[int]:
+        """`peer` says its holding of these studies is now (held instances, digest):
+        update them and their partitions' sums in one transaction; returns the
+        partitions that changed. Deltas save re-reading a partition; the digest
+        comparison remains the safety net for a lost or reordered one."""
+        changed: set[int] = set()
+        studies: list[str] = []
+        with self.env.begin(write=True) as txn:
+            for study, partition, n, d in deltas:
+                key = peer.encode() + SEP + _U32.pack(partition) + study.encode()
+                raw = txn.get(key, db=self.held)
+                old_n, old_d = (_U64.unpack(raw[:8])[0], bytes(raw[8:])) if raw else (
+                    0, EMPTY_DIGEST)
+                new_d = d if n > 0 else EMPTY_DIGEST
+                if (old_n, old_d) == (n, new_d):
+                    continue
+                if n > 0:
+                    txn.put(key, _U64.pack(n) + d, db=self.held)
+                else:
+                    txn.delete(key, db=self.held)
+                part_key = peer.encode() + SEP + _U32.pack(partition)
+                praw = txn.get(part_key, db=self.parts)
+                pd, pn = (bytes(praw[:DIGEST_LEN]), _U64.unpack(praw[DIGEST_LEN:])[0]) if praw \
+                    else (EMPTY_DIGEST, 0)
+                total = (int.from_bytes(pd, "big") - int.from_bytes(old_d, "big")
+                         + int.from_bytes(new_d, "big")) % ADHASH_MOD
+                pn = pn - old_n + n
+                if pn > 0:
+                    txn.put(part_key, total.to_bytes(DIGEST_LEN, "big") + _U64.pack(pn),
+                            db=self.parts)
+                else:
+                    txn.delete(part_key, db=self.parts)
+                changed.add(partition)
+                studies.append(study)
+            mark_dirty(txn, self.dirty, studies)
+        return changed
+
     def for_study(self, study_uid: str, partition: int, peers: Iterable[str]) -> list[Holding]:
         suffix = SEP + _U32.pack(partition) + study_uid.encode()
         out = []

@@ -25,6 +25,7 @@ from cluster.workers import (
     AnnounceWorker,
     AntiEntropyWorker,
     FetchWorker,
+    HeldDeltaWorker,
     HoldingsWorker,
     TrimWorker,
 )
@@ -93,6 +94,7 @@ def build(cfg: Config) -> NodeDaemon:
     for worker in (gossip, AnnounceWorker(replicator), FetchWorker(replicator),
                    AntiEntropyWorker(replicator, background),
                    HoldingsWorker(replicator, max(0.5, 2 * c.gossip_interval_s)),
+                   HeldDeltaWorker(replicator),
                    trim, safety):
         daemon.add_worker(worker)
     if cfg.drill.interval_s > 0:

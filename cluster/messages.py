@@ -137,6 +137,15 @@ class HeldStudiesGive:
 
 
 @dataclass(frozen=True, slots=True)
+class HeldPush:
+    """Our holding of these studies changed: (study, partition, held, digest) each.
+    No answer; a lost push is caught up by the next digest comparison."""
+
+    node_id: str
+    studies: tuple[tuple[str, int, int, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class StudyHoldingAsk:
     """What do you hold of this study, right now? (trim asks before it drops a copy)"""
 

@@ -13,6 +13,7 @@ import grpc
 from cluster import antientropy, holdings
 from cluster.gossip import GossipWorker
 from cluster.transfer import GET_MANIFESTS_MAX, REPLY_BYTES_MAX, Replicator
+from node.catalog import partition_of
 from node.errors import ChunkCorrupt, ChunkMissing
 from proto import peer_pb2, peer_pb2_grpc
 
@@ -22,6 +23,7 @@ ANNOUNCE_MANIFESTS_MAX = 4096
 FETCH_READ_BATCH = 16  # chunks read and verified per thread hop (<= 16 MiB of memory)
 IDS_STUDIES_MAX = 256  # studies per GetManifestIds
 HOLDINGS_STUDIES_MAX = 1000  # studies per GetHoldings
+HELD_DELTA_STUDIES_MAX = 4096  # studies per pushed holdings delta
 
 
 class PeerService(peer_pb2_grpc.PeerApiServicer):
@@ -56,6 +58,22 @@ class PeerService(peer_pb2_grpc.PeerApiServicer):
         raws, last, more = await self.r._run(self.r.partition_manifests, request.partition,
                                              request.after, limit)
         return peer_pb2.PartitionManifests(manifests=raws, last=last, more=more)
+
+    async def PushHeld(self, request: peer_pb2.HeldDelta, context: Any
+                       ) -> peer_pb2.HeldDeltaReply:
+        if len(request.studies) > HELD_DELTA_STUDIES_MAX:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "too many studies")
+        snap = self.r.state.snapshot
+        if request.node_id == self.r.node_id or snap.member(request.node_id) is None:
+            return peer_pb2.HeldDeltaReply()  # only members speak for their holdings
+        partitions = self.r.store.catalog.partitions
+        deltas = [(s.study_uid, partition_of(s.study_uid, partitions), s.held_instances,
+                   bytes(s.held_digest)) for s in request.studies
+                  if len(s.held_digest) == 32 or s.held_instances == 0]
+        changed = await self.r._run(self.r.holdings.apply, request.node_id, deltas)
+        for callback in self.r.on_holdings_changed:
+            callback(request.node_id, sorted(changed), set())
+        return peer_pb2.HeldDeltaReply()
 
     async def GetHeldRoot(self, request: peer_pb2.HeldRootRequest, context: Any
                           ) -> peer_pb2.HeldRoot:

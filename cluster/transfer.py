@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -65,6 +66,8 @@ class Replicator:
         # peer -> its last held-root answer; replaced, never mutated (API threads read it)
         self.reports: dict[str, HeldRootGive] = {}
         self.on_holdings_changed: list[Callable[[str, list[int], set[str]], None]] = []
+        self._held_lock = threading.Lock()
+        self._held_changed: set[str] = set()
         self.fetched_manifests = 0
         self.fetched_bytes = 0
         self.trimmed_studies = 0
@@ -74,7 +77,27 @@ class Replicator:
     def on_stored(self, manifest_id: bytes, raw: bytes, m: node_pb2.Manifest) -> None:
         """An instance became durable here (event loop): tell the peers at once."""
         self.announce.on_stored(raw)
+        self.held_changed({m.study_instance_uid})
         self.wakeup.set()
+
+    def held_changed(self, studies: set[str]) -> None:
+        """Our holding of these studies changed (any thread): push it to peers soon."""
+        with self._held_lock:
+            self._held_changed |= studies
+
+    def take_held_delta(self, limit: int) -> list[peer_pb2.StudyHolding]:
+        """Up to `limit` changed studies, as we hold them now (worker thread)."""
+        with self._held_lock:
+            studies = [self._held_changed.pop()
+                       for _ in range(min(limit, len(self._held_changed)))]
+        out = []
+        for study in studies:
+            rec = self.store.catalog.study_record(study)
+            if rec is not None:
+                out.append(peer_pb2.StudyHolding(study_uid=study,
+                                                 held_instances=rec.held_instances,
+                                                 held_digest=rec.held_digest))
+        return out
 
     def on_placement_change(self) -> None:
         self.planner.on_placement(self.my_partitions(), time.monotonic())
@@ -234,6 +257,7 @@ class Replicator:
             except PacsmeshError as exc:
                 LOGGER.error("could not commit a replica: %s", exc)
         self.fetched_manifests += held
+        self.held_changed({m.study_instance_uid for _, _, m in wanted})
         LOGGER.debug("replicated %d of %d instances (%d chunks fetched) in %.2f s + commit "
                      "%.2f s", held, len(wanted), len(sizes) - len(need),
                      fetched_at - started, time.monotonic() - fetched_at)

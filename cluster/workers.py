@@ -34,6 +34,7 @@ from node.worker import Worker, WorkerState
 from proto import node_pb2, peer_pb2
 
 LOGGER = logging.getLogger(__name__)
+HELD_DELTA_MAX = 1000  # studies per pushed delta (~80 KB)
 
 
 class AnnounceWorker(Worker):
@@ -147,6 +148,33 @@ class AntiEntropyWorker(Worker):
         if new:
             r.wakeup.set()
         return new
+
+
+class HeldDeltaWorker(Worker):
+    """Pushes what changed in our holdings to every alive peer, a batch at a time, so
+    their caches follow without re-reading a partition."""
+
+    name = "held-delta"
+    idle_s = 0.5
+
+    def __init__(self, r: Replicator) -> None:
+        self.r = r
+
+    async def step(self) -> WorkerState:
+        r = self.r
+        studies = await r._run(r.take_held_delta, HELD_DELTA_MAX)
+        if not studies:
+            return WorkerState.IDLE
+        msg = peer_pb2.HeldDelta(node_id=r.node_id, studies=studies)
+        peers = r.state.snapshot.alive_peers(r.node_id)
+        await asyncio.gather(*(self._send(p.address, msg) for p in peers))
+        return WorkerState.BUSY if len(studies) >= HELD_DELTA_MAX else WorkerState.IDLE
+
+    async def _send(self, address: str, msg: peer_pb2.HeldDelta) -> None:
+        try:
+            await self.r.peers.stub(address).PushHeld(msg, timeout=RPC_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:  # the digest comparison catches it up
+            LOGGER.debug("held delta to %s: %s", address, exc.code().name)
 
 
 class HoldingsWorker(Worker):
@@ -277,6 +305,7 @@ class TrimWorker(Worker):
         if dropped is None:
             return False
         r.trimmed_studies += 1
+        r.held_changed({case.study_uid})
         LOGGER.info("trimmed study %s (%d manifests): the replica set %s holds %d verified "
                     "copies", case.study_uid, dropped, ",".join(placement.replicas),
                     r.state.copies)

@@ -763,3 +763,45 @@ class HeldStudies(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HeldStudies: _TypeAlias = HeldStudies  # noqa: Y015
+
+@_typing.final
+class HeldDelta(_message.Message):
+    """Pushed when this node's holdings change, so peers need not re-read a partition."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    STUDIES_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    @_builtins.property
+    def studies(self) -> _containers.RepeatedCompositeFieldContainer[Global___StudyHolding]:
+        """held_instances 0: none held any more"""
+
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        studies: _abc.Iterable[Global___StudyHolding] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "studies", b"studies"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeldDelta: _TypeAlias = HeldDelta  # noqa: Y015
+
+@_typing.final
+class HeldDeltaReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeldDeltaReply: _TypeAlias = HeldDeltaReply  # noqa: Y015

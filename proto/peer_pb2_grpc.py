@@ -99,6 +99,11 @@ class PeerApiStub:
                 request_serializer=proto_dot_peer__pb2.HeldStudiesRequest.SerializeToString,
                 response_deserializer=proto_dot_peer__pb2.HeldStudies.FromString,
                 _registered_method=True)
+        self.PushHeld = channel.unary_unary(
+                '/pacsmesh.peer.PeerApi/PushHeld',
+                request_serializer=proto_dot_peer__pb2.HeldDelta.SerializeToString,
+                response_deserializer=proto_dot_peer__pb2.HeldDeltaReply.FromString,
+                _registered_method=True)
 
 
 class PeerApiServicer:
@@ -182,6 +187,12 @@ class PeerApiServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushHeld(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerApiServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -249,6 +260,11 @@ def add_PeerApiServicer_to_server(servicer, server):
                     servicer.GetHeldStudies,
                     request_deserializer=proto_dot_peer__pb2.HeldStudiesRequest.FromString,
                     response_serializer=proto_dot_peer__pb2.HeldStudies.SerializeToString,
+            ),
+            'PushHeld': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushHeld,
+                    request_deserializer=proto_dot_peer__pb2.HeldDelta.FromString,
+                    response_serializer=proto_dot_peer__pb2.HeldDeltaReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -602,6 +618,33 @@ class PeerApi:
             '/pacsmesh.peer.PeerApi/GetHeldStudies',
             proto_dot_peer__pb2.HeldStudiesRequest.SerializeToString,
             proto_dot_peer__pb2.HeldStudies.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushHeld(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pacsmesh.peer.PeerApi/PushHeld',
+            proto_dot_peer__pb2.HeldDelta.SerializeToString,
+            proto_dot_peer__pb2.HeldDeltaReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,7 @@ class PeerApiStub:
     GetHeldRoot: _grpc.UnaryUnaryMultiCallable[_peer_pb2.HeldRootRequest, _peer_pb2.HeldRoot]
     GetHeldPartitions: _grpc.UnaryUnaryMultiCallable[_peer_pb2.HeldPartitionsRequest, _peer_pb2.HeldPartitions]
     GetHeldStudies: _grpc.UnaryUnaryMultiCallable[_peer_pb2.HeldStudiesRequest, _peer_pb2.HeldStudies]
+    PushHeld: _grpc.UnaryUnaryMultiCallable[_peer_pb2.HeldDelta, _peer_pb2.HeldDeltaReply]
 
 @_typing.type_check_only
 class PeerApiAsyncStub(PeerApiStub):
@@ -64,6 +65,7 @@ class PeerApiAsyncStub(PeerApiStub):
     GetHeldRoot: _aio.UnaryUnaryMultiCallable[_peer_pb2.HeldRootRequest, _peer_pb2.HeldRoot]  # type: ignore[assignment]
     GetHeldPartitions: _aio.UnaryUnaryMultiCallable[_peer_pb2.HeldPartitionsRequest, _peer_pb2.HeldPartitions]  # type: ignore[assignment]
     GetHeldStudies: _aio.UnaryUnaryMultiCallable[_peer_pb2.HeldStudiesRequest, _peer_pb2.HeldStudies]  # type: ignore[assignment]
+    PushHeld: _aio.UnaryUnaryMultiCallable[_peer_pb2.HeldDelta, _peer_pb2.HeldDeltaReply]  # type: ignore[assignment]
 
 class PeerApiServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -156,5 +158,12 @@ class PeerApiServicer(metaclass=_abc_1.ABCMeta):
         request: _peer_pb2.HeldStudiesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_peer_pb2.HeldStudies, _abc.Awaitable[_peer_pb2.HeldStudies]]: ...
+
+    @_abc_1.abstractmethod
+    def PushHeld(
+        self,
+        request: _peer_pb2.HeldDelta,
+        context: _ServicerContext,
+    ) -> _typing.Union[_peer_pb2.HeldDeltaReply, _abc.Awaitable[_peer_pb2.HeldDeltaReply]]: ...
 
 def add_PeerApiServicer_to_server(servicer: PeerApiServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -92,3 +92,37 @@ def test_safety_marks_are_durable_and_a_new_change_is_never_cleared(tmp_path: Pa
         assert cat.dirty_page(10) == [] and cat.dirty_count() == 0
     finally:
         store.close()
+
+
+def test_pushed_deltas_keep_the_peer_cache_sums_exact(tmp_path: Path) -> None:
+    """A peer's pushed holding changes update single studies and their partition sums,
+    so the next digest comparison finds nothing to re-read."""
+    from cluster.holdings_cache import PeerHoldings
+
+    store = Store(tmp_path / "d", partitions=PARTITIONS)
+    try:
+        cache = PeerHoldings(store.env, PARTITIONS)
+        rng = random.Random(3)
+        truth: dict[tuple[int, str], tuple[int, bytes]] = {}
+        for _ in range(2000):
+            study = f"1.2.3.{rng.randrange(300)}"
+            p = partition_of(study, PARTITIONS)
+            n = rng.choice((0, 1, 2, 5))
+            d = bytes(rng.randrange(256) for _ in range(32)) if n else EMPTY_DIGEST
+            cache.apply("peer", [(study, p, n, d)])
+            if n:
+                truth[(p, study)] = (n, d)
+            else:
+                truth.pop((p, study), None)
+        got = cache.partition_digests("peer")
+        for p in range(PARTITIONS):
+            items = [v for (q, _), v in truth.items() if q == p]
+            want = (_sum([d for _, d in items]) if items else EMPTY_DIGEST,
+                    sum(n for n, _ in items))
+            assert got[p] == want, p
+        # a full re-read of a partition agrees with what the deltas built
+        p0 = next(p for p in range(PARTITIONS) if got[p][1])
+        cache.replace("peer", p0, [(s, n, d) for (q, s), (n, d) in truth.items() if q == p0])
+        assert cache.partition_digests("peer")[p0] == got[p0]
+    finally:
+        store.close()

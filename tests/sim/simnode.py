@@ -37,6 +37,7 @@ from cluster.membership import (
 from cluster.messages import (
     HeldPartitionsAsk,
     HeldPartitionsGive,
+    HeldPush,
     HeldRootAsk,
     HeldRootGive,
     HeldStudiesAsk,
@@ -120,7 +121,7 @@ class FetchGive:
     mids: tuple[bytes, ...]  # the asked ones the peer holds: their chunks, verified
 
 
-Request: TypeAlias = GossipMessage | Announce | FetchAsk | ProtocolRequest
+Request: TypeAlias = GossipMessage | Announce | FetchAsk | HeldPush | ProtocolRequest
 Reply: TypeAlias = object
 OnReply: TypeAlias = Callable[[Reply], None]
 OnTimeout: TypeAlias = Callable[[], None]
@@ -274,6 +275,27 @@ class Disk:
         parts = self.peer_parts.get(peer, {})
         return [parts.get(p, (EMPTY_DIGEST, 0)) for p in range(self.partitions)]
 
+    def apply_holdings(self, peer: str, deltas: Sequence[tuple[str, int, int, bytes]]
+                       ) -> set[int]:
+        """As PeerHoldings.apply: single studies updated, their partition sums kept."""
+        changed = set()
+        for study, p, n, d in deltas:
+            part = self.peer_held.setdefault(peer, {}).setdefault(p, {})
+            old = part.get(study, (0, EMPTY_DIGEST))
+            new = (n, d) if n > 0 else (0, EMPTY_DIGEST)
+            if old == new:
+                continue
+            if n > 0:
+                part[study] = new
+            else:
+                part.pop(study, None)
+            digest, count = self.peer_parts.setdefault(peer, {}).get(p, (EMPTY_DIGEST, 0))
+            total = (int.from_bytes(digest, "big") - int.from_bytes(old[1], "big")
+                     + int.from_bytes(new[1], "big")) % (1 << 256)
+            self.peer_parts[peer][p] = (total.to_bytes(32, "big"), count - old[0] + new[0])
+            changed.add(p)
+        return changed
+
     def replace_holdings(self, peer: str, partition: int, studies: Sequence[StudyHeld]) -> None:
         """As cluster/holdings_cache.py: a partition replaced whole, its sum kept."""
         kept = {s: (n, d) for s, n, d in studies if n > 0}
@@ -416,6 +438,10 @@ class Process:
                              if disk.held_count.get(s, 0) > 0)
                 return HeldStudiesGive(held, studies[-1] if studies else after,
                                        len(studies) >= limit)
+            case HeldPush(node_id, studies):
+                for partition in disk.apply_holdings(node_id, studies):
+                    self._holdings_changed(partition)
+                return None
             case StudyHoldingAsk(study_uid):
                 placement = self.state.placement(study_uid)
                 replica = placement is not None and self.node_id in placement.replicas
@@ -439,6 +465,7 @@ class Process:
         """A modality stored an instance here: durable, so acknowledged; tell everyone."""
         self.disk.know(m)
         self.disk.hold(m.mid)
+        self.push_held([m.study_uid])
         self.announce.on_stored(m)
         batch = self.announce.next_batch()
         for peer in self.state.snapshot.alive_peers(self.node_id):
@@ -475,11 +502,12 @@ class Process:
 
         def got(reply: Reply) -> None:
             if isinstance(reply, FetchGive):
-                for mid in reply.mids:
-                    if mid in need:
-                        need.discard(mid)
-                        self.disk.hold(mid)  # every chunk verified on arrival
-                        self.net.stats["fetched"] += 1
+                held = [mid for mid in reply.mids if mid in need]
+                for mid in held:
+                    need.discard(mid)
+                    self.disk.hold(mid)  # every chunk verified on arrival
+                    self.net.stats["fetched"] += 1
+                self.push_held(self.disk.manifests[mid].study_uid for mid in held)
             self._fetch_from(rest, need)
 
         self.net.call(self, source, FetchAsk(tuple(sorted(need))), got,
@@ -533,14 +561,26 @@ class Process:
             replace, nxt = machine.on_reply(reply)
             if replace is not None:
                 self.disk.replace_holdings(replace.peer, replace.partition, replace.studies)
-                mine = self.my_partitions()
-                p = replace.partition
-                if p not in mine and self.disk.part_held_count[p]:  # on_holdings_changed
-                    self.trim.enqueue([p])
+                self._holdings_changed(replace.partition)
             self._holdings_ask(machine, nxt)
 
         self.net.call(self, machine.peer, request, answered,
                       lambda: self._holdings_ask(machine, None))
+
+    def _holdings_changed(self, p: int) -> None:
+        """TrimWorker.on_holdings_changed."""
+        if p not in self.my_partitions() and self.disk.part_held_count[p]:
+            self.trim.enqueue([p])
+
+    def push_held(self, studies: Iterable[str]) -> None:
+        """HeldDeltaWorker: our holding of these studies changed; tell every alive peer."""
+        disk = self.disk
+        deltas = tuple((s, disk.manifests[disk.by_study[s][0]].partition,
+                        disk.held_count.get(s, 0), disk.held_digest.get(s, EMPTY_DIGEST))
+                       for s in sorted(set(studies)))
+        if deltas:
+            for peer in self.state.snapshot.alive_peers(self.node_id):
+                self.net.call(self, peer.node_id, HeldPush(self.node_id, deltas))
 
     # ---- trim (TrimWorker) -----------------------------------------------------------
 
@@ -611,5 +651,6 @@ class Process:
         self.net.trimming(self, case.study_uid, mids)
         for mid in mids:
             self.disk.unhold(mid)
+        self.push_held([case.study_uid])
         self.net.stats["trims"] += 1
 
