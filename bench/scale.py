@@ -355,6 +355,10 @@ def wait_serving(node: NodeProc, timeout_s: float) -> None:
                            f"{node.log()}")
 
 
+def all_judged(addresses: list[str]) -> bool:
+    return all(status(a).repair.judging == 0 for a in addresses)
+
+
 def all_alive(fed: Federation) -> bool:
     want = len(fed.running())
     for n in fed.running():
@@ -480,6 +484,12 @@ class SizeRun:
             self.put("settle: start until every study is safe on every node",
                      fmt_s(settled.seconds) if settled.ok else
                      f"not within {fmt_s(settled.seconds)}")
+            # at rest means no verdict still queued: a first start judges every study
+            # (a bulk load marks them all) before the node is idle
+            drained = wait_until(lambda: all_judged(addresses), self.args.timeout_s)
+            self.put("settle: start until no safety verdict is queued on any node",
+                     fmt_s(settled.seconds + drained.seconds) if drained.ok else
+                     f"not within {fmt_s(settled.seconds + drained.seconds)}")
             time.sleep(QUIET_S)
             self.guarded("idle", lambda: self.idle(fed, counters, why_not))
             boston = fed.nodes[BOSTON.node_id]

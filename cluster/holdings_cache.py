@@ -125,6 +125,21 @@ class PeerHoldings:
             mark_dirty(txn, self.dirty, studies)
         return changed
 
+    def for_studies(self, studies: Iterable[tuple[str, int]], peers: Sequence[str]
+                    ) -> dict[str, list[Holding]]:
+        """(study, partition) -> what each of `peers` holds of it, in one read."""
+        out: dict[str, list[Holding]] = {}
+        with self.env.begin(db=self.held) as txn:
+            for study, partition in studies:
+                suffix = SEP + _U32.pack(partition) + study.encode()
+                found = []
+                for peer in peers:
+                    raw = txn.get(peer.encode() + suffix)
+                    if raw is not None:
+                        found.append(Holding(peer, _U64.unpack(raw[:8])[0], bytes(raw[8:])))
+                out[study] = found
+        return out
+
     def for_study(self, study_uid: str, partition: int, peers: Iterable[str]) -> list[Holding]:
         suffix = SEP + _U32.pack(partition) + study_uid.encode()
         out = []

@@ -22,7 +22,7 @@ import logging
 import time
 
 from cluster.progress import RepairTracker
-from cluster.safety import Position, assess
+from cluster.safety import Holding, Position, assess
 from cluster.transfer import Replicator
 from node.worker import Worker, WorkerState
 
@@ -92,16 +92,19 @@ class SafetyWorker(Worker):
     def _judge(self, studies: list[str], marks: list[tuple[str, bytes]]) -> None:
         r = self.r
         positions = self._positions()
+        # the holders of the settled view, not of the live one: a node that has just
+        # started knows no peers yet, and its verdicts must not say so
+        peers = sorted(self._judged_positions)
+        records = r.store.catalog.study_records_of(studies)  # one read for the batch
+        holdings = r.holdings.for_studies([(s, rec.partition) for s, rec in records.items()],
+                                          peers)
         verdicts = []
-        for study in studies:
-            rec = r.store.catalog.study_record(study)
-            if rec is None:
-                continue
-            # the holders of the settled view, not of the live one: a node that has
-            # just started knows no peers yet, and its verdicts must not say so
-            verdict = assess(rec.instances, rec.current_digest,
-                             r.holdings_for(study, self._judged_positions),
-                             positions, r.state.min_distance_miles)
+        for study, rec in records.items():
+            held = holdings.get(study, [])
+            if rec.held_instances > 0:
+                held.append(Holding(r.node_id, rec.held_instances, rec.held_digest))
+            verdict = assess(rec.instances, rec.current_digest, held, positions,
+                             r.state.min_distance_miles)
             verdicts.append((study, verdict.safe_copies,
                              rec.instances == 0 or verdict.safe_copies < r.state.copies))
             LOGGER.debug("judged %s: %d safe copies, full holders %s", study,

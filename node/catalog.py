@@ -557,6 +557,16 @@ class Catalog:
                             keys[0] if keys else None)
         return rng.choice(keys)[len(prefix):].decode()
 
+    def study_records_of(self, study_uids: Iterable[str]) -> dict[str, node_pb2.StudyRecord]:
+        """The records of these studies (those that exist), in one read transaction."""
+        out = {}
+        with self.env.begin() as txn:
+            for uid in study_uids:
+                rec = self._record(txn, uid)
+                if rec is not None:
+                    out[uid] = rec
+        return out
+
     def study_info(self, study_uid: str) -> StudyInfo:
         rec = self.study_record(study_uid)
         if rec is None:
