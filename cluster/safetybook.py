@@ -17,6 +17,7 @@ the counts are, and status shows it.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import time
@@ -174,7 +175,9 @@ class SafetyWorker(Worker):
                for n, k in self._judged_positions.items()}
         me = self.r.state.snapshot.positions().get(self.r.node_id)
         if me is not None:
-            out[me.node_id] = me
+            # we count as alive in our own verdicts even while shutting down ("left"):
+            # what we hold is on our disk, and a verdict stored now outlives the stop
+            out[me.node_id] = dataclasses.replace(me, alive=True)
         return out
 
     def _load(self) -> tuple[dict[str, list[object]], list[tuple[str, bytes]]]:

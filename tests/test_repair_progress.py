@@ -129,3 +129,62 @@ def test_a_restart_right_after_puts_leaves_no_stale_verdict(tmp_path: Path) -> N
         boston.proc.wait(30)
         boston.start()
         wait_for(lambda: all_safe(BULK_STUDIES + 5), 60, "every study safe after the restart")
+
+
+def test_a_stop_while_judging_leaves_no_stale_verdict(tmp_path: Path) -> None:
+    """SIGTERM while the node is still judging a freshly loaded archive: verdicts
+    stored during the shutdown (when the node itself has 'left') must not count its
+    own copies out, or they stay unsafe after the restart."""
+    studies = 20_000
+    c = Cluster(tmp_path / "c")
+    for node_id, city in (("boston", "Boston"), ("denver", "Denver"), ("seattle", "Seattle")):
+        c.add(node_id, city, node={"capacity_bytes": CAPACITY})
+    nodes = [PlacementNode(m.node_id, m.site, *CITIES[m.site], CAPACITY) for m in c.members]
+    replicas = bulkload.replica_sets(nodes, PARTITIONS, 3, 250.0)
+    for m in c.members:
+        bulkload.load(m.data_dir, m.node_id, studies, replicas, PARTITIONS)
+    with started(c):
+        boston = c.by_id("boston")
+        wait_for(lambda: api_status(boston.address).repair.judging > 0, 30,
+                 "boston to be judging the archive")
+        assert boston.proc is not None
+        boston.proc.terminate()
+        boston.proc.wait(30)
+        boston.start()
+
+        def settled() -> bool:
+            st = api_status(boston.address)
+            assert st.repair.judging == 0 and st.unsafe_studies == 0, (
+                st.repair.judging, st.unsafe_studies)
+            return True
+
+        wait_for(settled, 180, "every study judged safe after the restart")
+
+
+def test_a_node_counts_its_own_copies_while_it_shuts_down(tmp_path: Path) -> None:
+    """Our own member record says 'left' from the moment shutdown begins, while the
+    safety worker may still store verdicts; those must still count our copies."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cluster.membership import Member, MemberState, NodeId
+    from cluster.peers import Peers
+    from cluster.safetybook import SafetyWorker
+    from cluster.state import ClusterState
+    from cluster.transfer import Replicator
+    from node.hlc import HybridClock
+    from node.store import Store
+
+    store = Store(tmp_path / "d", partitions=PARTITIONS)
+    pool = ThreadPoolExecutor(1)
+    try:
+        state = ClusterState("boston", PARTITIONS, 3, 250.0, 600.0)
+        lat, lon = CITIES["Boston"]
+        me = Member(NodeId("boston"), "Boston", lat, lon, "127.0.0.1:1", CAPACITY, 0, 0, 1, 0,
+                    MemberState.LEFT)
+        state.publish((me,), {"boston": 0.0})
+        r = Replicator(store, state, Peers(), "boston", "127.0.0.1:1", HybridClock(), pool)
+        worker = SafetyWorker(r, 300.0, 1.0)
+        assert worker._positions()["boston"].alive
+    finally:
+        pool.shutdown()
+        store.close()
