@@ -99,17 +99,23 @@ def test_status_raises_repair_stalled_when_no_site_can_take_the_copies(
         wait_for(stalled, 60, "status to say re-protection is stalled")
 
 
-def test_a_restart_right_after_puts_leaves_no_stale_verdict(tmp_path: Path) -> None:
-    """Studies put and replicated while the node stops: what their safety depends on
-    changed just before the stop, and the request to judge them again must survive it
-    (status once kept one study unsafe for good after such a restart)."""
+def _loaded_cluster(tmp_path: Path, studies: int) -> Cluster:
+    """Boston, Denver, Seattle (copies 3), each data dir holding `studies` studies."""
     c = Cluster(tmp_path / "c")
     for node_id, city in (("boston", "Boston"), ("denver", "Denver"), ("seattle", "Seattle")):
         c.add(node_id, city, node={"capacity_bytes": CAPACITY})
     nodes = [PlacementNode(m.node_id, m.site, *CITIES[m.site], CAPACITY) for m in c.members]
     replicas = bulkload.replica_sets(nodes, PARTITIONS, 3, 250.0)
     for m in c.members:
-        bulkload.load(m.data_dir, m.node_id, BULK_STUDIES, replicas, PARTITIONS)
+        bulkload.load(m.data_dir, m.node_id, studies, replicas, PARTITIONS)
+    return c
+
+
+def test_a_restart_right_after_puts_leaves_no_stale_verdict(tmp_path: Path) -> None:
+    """Studies put and replicated while the node stops: what their safety depends on
+    changed just before the stop, and the request to judge them again must survive it
+    (status once kept one study unsafe for good after such a restart)."""
+    c = _loaded_cluster(tmp_path, BULK_STUDIES)
     with started(c):
         c.wait_converged(60)
         boston = c.by_id("boston")
@@ -135,14 +141,7 @@ def test_a_stop_while_judging_leaves_no_stale_verdict(tmp_path: Path) -> None:
     """SIGTERM while the node is still judging a freshly loaded archive: verdicts
     stored during the shutdown (when the node itself has 'left') must not count its
     own copies out, or they stay unsafe after the restart."""
-    studies = 20_000
-    c = Cluster(tmp_path / "c")
-    for node_id, city in (("boston", "Boston"), ("denver", "Denver"), ("seattle", "Seattle")):
-        c.add(node_id, city, node={"capacity_bytes": CAPACITY})
-    nodes = [PlacementNode(m.node_id, m.site, *CITIES[m.site], CAPACITY) for m in c.members]
-    replicas = bulkload.replica_sets(nodes, PARTITIONS, 3, 250.0)
-    for m in c.members:
-        bulkload.load(m.data_dir, m.node_id, studies, replicas, PARTITIONS)
+    c = _loaded_cluster(tmp_path, 20_000)
     with started(c):
         boston = c.by_id("boston")
         wait_for(lambda: api_status(boston.address).repair.judging > 0, 30,
