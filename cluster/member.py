@@ -63,7 +63,8 @@ def build(cfg: Config) -> NodeDaemon:
                  used_bytes=daemon.store.used_bytes(), free_bytes=daemon.store.free_bytes())
     membership = new_membership(me, settings, list(c.seeds), c.gossip_interval_s,
                                 c.suspect_after_s or None, c.dead_after_s)
-    peers = Peers()
+    # the lambda reads the snapshot of the moment, not the one at build time
+    peers = Peers(daemon.tls, lambda address: state.snapshot.id_at(address))  # noqa: PLW0108
     store = daemon.store
     gossip = GossipWorker(
         membership, state, peers, c.gossip_interval_s,

@@ -15,6 +15,7 @@ from cluster.gossip import GossipWorker
 from cluster.transfer import GET_MANIFESTS_MAX, REPLY_BYTES_MAX, Replicator
 from node.catalog import partition_of
 from node.errors import ChunkCorrupt, ChunkMissing
+from node.tls import CALLER
 from proto import peer_pb2, peer_pb2_grpc
 
 LOGGER = logging.getLogger(__name__)
@@ -26,6 +27,16 @@ HOLDINGS_STUDIES_MAX = 1000  # studies per GetHoldings
 HELD_DELTA_STUDIES_MAX = 4096  # studies per pushed holdings delta
 
 
+async def _speaks_for(node_id: str, context: Any) -> None:
+    """With TLS, a peer speaks only for the node its certificate names: a member with
+    a valid certificate still cannot gossip or report holdings as another."""
+    caller = CALLER.get()
+    if caller.role == "node" and node_id != caller.name:
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                            f"certificate names {caller.name!r}; it cannot speak for "
+                            f"{node_id!r}")
+
+
 class PeerService(peer_pb2_grpc.PeerApiServicer):
     def __init__(self, gossip: GossipWorker, replicator: Replicator) -> None:
         self.gossip = gossip
@@ -33,6 +44,7 @@ class PeerService(peer_pb2_grpc.PeerApiServicer):
 
     async def Gossip(self, request: peer_pb2.GossipMessage, context: Any
                      ) -> peer_pb2.GossipReply:
+        await _speaks_for(request.sender, context)
         return self.gossip.on_gossip(request)
 
     async def Announce(self, request: peer_pb2.ManifestBatch, context: Any
@@ -63,6 +75,7 @@ class PeerService(peer_pb2_grpc.PeerApiServicer):
                        ) -> peer_pb2.HeldDeltaReply:
         if len(request.studies) > HELD_DELTA_STUDIES_MAX:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "too many studies")
+        await _speaks_for(request.node_id, context)
         snap = self.r.state.snapshot
         if request.node_id == self.r.node_id or snap.member(request.node_id) is None:
             return peer_pb2.HeldDeltaReply()  # only members speak for their holdings

@@ -1,12 +1,20 @@
 """Channels to peers: one async channel per address for the workers, one blocking
-channel per address for API threads (restores reading chunks from peers)."""
+channel per address for API threads (restores reading chunks from peers).
+
+With TLS, a channel to a known member demands that the far end's certificate
+names that member's node id (its DNS name; see node/pki.py): an address learned
+from gossip cannot make us talk to, and believe, someone else. A seed, whose id
+we do not know yet, is checked by its host name like any TLS server.
+"""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import grpc
 
+from node.tls import TlsFiles, channel_credentials
 from proto import peer_pb2_grpc
 
 PEER_MESSAGE_MAX = 16 << 20
@@ -20,32 +28,51 @@ CHANNEL_OPTIONS = [
 RPC_TIMEOUT_S = 10.0  # one unary call; streams set their own
 CHUNK_BATCH_BYTES_MAX = 32 << 20  # plain bytes asked for in one FetchChunks
 
+ExpectedId = Callable[[str], str | None]  # address -> the member id gossip puts there
+
 
 class Peers:
-    def __init__(self) -> None:
-        self._async: dict[str, peer_pb2_grpc.PeerApiAsyncStub] = {}
+    def __init__(self, tls: TlsFiles | None = None,
+                 expected_id: ExpectedId | None = None) -> None:
+        self._tls = tls
+        self._creds = channel_credentials(tls) if tls is not None else None
+        self._expected = expected_id or (lambda _address: None)
+        self._async: dict[tuple[str, str | None], peer_pb2_grpc.PeerApiAsyncStub] = {}
         self._async_channels: list[grpc.aio.Channel] = []
-        self._sync: dict[str, peer_pb2_grpc.PeerApiStub] = {}
+        self._sync: dict[tuple[str, str | None], peer_pb2_grpc.PeerApiStub] = {}
         self._sync_channels: list[grpc.Channel] = []
         self._lock = threading.Lock()
 
+    def _options(self, name: str | None) -> list[tuple[str, object]]:
+        if name is None:
+            return list(CHANNEL_OPTIONS)
+        return [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", name)]
+
     def stub(self, address: str) -> peer_pb2_grpc.PeerApiAsyncStub:
         """For the event loop."""
-        stub = self._async.get(address)
+        key = (address, self._expected(address) if self._tls else None)
+        stub = self._async.get(key)
         if stub is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            if self._creds is not None:
+                channel = grpc.aio.secure_channel(address, self._creds, self._options(key[1]))
+            else:
+                channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
             self._async_channels.append(channel)
-            stub = self._async[address] = peer_pb2_grpc.PeerApiStub(channel)
+            stub = self._async[key] = peer_pb2_grpc.PeerApiStub(channel)
         return stub
 
     def blocking_stub(self, address: str) -> peer_pb2_grpc.PeerApiStub:
         """For worker threads."""
+        key = (address, self._expected(address) if self._tls else None)
         with self._lock:
-            stub = self._sync.get(address)
+            stub = self._sync.get(key)
             if stub is None:
-                channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+                if self._creds is not None:
+                    channel = grpc.secure_channel(address, self._creds, self._options(key[1]))
+                else:
+                    channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
                 self._sync_channels.append(channel)
-                stub = self._sync[address] = peer_pb2_grpc.PeerApiStub(channel)
+                stub = self._sync[key] = peer_pb2_grpc.PeerApiStub(channel)
             return stub
 
     async def close(self) -> None:

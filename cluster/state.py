@@ -36,6 +36,13 @@ class Snapshot:
         return {m.node_id: Position(m.node_id, m.site, m.lat, m.lon,
                                     m.state == MemberState.ALIVE) for m in self.members}
 
+    def id_at(self, address: str) -> str | None:
+        """The member gossip places at an address (for TLS: who must answer there)."""
+        for m in self.members:
+            if m.address == address:
+                return m.node_id
+        return None
+
     def alive_peers(self, me: str) -> list[Member]:
         return [m for m in self.members if m.node_id != me and m.state == MemberState.ALIVE]
 

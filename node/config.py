@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tomllib
 import uuid
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,12 +63,27 @@ class DrillSection:
 
 
 @dataclass(frozen=True)
+class TlsSection:
+    ca_cert: str = ""
+    cert: str = ""
+    key: str = ""
+    crl: str = ""  # a CRL signed by the cluster CA (pacsmesh ca revoke), re-read on change
+    revoked_serials: tuple[str, ...] = ()  # hex; re-read from this file on change
+    insecure: bool = False  # plaintext beyond loopback: only on purpose, and alerted
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert)
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeSection
     cluster: ClusterSection = field(default_factory=ClusterSection)
     dicom: DicomSection = field(default_factory=DicomSection)
     scrub: ScrubSection = field(default_factory=ScrubSection)
     drill: DrillSection = field(default_factory=DrillSection)
+    tls: TlsSection = field(default_factory=TlsSection)
     path: Path | None = None
 
     @property
@@ -97,6 +112,9 @@ def _section(cls: type, raw: dict[str, Any], name: str, **extra: Any) -> Any:
             elif want == "int":
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise TypeError
+            elif want == "bool":
+                if not isinstance(value, bool):
+                    raise TypeError
             elif want == "str":
                 if not isinstance(value, str):
                     raise TypeError
@@ -118,7 +136,7 @@ def _check_address(value: str, what: str) -> None:
 
 def parse(raw: dict[str, Any], path: Path | None = None) -> Config:
     for section in raw:
-        if section not in ("node", "cluster", "dicom", "scrub", "drill"):
+        if section not in ("node", "cluster", "dicom", "scrub", "drill", "tls"):
             raise ConfigError(f"unknown section [{section}]")
     node_raw = dict(raw.get("node", {}))
     if "data_dir" not in node_raw:
@@ -153,7 +171,22 @@ def parse(raw: dict[str, Any], path: Path | None = None) -> Config:
         raise ConfigError("[dicom] ae_title must be 1 to 16 characters")
     scrub = _section(ScrubSection, raw.get("scrub", {}), "scrub")
     drill = _section(DrillSection, raw.get("drill", {}), "drill")
-    return Config(node=node, cluster=cluster, dicom=dicom, scrub=scrub, drill=drill, path=path)
+    tls = _section(TlsSection, raw.get("tls", {}), "tls")
+    given = [k for k in ("ca_cert", "cert", "key") if getattr(tls, k)]
+    if given and len(given) != 3:
+        raise ConfigError("[tls] needs all of ca_cert, cert and key (got only "
+                          f"{', '.join(given)})")
+    if (tls.crl or tls.revoked_serials) and not tls.enabled:
+        raise ConfigError("[tls] crl and revoked_serials need ca_cert, cert and key")
+    from node.tls import is_loopback, parse_serials
+    parse_serials(tls.revoked_serials)
+    if not tls.enabled and not tls.insecure and not is_loopback(node.listen):
+        raise ConfigError(
+            f"[node] listen = {node.listen!r} would serve patient data in plaintext: set "
+            "[tls] ca_cert, cert and key (see README, Securing a federation), listen on "
+            "127.0.0.1, or set [tls] insecure = true to accept the risk (an alert)")
+    return Config(node=node, cluster=cluster, dicom=dicom, scrub=scrub, drill=drill, tls=tls,
+                  path=path)
 
 
 def load(path: Path) -> Config:
@@ -166,10 +199,15 @@ def load(path: Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config {path} is not valid TOML: {exc}") from exc
     cfg = parse(raw, path)
-    if not cfg.node.data_dir.is_absolute():  # relative to the config file, not the cwd
+    # Paths are relative to the config file, not the cwd.
+    if not cfg.node.data_dir.is_absolute():
         node = NodeSection(**{**cfg.node.__dict__, "data_dir": path.parent / cfg.node.data_dir})
-        cfg = Config(node=node, cluster=cfg.cluster, dicom=cfg.dicom, scrub=cfg.scrub,
-                     drill=cfg.drill, path=path)
+        cfg = replace(cfg, node=node)
+    tls = cfg.tls
+    files: dict[str, Any] = {k: str(path.parent / v) for k in ("ca_cert", "cert", "key", "crl")
+             if (v := getattr(tls, k)) and not Path(v).is_absolute()}
+    if files:
+        cfg = replace(cfg, tls=replace(tls, **files))
     return cfg
 
 

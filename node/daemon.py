@@ -14,6 +14,8 @@ import logging
 import signal
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from node.config import Config, node_id_for
 from node.dicom import DicomServer
-from node.errors import PacsmeshError
+from node.errors import ConfigError, PacsmeshError
 from node.hlc import HybridClock
 from node.ingest import Prepared, prepare_local
 from node.scrubber import Scrubber
@@ -35,6 +37,16 @@ from node.service import (
     StoredListener,
 )
 from node.store import Store
+from node.tls import (
+    Caller,
+    Gate,
+    GateInterceptor,
+    Revocations,
+    TlsFiles,
+    is_loopback,
+    load_files,
+    server_credentials,
+)
 from node.worker import Runner, Worker
 from proto import node_pb2, node_pb2_grpc
 
@@ -53,6 +65,22 @@ GRPC_OPTIONS = [
 class NodeDaemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        self.tls: TlsFiles | None = None
+        self.gate = Gate(None)
+        if cfg.tls.enabled:
+            self.tls = load_files(Path(cfg.tls.ca_cert), Path(cfg.tls.cert), Path(cfg.tls.key))
+            who = self.tls.identity
+            if who.role != "node":
+                raise ConfigError(f"[tls] cert {cfg.tls.cert} is a {who.role} certificate; "
+                                  "a node needs one issued with --role node")
+            if cfg.node.id and cfg.node.id != who.name:
+                raise ConfigError(f"[node] id = {cfg.node.id!r} but the certificate names "
+                                  f"{who.name!r}: a node's id is its certificate's")
+            cfg = replace(cfg, node=replace(cfg.node, id=who.name))
+            self.cfg = cfg
+            revocations = Revocations(self.tls.ca, Path(cfg.tls.crl) if cfg.tls.crl else None,
+                                      cfg.path, cfg.tls.revoked_serials)
+            self.gate = Gate(revocations, self._refused)
         self.node_id = node_id_for(cfg)
         self.store = Store(cfg.node.data_dir, cfg.node.capacity_bytes,
                            partitions=cfg.cluster.partitions)
@@ -137,10 +165,13 @@ class NodeDaemon:
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        server = grpc.aio.server(options=GRPC_OPTIONS)
+        server = grpc.aio.server(options=GRPC_OPTIONS,
+                                 interceptors=[GateInterceptor(self.gate)])
         api = NodeService(self.store, self.node_id, self.clock, self.view, self.pool,
                           self.listeners, self.remote, self.scrubber, self.drill)
         api.unsafe_alert_after_s = self.cfg.cluster.unsafe_alert_after_s
+        if (plaintext := self.plaintext_alert()) is not None:
+            api.config_alerts.append(plaintext)
         node_pb2_grpc.add_NodeApiServicer_to_server(api, server)
         for register in self._services:
             register(server)
@@ -149,7 +180,10 @@ class NodeDaemon:
         names = [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, server)
         try:
-            port = server.add_insecure_port(self.cfg.node.listen)
+            if self.tls is not None:
+                port = server.add_secure_port(self.cfg.node.listen, server_credentials(self.tls))
+            else:
+                port = server.add_insecure_port(self.cfg.node.listen)
         except RuntimeError as exc:
             raise PacsmeshError(f"cannot listen on {self.cfg.node.listen}: {exc}") from exc
         if port == 0:
@@ -166,6 +200,19 @@ class NodeDaemon:
             self.dicom.start()
         LOGGER.info("node %s (%s) serving on %s", self.node_id, self.cfg.node.site,
                     self.cfg.node.listen)
+
+    def _refused(self, caller: Caller, method: str, reason: str) -> None:
+        LOGGER.warning("refused %s from %s (%s): %s", method, caller.address, caller.who, reason)
+
+    def plaintext_alert(self) -> node_pb2.Alert | None:
+        """Plaintext beyond loopback is allowed only on purpose, and never quietly."""
+        if self.tls is not None or is_loopback(self.cfg.node.listen):
+            return None
+        return node_pb2.Alert(
+            severity="critical", code="PLAINTEXT",
+            message=f"the gRPC API on {self.cfg.node.listen} is plaintext and open to anyone "
+                    "who can reach it ([tls] insecure = true): patient data and every "
+                    "command are unprotected; configure [tls] (README: Securing a federation)")
 
     async def stop(self) -> None:
         await _call_all(self._on_stop)

@@ -113,6 +113,7 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
         self.drill = drill
         self.growth = alerts_mod.GrowthTracker()
         self.unsafe_alert_after_s = UNSAFE_ALERT_AFTER_S
+        self.config_alerts: list[node_pb2.Alert] = []  # e.g. PLAINTEXT: fixed at start
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -308,7 +309,8 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
         used = self.store.used_bytes()
         self.growth.add(used)
         per_day = self.growth.bytes_per_day(used)
-        out = alerts_mod.disk_alerts(self.node_id, self.store.used_fraction())
+        out = list(self.config_alerts)
+        out += alerts_mod.disk_alerts(self.node_id, self.store.used_fraction())
         out += alerts_mod.growth_alerts(
             self.node_id, alerts_mod.days_until_full(self.store.free_bytes(), per_day), per_day)
         if self.scrubber is not None:

@@ -40,7 +40,19 @@ class Usage(Exception):
 
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:
-    return grpc.insecure_channel(args.node, options=CHANNEL_OPTIONS)
+    given = [x for x in (args.ca, args.cert, args.key) if x]
+    if not given:
+        return grpc.insecure_channel(args.node, options=CHANNEL_OPTIONS)
+    if len(given) != 3:
+        raise Usage("TLS needs all of --ca, --cert and --key (or PACSMESH_CA, "
+                    "PACSMESH_CERT and PACSMESH_KEY)")
+    from node.errors import ConfigError
+    from node.tls import channel_credentials, load_files
+    try:
+        files = load_files(Path(args.ca), Path(args.cert), Path(args.key))
+    except ConfigError as exc:
+        raise Failed(str(exc).replace("[tls] ", "--")) from exc
+    return grpc.secure_channel(args.node, channel_credentials(files), options=CHANNEL_OPTIONS)
 
 
 def _emit(args: argparse.Namespace, doc: dict[str, Any], human: Callable[[], None]) -> None:
@@ -54,7 +66,11 @@ def _emit(args: argparse.Namespace, doc: dict[str, Any], human: Callable[[], Non
 def _rpc_error(exc: grpc.RpcError, node: str) -> Failed:
     code = exc.code()
     if code == grpc.StatusCode.UNAVAILABLE:
-        return Failed(f"cannot reach node {node}: {exc.details()}")
+        return Failed(f"cannot reach node {node}: {exc.details()} (is it running, is the "
+                      "port right, and does TLS match: --ca/--cert/--key for a node with "
+                      "[tls], none for a plaintext one?)")
+    if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+        return Failed(f"refused by node {node}: {exc.details()}")
     return Failed(f"{code.name}: {exc.details()}")
 
 
@@ -387,7 +403,42 @@ def _client(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
                    help="HOST:PORT of the node to ask (default $PACSMESH_NODE or "
                         f"{DEFAULT_NODE})")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.add_argument("--ca", default=os.environ.get("PACSMESH_CA", ""), metavar="PEM",
+                   help="the cluster CA certificate (default $PACSMESH_CA)")
+    p.add_argument("--cert", default=os.environ.get("PACSMESH_CERT", ""), metavar="PEM",
+                   help="your certificate, from `pacsmesh ca issue` (default $PACSMESH_CERT)")
+    p.add_argument("--key", default=os.environ.get("PACSMESH_KEY", ""), metavar="PEM",
+                   help="your private key (default $PACSMESH_KEY)")
     return p
+
+
+def cmd_ca(args: argparse.Namespace) -> int:
+    from node import pki
+    directory = Path(args.dir)
+    try:
+        if args.ca_command == "init":
+            cert = pki.init_ca(directory)
+            doc: dict[str, Any] = {"ca_cert": str(cert), "ca_key": str(directory / "ca.key")}
+            lines = [f"created the cluster CA: {cert} (key {directory / 'ca.key'}, mode 0600;",
+                     "keep the key offline: whoever holds it can admit anyone)"]
+        elif args.ca_command == "issue":
+            cert, key = pki.issue(directory, args.name, args.role, args.host, args.days,
+                                  args.force)
+            ident = pki.identity_of_pem(cert.read_bytes())
+            assert ident is not None
+            doc = {"name": args.name, "role": args.role, "cert": str(cert), "key": str(key),
+                   "serial": f"{ident.serial:x}"}
+            lines = [f"issued {args.role} certificate {cert} (key {key}), serial "
+                     f"{ident.serial:x}"]
+        else:
+            serial = pki.revoke(directory, args.name)
+            doc = {"revoked_serial": f"{serial:x}", "crl": str(pki.crl_path(directory))}
+            lines = [f"revoked serial {serial:x}; nodes whose [tls] crl is "
+                     f"{pki.crl_path(directory)} refuse it on its next call"]
+    except pki.PkiError as exc:
+        raise Failed(str(exc)) from exc
+    _emit(args, doc, lambda: print("\n".join(lines)))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -446,6 +497,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = _client(sub, "drill", "restore random studies from other sites and verify every byte")
     p.add_argument("--count", type=int, default=1, help="studies to restore (default 1)")
     p.set_defaults(fn=cmd_drill)
+
+    p = sub.add_parser("ca", help="the cluster's certificate authority",
+                       description="Create the cluster CA, issue and revoke certificates.")
+    ca_sub = p.add_subparsers(dest="ca_command", required=True)
+    q = ca_sub.add_parser("init", help="create DIR/ca.pem and DIR/ca.key (0600)",
+                          epilog="example: pacsmesh ca init --dir /etc/pacsmesh/pki")
+    q.add_argument("--dir", required=True)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(fn=cmd_ca)
+    q = ca_sub.add_parser("issue", help="issue DIR/NAME.pem and DIR/NAME.key",
+                          epilog="example: pacsmesh ca issue boston-1 --role node --dir pki "
+                                 "--host boston.example --host 10.0.0.5")
+    q.add_argument("name", help="a node's id, or a person's or program's name")
+    q.add_argument("--role", required=True, choices=["node", "operator", "reader"])
+    q.add_argument("--dir", required=True)
+    q.add_argument("--host", action="append", default=[],
+                   help="a DNS name or IP address the node is reached at (repeat)")
+    q.add_argument("--days", type=int, default=825, help="validity (default 825 days)")
+    q.add_argument("--force", action="store_true", help="replace an existing NAME.pem")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(fn=cmd_ca)
+    q = ca_sub.add_parser("revoke", help="add a certificate to DIR/crl.pem",
+                          epilog="example: pacsmesh ca revoke boston-1 --dir pki  (then copy "
+                                 "crl.pem to every node's [tls] crl path)")
+    q.add_argument("name", help="NAME of DIR/NAME.pem, or a hex serial")
+    q.add_argument("--dir", required=True)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(fn=cmd_ca)
 
     p = sub.add_parser("demo", help="run a local cluster with sample studies")
     p.add_argument("--dir", default="", help="work folder (default: a new temporary one)")

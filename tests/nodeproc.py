@@ -68,6 +68,7 @@ class NodeProc:
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    tls_client: tuple[Path, Path, Path] | None = None  # (ca, cert, key) to reach a TLS node
 
     @property
     def address(self) -> str:
@@ -110,12 +111,19 @@ class NodeProc:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                with grpc.insecure_channel(self.address) as ch:
+                with self.channel() as ch:
                     node_pb2_grpc.NodeApiStub(ch).Status(node_pb2.StatusRequest(), timeout=2)
                 return
             except grpc.RpcError:
                 time.sleep(0.1)
         raise TimeoutError(f"node {self.node_id} not ready:\n{self.log()}")
+
+    def channel(self) -> grpc.Channel:
+        if self.tls_client is None:
+            return grpc.insecure_channel(self.address)
+        ca, cert, key = (p.read_bytes() for p in self.tls_client)
+        creds = grpc.ssl_channel_credentials(ca, key, cert)
+        return grpc.secure_channel(self.address, creds)
 
     def log(self) -> str:
         try:
