@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -22,6 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from node.audit import AuditLog, Event
 from node.config import Config, node_id_for
 from node.dicom import DicomServer
 from node.errors import ConfigError, PacsmeshError
@@ -82,6 +84,7 @@ class NodeDaemon:
                                       cfg.path, cfg.tls.revoked_serials)
             self.gate = Gate(revocations, self._refused)
         self.node_id = node_id_for(cfg)
+        self.audit = AuditLog(cfg.node.data_dir)
         self.store = Store(cfg.node.data_dir, cfg.node.capacity_bytes,
                            partitions=cfg.cluster.partitions)
         self.clock = HybridClock()
@@ -170,6 +173,7 @@ class NodeDaemon:
         api = NodeService(self.store, self.node_id, self.clock, self.view, self.pool,
                           self.listeners, self.remote, self.scrubber, self.drill)
         api.unsafe_alert_after_s = self.cfg.cluster.unsafe_alert_after_s
+        api.audit = self.audit
         if (plaintext := self.plaintext_alert()) is not None:
             api.config_alerts.append(plaintext)
         node_pb2_grpc.add_NodeApiServicer_to_server(api, server)
@@ -203,6 +207,9 @@ class NodeDaemon:
 
     def _refused(self, caller: Caller, method: str, reason: str) -> None:
         LOGGER.warning("refused %s from %s (%s): %s", method, caller.address, caller.who, reason)
+        self.audit.record(Event(time=time.time(), who=caller.who, role=caller.role,
+                                address=caller.address, action=method.rsplit("/", 1)[-1],
+                                outcome="refused", detail=reason), wait=False)
 
     def plaintext_alert(self) -> node_pb2.Alert | None:
         """Plaintext beyond loopback is allowed only on purpose, and never quietly."""
@@ -223,6 +230,7 @@ class NodeDaemon:
         if self.runner is not None:
             await self.runner.stop()
         await _call_all(self._after_stop)
+        self.audit.close()
         await asyncio.get_running_loop().run_in_executor(None, self.store.close)
         self.pool.shutdown(wait=True)
         LOGGER.info("node %s stopped cleanly", self.node_id)

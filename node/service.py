@@ -18,11 +18,13 @@ import grpc
 
 from node import alerts as alerts_mod
 from node import listing
+from node.audit import AuditLog, Event
 from node.errors import ChunkCorrupt, ChunkMissing, PacsmeshError
 from node.hlc import HybridClock
 from node.ingest import IngestSession, Prepared
 from node.scrubber import Scrubber
 from node.store import Store
+from node.tls import CALLER
 from node.uids import uid_problem
 from proto import node_pb2, node_pb2_grpc
 
@@ -32,6 +34,7 @@ Outcome = node_pb2.IngestResult.Outcome
 PRECHECK_KEYS_MAX = 100_000  # per request: bounds the memory one client can make us use
 UNSAFE_ALERT_AFTER_S = 3600.0  # an instance not safe off-site within an hour is news
 DRILL_COUNT_MAX = 100  # studies per drill request
+AUDIT_PAGE_DEFAULT = 1000
 INGEST_BATCH_BYTES_MAX = 8 << 20  # received bytes held before handing them to a worker
 
 
@@ -114,6 +117,26 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
         self.growth = alerts_mod.GrowthTracker()
         self.unsafe_alert_after_s = UNSAFE_ALERT_AFTER_S
         self.config_alerts: list[node_pb2.Alert] = []  # e.g. PLAINTEXT: fixed at start
+        self.audit: AuditLog | None = None
+
+    def _event(self, action: str, outcome: str, study_uid: str = "", instances: int = 0,
+               detail: str = "") -> Event:
+        c = CALLER.get()
+        return Event(time=time.time(), who=c.who, role=c.role, address=c.address,
+                     action=action, outcome=outcome, study_uid=study_uid,
+                     instances=instances, detail=detail)
+
+    async def _audit(self, action: str, outcome: str, study_uid: str = "", instances: int = 0,
+                     detail: str = "") -> None:
+        """Returns once the event is durable: the answer follows its record."""
+        if self.audit is not None:
+            await self._run(self.audit.record,
+                            self._event(action, outcome, study_uid, instances, detail))
+
+    def _audit_nowait(self, event: Event) -> None:
+        """For finally blocks of streams cut short, which may not await."""
+        if self.audit is not None:
+            self.audit.record(event, wait=False)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -182,12 +205,37 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
                 await results.put(None)
 
         reader = asyncio.create_task(read())
+        stored: dict[str, int] = {}
+        rejected = 0
+        finished = False
         try:
             while (item := await results.get()) is not None:
+                if item.outcome == Outcome.REJECTED:
+                    rejected += 1
+                elif item.study_instance_uid:
+                    stored[item.study_instance_uid] = stored.get(item.study_instance_uid, 0) + 1
                 yield item
             await reader  # surface errors of the reader
+            # the stream ends only once the put's audit record is durable
+            await self._audit_put(stored, rejected, "ok" if not rejected else "partial")
+            finished = True
         finally:
             reader.cancel()
+            if not finished:
+                for event in self._put_events(stored, rejected, "interrupted"):
+                    self._audit_nowait(event)
+
+    def _put_events(self, stored: dict[str, int], rejected: int, outcome: str) -> list[Event]:
+        events = [self._event("put", outcome, study, n) for study, n in sorted(stored.items())]
+        if rejected or not events:
+            events.append(self._event("put", "refused" if not stored else outcome,
+                                      detail=f"{rejected} files rejected"))
+        return events
+
+    async def _audit_put(self, stored: dict[str, int], rejected: int, outcome: str) -> None:
+        if self.audit is not None:
+            for event in self._put_events(stored, rejected, outcome):
+                await self._run(self.audit.record, event)
 
     # ---- restore ----------------------------------------------------------------------
 
@@ -198,8 +246,26 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"study UID {problem}")
         current = await self._run(self.store.catalog.current_manifests, request.study_uid)
         if not current:
+            await self._audit("get", "failed", request.study_uid, detail="not in the catalog")
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"study {request.study_uid} is not in this node's catalog")
+        sent, failed, finished = 0, 0, False
+        try:
+            async for message in self._send_study(current):
+                if message.WhichOneof("kind") == "end":
+                    sent += 1
+                elif message.WhichOneof("kind") == "error":
+                    failed += 1
+                yield message
+            await self._audit("get", "ok" if not failed else "partial", request.study_uid,
+                              sent, f"{failed} instances unreadable" if failed else "")
+            finished = True
+        finally:
+            if not finished:
+                self._audit_nowait(self._event("get", "interrupted", request.study_uid, sent))
+
+    async def _send_study(self, current: list[tuple[bytes, bytes, node_pb2.Manifest]]
+                          ) -> AsyncIterator[node_pb2.GetStudyMessage]:
         for mid, raw, m in current:
             yield node_pb2.GetStudyMessage(start=node_pb2.InstanceStart(manifest=raw,
                                                                          manifest_id=mid))
@@ -253,6 +319,13 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
             page = await self._run(self._study_page, request)
         except listing.BadQuery as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        filters = {"patient": bool(request.patient_id), "since": request.since,
+                   "until": request.until, "modality": request.modality,
+                   "local": request.local, "unsafe": request.unsafe}
+        shown = ", ".join(f"{k}={v}" for k, v in filters.items() if v)  # no patient IDs
+        await self._audit("ls", "ok", instances=len(page.items),
+                          detail=f"{len(page.items)} studies listed" + (f"; {shown}"
+                                                                         if shown else ""))
         return node_pb2.ListStudiesReply(studies=page.items, next=page.next)
 
     def _locate(self, study_uid: str) -> node_pb2.LocateReply:
@@ -268,6 +341,8 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
         if problem := uid_problem(request.study_uid):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"study UID {problem}")
         reply = await self._run(self._locate, request.study_uid)
+        await self._audit("locate", "ok" if reply.instances else "failed", request.study_uid,
+                          reply.instances)
         if reply.instances == 0:
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"study {request.study_uid} is not in the catalog")
@@ -350,6 +425,7 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
         assert self.scrubber is not None
         if request.now:
             self.scrubber.request_pass()
+            await self._audit("scrub", "ok", detail="a pass requested now")
         return await self._run(self.scrub_status)
 
     async def Drill(self, request: node_pb2.DrillRequest,
@@ -359,4 +435,25 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
                                 "restore drills need peers: this node has none")
         assert self.drill is not None
         count = max(1, min(request.count or 1, DRILL_COUNT_MAX))
-        return node_pb2.DrillReply(results=await self.drill(count))
+        results = await self.drill(count)
+        for r in results:
+            await self._audit("drill", "ok" if r.ok else "failed", r.study_uid, r.instances,
+                              f"from {r.source_node}" + (f": {r.error}" if r.error else ""))
+        if not results:
+            await self._audit("drill", "failed", detail="no study could be drilled")
+        return node_pb2.DrillReply(results=results)
+
+    async def Audit(self, request: node_pb2.AuditRequest,
+                    context: grpc.aio.ServicerContext[Any, Any]) -> node_pb2.AuditReply:
+        if self.audit is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node keeps no audit trail")
+        assert self.audit is not None
+        if request.study_uid and (problem := uid_problem(request.study_uid)):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"study UID {problem}")
+        events, after = await self._run(self.audit.read, request.since_s, request.study_uid,
+                                        request.limit or AUDIT_PAGE_DEFAULT, request.after)
+        await self._audit("audit", "ok", request.study_uid, detail=f"{len(events)} events read")
+        return node_pb2.AuditReply(next=after, events=[node_pb2.AuditEvent(
+            time=e.time, who=e.who, role=e.role, address=e.address, action=e.action,
+            study_uid=e.study_uid, instances=e.instances, outcome=e.outcome, detail=e.detail)
+            for e in events])

@@ -7,6 +7,7 @@ With --json, stdout carries exactly one JSON document and nothing else.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ CHANNEL_OPTIONS = [
 WAIT_SAFE_DEFAULT_S = 600.0
 LS_LIMIT_DEFAULT = 1000  # the node's default and cap (node/listing.py)
 LS_LIMIT_MAX = 10_000
+AUDIT_PAGE = 1000  # events per request
 
 
 class Failed(Exception):
@@ -360,6 +362,58 @@ def cmd_drill(args: argparse.Namespace) -> int:
     return 0 if results and all(d["ok"] for d in results) else 1
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    since = time.time() - args.since if args.since else 0.0
+    events: list[dict[str, Any]] = []
+    after = ""
+    while True:  # pages of at most AUDIT_PAGE events, until --limit
+        request = node_pb2.AuditRequest(since_s=since, study_uid=args.study or "",
+                                        limit=min(AUDIT_PAGE, args.limit - len(events)),
+                                        after=after)
+        reply = _call(args, functools.partial(_audit_page, request))
+        for e in reply.events:
+            events.append({"time": e.time, "who": e.who, "role": e.role, "address": e.address,
+                           "action": e.action, "study_uid": e.study_uid,
+                           "instances": e.instances, "outcome": e.outcome,
+                           "detail": e.detail})
+        after = reply.next
+        if not after or len(events) >= args.limit:
+            break
+
+    def human() -> None:
+        for e in events:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"]))
+            what = f"{e['study_uid']} ({e['instances']} inst)" if e["study_uid"] else ""
+            print(f"{when}  {e['outcome']:<11} {e['action']:<10} {e['who']:<24} "
+                  f"{e['address']:<22} {what} {e['detail']}".rstrip())
+        if after:
+            print(f"(more: raise --limit above {args.limit})")
+
+    _emit(args, {"events": events, "more": bool(after)}, human)
+    return 0
+
+
+def _audit_page(request: node_pb2.AuditRequest, stub: node_pb2_grpc.NodeApiStub
+                ) -> node_pb2.AuditReply:
+    reply: node_pb2.AuditReply = stub.Audit(request)
+    return reply
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    number, unit = text[:-1], text[-1:]
+    if unit.isdigit():
+        number, unit = text, "s"
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration such as 90s, 30m, 12h, 7d or 2w") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pacsmesh.demo import run_demo
 
@@ -497,6 +551,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = _client(sub, "drill", "restore random studies from other sites and verify every byte")
     p.add_argument("--count", type=int, default=1, help="studies to restore (default 1)")
     p.set_defaults(fn=cmd_drill)
+
+    p = _client(sub, "audit", "who did what: the node's audit trail (operator role)")
+    p.epilog = "example: pacsmesh audit --since 24h --study 1.2.840.113619.2.55.3"
+    p.add_argument("--since", type=_duration, default=None, metavar="DURATION",
+                   help="only events this recent: 90s, 30m, 12h, 7d, 2w")
+    p.add_argument("--study", type=_study_uid, default=None, metavar="STUDY_UID",
+                   help="only events about this study")
+    p.add_argument("--limit", type=int, default=10_000, help="events at most (default 10000)")
+    p.set_defaults(fn=cmd_audit)
 
     p = sub.add_parser("ca", help="the cluster's certificate authority",
                        description="Create the cluster CA, issue and revoke certificates.")

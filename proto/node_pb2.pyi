@@ -1112,6 +1112,107 @@ class DrillReply(_message.Message):
 Global___DrillReply: _TypeAlias = DrillReply  # noqa: Y015
 
 @_typing.final
+class AuditRequest(_message.Message):
+    """---- the audit trail (operator only) -----------------------------------------"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SINCE_S_FIELD_NUMBER: _builtins.int
+    STUDY_UID_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    since_s: _builtins.float
+    """unix time; 0 = from the beginning"""
+    study_uid: _builtins.str
+    """"" = every study"""
+    limit: _builtins.int
+    """0 = 1000"""
+    after: _builtins.str
+    """the previous page's next"""
+    def __init__(
+        self,
+        *,
+        since_s: _builtins.float = ...,
+        study_uid: _builtins.str = ...,
+        limit: _builtins.int = ...,
+        after: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "limit", b"limit", "since_s", b"since_s", "study_uid", b"study_uid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditRequest: _TypeAlias = AuditRequest  # noqa: Y015
+
+@_typing.final
+class AuditEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_FIELD_NUMBER: _builtins.int
+    WHO_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    STUDY_UID_FIELD_NUMBER: _builtins.int
+    INSTANCES_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    time: _builtins.float
+    who: _builtins.str
+    role: _builtins.str
+    address: _builtins.str
+    action: _builtins.str
+    study_uid: _builtins.str
+    instances: _builtins.int
+    outcome: _builtins.str
+    detail: _builtins.str
+    def __init__(
+        self,
+        *,
+        time: _builtins.float = ...,
+        who: _builtins.str = ...,
+        role: _builtins.str = ...,
+        address: _builtins.str = ...,
+        action: _builtins.str = ...,
+        study_uid: _builtins.str = ...,
+        instances: _builtins.int = ...,
+        outcome: _builtins.str = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "address", b"address", "detail", b"detail", "instances", b"instances", "outcome", b"outcome", "role", b"role", "study_uid", b"study_uid", "time", b"time", "who", b"who"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditEvent: _TypeAlias = AuditEvent  # noqa: Y015
+
+@_typing.final
+class AuditReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_FIELD_NUMBER: _builtins.int
+    next: _builtins.str
+    """"" = no more"""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEvent]: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___AuditEvent] | None = ...,
+        next: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "next", b"next"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditReply: _TypeAlias = AuditReply  # noqa: Y015
+
+@_typing.final
 class StudyRecord(_message.Message):
     """---- catalog records (stored in the node's LMDB, not sent to clients) --------
 

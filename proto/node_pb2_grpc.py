@@ -74,6 +74,11 @@ class NodeApiStub:
                 request_serializer=proto_dot_node__pb2.DrillRequest.SerializeToString,
                 response_deserializer=proto_dot_node__pb2.DrillReply.FromString,
                 _registered_method=True)
+        self.Audit = channel.unary_unary(
+                '/pacsmesh.node.NodeApi/Audit',
+                request_serializer=proto_dot_node__pb2.AuditRequest.SerializeToString,
+                response_deserializer=proto_dot_node__pb2.AuditReply.FromString,
+                _registered_method=True)
 
 
 class NodeApiServicer:
@@ -127,6 +132,12 @@ class NodeApiServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Audit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeApiServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +180,11 @@ def add_NodeApiServicer_to_server(servicer, server):
                     servicer.Drill,
                     request_deserializer=proto_dot_node__pb2.DrillRequest.FromString,
                     response_serializer=proto_dot_node__pb2.DrillReply.SerializeToString,
+            ),
+            'Audit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Audit,
+                    request_deserializer=proto_dot_node__pb2.AuditRequest.FromString,
+                    response_serializer=proto_dot_node__pb2.AuditReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -387,6 +403,33 @@ class NodeApi:
             '/pacsmesh.node.NodeApi/Drill',
             proto_dot_node__pb2.DrillRequest.SerializeToString,
             proto_dot_node__pb2.DrillReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Audit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pacsmesh.node.NodeApi/Audit',
+            proto_dot_node__pb2.AuditRequest.SerializeToString,
+            proto_dot_node__pb2.AuditReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,7 @@ class NodeApiStub:
     Status: _grpc.UnaryUnaryMultiCallable[_node_pb2.StatusRequest, _node_pb2.StatusReply]
     Scrub: _grpc.UnaryUnaryMultiCallable[_node_pb2.ScrubRequest, _node_pb2.ScrubStatus]
     Drill: _grpc.UnaryUnaryMultiCallable[_node_pb2.DrillRequest, _node_pb2.DrillReply]
+    Audit: _grpc.UnaryUnaryMultiCallable[_node_pb2.AuditRequest, _node_pb2.AuditReply]
 
 @_typing.type_check_only
 class NodeApiAsyncStub(NodeApiStub):
@@ -53,6 +54,7 @@ class NodeApiAsyncStub(NodeApiStub):
     Status: _aio.UnaryUnaryMultiCallable[_node_pb2.StatusRequest, _node_pb2.StatusReply]  # type: ignore[assignment]
     Scrub: _aio.UnaryUnaryMultiCallable[_node_pb2.ScrubRequest, _node_pb2.ScrubStatus]  # type: ignore[assignment]
     Drill: _aio.UnaryUnaryMultiCallable[_node_pb2.DrillRequest, _node_pb2.DrillReply]  # type: ignore[assignment]
+    Audit: _aio.UnaryUnaryMultiCallable[_node_pb2.AuditRequest, _node_pb2.AuditReply]  # type: ignore[assignment]
 
 class NodeApiServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -110,5 +112,12 @@ class NodeApiServicer(metaclass=_abc_1.ABCMeta):
         request: _node_pb2.DrillRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_node_pb2.DrillReply, _abc.Awaitable[_node_pb2.DrillReply]]: ...
+
+    @_abc_1.abstractmethod
+    def Audit(
+        self,
+        request: _node_pb2.AuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.AuditReply, _abc.Awaitable[_node_pb2.AuditReply]]: ...
 
 def add_NodeApiServicer_to_server(servicer: NodeApiServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

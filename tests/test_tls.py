@@ -6,6 +6,7 @@ with their ids, a CRL) serves every check that does not need its own setup."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import stat
 from collections.abc import Iterator
@@ -318,3 +319,21 @@ def test_revoked_serials_in_the_config_are_reread(fed: Federation) -> None:
     wait_for(refused, 10, "a serial added to the config to be refused")
     with contextlib.suppress(Exception):
         cfg.write_text(text.replace(f'revoked_serials = ["{ident.serial:x}"]\n', ""))
+
+
+def test_audit_names_certificate_subjects_and_refusals(fed: Federation, tmp_path: Path
+                                                       ) -> None:
+    seattle = fed.nodes[1]
+    study = make_study(tmp_path, 2, instances=2)
+    op, reader = tls_args(fed.pki, "alice"), tls_args(fed.pki, "rita")
+    assert cli("put", str(study.folder), *op, node=seattle.address).returncode == 0
+    assert cli("scrub", "--now", *reader, node=seattle.address).returncode == 1
+    res = cli("audit", "--json", *op, node=seattle.address)
+    assert res.returncode == 0, res.stderr
+    events = json.loads(res.stdout)["events"]
+    assert any(e["who"] == "operator:alice" and e["action"] == "put"
+               and e["study_uid"] == study.uid for e in events)
+    assert any(e["who"] == "reader:rita" and e["action"] == "Scrub"
+               and e["outcome"] == "refused" for e in events)
+    res = cli("audit", *reader, node=seattle.address)
+    assert res.returncode == 1 and "Audit needs operator" in res.stderr
