@@ -27,6 +27,7 @@ from cluster.workers import (
     FetchWorker,
     HeldDeltaWorker,
     HoldingsWorker,
+    ProofAuditWorker,
     TrimWorker,
 )
 from node.config import Config
@@ -63,14 +64,14 @@ def build(cfg: Config) -> NodeDaemon:
                  used_bytes=daemon.store.used_bytes(), free_bytes=daemon.store.free_bytes())
     membership = new_membership(me, settings, list(c.seeds), c.gossip_interval_s,
                                 c.suspect_after_s or None, c.dead_after_s)
-    # the lambda reads the snapshot of the moment, not the one at build time
-    peers = Peers(daemon.tls, lambda address: state.snapshot.id_at(address))  # noqa: PLW0108
+    peers = Peers(daemon.tls, state.id_at)
     store = daemon.store
     gossip = GossipWorker(
         membership, state, peers, c.gossip_interval_s,
         usage=lambda: (cfg.node.capacity_bytes, store.used_bytes(), store.free_bytes()))
     replicator = Replicator(store, state, peers, daemon.node_id, cfg.advertise, daemon.clock,
                             daemon.pool)
+    replicator.proof_identity = daemon.node_id if daemon.tls is not None else ""
     background = max(1.0, 5 * c.gossip_interval_s)
     trim = TrimWorker(replicator, background)
     safety = SafetyWorker(replicator, c.repair_stalled_after_s, c.gossip_interval_s)
@@ -96,6 +97,7 @@ def build(cfg: Config) -> NodeDaemon:
                    AntiEntropyWorker(replicator, background),
                    HoldingsWorker(replicator, max(0.5, 2 * c.gossip_interval_s)),
                    HeldDeltaWorker(replicator),
+                   ProofAuditWorker(replicator, c.proof_audit_interval_s),
                    trim, safety):
         daemon.add_worker(worker)
     if cfg.drill.interval_s > 0:

@@ -147,9 +147,16 @@ class HeldPush:
 
 @dataclass(frozen=True, slots=True)
 class StudyHoldingAsk:
-    """What do you hold of this study, right now? (trim asks before it drops a copy)"""
+    """What do you hold of this study, right now? (trim asks before it drops a copy)
+
+    With a challenge (a fresh nonce and chunks of the study), the answer must prove
+    possession: blake3(nonce || chunk plaintext) for each, which only a node holding
+    the bytes can compute. A member with a valid certificate may still lie about what
+    it holds; it cannot fake these."""
 
     study_uid: str
+    nonce: bytes = b""
+    chunks: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +165,7 @@ class StudyHoldingGive:
     held_instances: int
     held_digest: bytes
     replica: bool  # the answerer places the study on itself (it will not trim)
+    proofs: tuple[bytes, ...] = ()  # one per challenged chunk; b"" = not held there
 
 
 Request: TypeAlias = (

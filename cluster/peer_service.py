@@ -25,6 +25,7 @@ FETCH_READ_BATCH = 16  # chunks read and verified per thread hop (<= 16 MiB of m
 IDS_STUDIES_MAX = 256  # studies per GetManifestIds
 HOLDINGS_STUDIES_MAX = 1000  # studies per GetHoldings
 HELD_DELTA_STUDIES_MAX = 4096  # studies per pushed holdings delta
+CHALLENGE_CHUNKS_MAX = 4  # chunks read to answer one proof-of-possession challenge
 
 
 async def _speaks_for(node_id: str, context: Any) -> None:
@@ -197,6 +198,15 @@ class PeerService(peer_pb2_grpc.PeerApiServicer):
                           ) -> peer_pb2.Holdings:
         if len(request.study_uids) > HOLDINGS_STUDIES_MAX:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "too many studies")
-        studies = await self.r._run(self.r.own_holdings, list(request.study_uids))
+        if request.nonce and (len(request.challenge_chunks) > CHALLENGE_CHUNKS_MAX
+                              or len(request.study_uids) > 1
+                              or not 16 <= len(request.nonce) <= 64):
+            # a proof costs chunk reads: one study, a few chunks per request
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"a challenge covers one study, at most "
+                                f"{CHALLENGE_CHUNKS_MAX} chunks, a 16..64-byte nonce")
+        studies = await self.r._run(self.r.own_holdings, list(request.study_uids),
+                                    request.nonce, list(request.challenge_chunks),
+                                    CALLER.get().name)
         return peer_pb2.Holdings(node_id=self.r.node_id, studies=studies,
                                  last_scrub_started_ms=self.r.last_scrub_started_ms())

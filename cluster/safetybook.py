@@ -132,8 +132,7 @@ class SafetyWorker(Worker):
 
     def _watch_positions(self) -> None:
         """Adopt holders' settled changes of state or site; queue their studies."""
-        live = {n: _key(pos) for n, pos in self.r.state.snapshot.positions().items()
-                if n != self.r.node_id}
+        live = {n: _key(pos) for n, pos in self.r.positions().items() if n != self.r.node_id}
         t = time.monotonic()
         changed = []
         for n in sorted(live.keys() | self._judged_positions.keys()):

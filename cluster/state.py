@@ -62,6 +62,10 @@ class ClusterState:
         self.clock_skew_s: dict[str, float] = {}  # node id -> their clock minus ours
         self.left_silent_s: dict[str, float] = {}  # left members: seconds since last heard
 
+    def id_at(self, address: str) -> str | None:
+        """Who the current snapshot places at an address (TLS: who must answer there)."""
+        return self.snapshot.id_at(address)
+
     def publish(self, members: tuple[Member, ...], silent_s: dict[str, float]) -> bool:
         """A new member view; returns True if placement changed."""
         self.left_silent_s = dict(silent_s)

@@ -13,7 +13,9 @@ every chunk is decompressed and hashed before it is stored.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
 import random
 import threading
 import time
@@ -30,14 +32,15 @@ from cluster.fetch import FETCH_SETTLE_ROUNDS, Candidate, FetchPlanner
 from cluster.holdings_cache import PeerHoldings
 from cluster.messages import HeldRootGive, PartDigest, StudyHeld
 from cluster.peers import CHUNK_BATCH_BYTES_MAX, RPC_TIMEOUT_S, Peers
-from cluster.safety import Holding
+from cluster.safety import Holding, Position
 from cluster.state import ClusterState
+from cluster.trim import Challenge
 from node import manifest as mf
 from node.catalog import partition_of
 from node.chunking import CHUNK_PLAIN_MAX
 from node.chunkstore import decompress
 from node.errors import ChunkCorrupt, ChunkMissing, PacsmeshError
-from node.hashing import content_hash
+from node.hashing import content_hash, possession_proof
 from node.hlc import HybridClock
 from node.packs import FLAG_ZSTD
 from node.store import Store
@@ -46,6 +49,8 @@ from proto import node_pb2, peer_pb2
 LOGGER = logging.getLogger(__name__)
 GET_MANIFESTS_MAX = 1000  # per GetManifests request
 REPLY_BYTES_MAX = 8 << 20  # manifests per reply stop here: half the message cap
+CHALLENGE_CHUNKS = 2  # chunks a replica must prove it holds before we trim on its word
+CHALLENGE_NONCE_BYTES = 16
 T = TypeVar("T")
 
 
@@ -71,6 +76,11 @@ class Replicator:
         self.fetched_manifests = 0
         self.fetched_bytes = 0
         self.trimmed_studies = 0
+        # who we are to the peers answering our challenges: our certificate's id, or
+        # nobody on plaintext (set by the composition root)
+        self.proof_identity = ""
+        # peer -> (failures, last study, unix time): claims it could not prove; replaced
+        self.failed_proofs: dict[str, tuple[int, str, float]] = {}
 
     # ---- hooks ----------------------------------------------------------------------
 
@@ -353,15 +363,61 @@ class Replicator:
     def last_scrub_started_ms(self) -> int:
         return self.scrub_started_ms() if self.scrub_started_ms is not None else 0
 
-    def own_holdings(self, study_uids: list[str]) -> list[peer_pb2.StudyHolding]:
+    def positions(self) -> dict[str, Position]:
+        """Members as holders count: a node that failed a proof of possession counts as
+        holding nothing (as if down) until it is cleared, so status never counts its
+        claims as copies."""
+        positions = self.state.snapshot.positions()
+        for node_id in self.failed_proofs:
+            if node_id in positions:
+                positions[node_id] = dataclasses.replace(positions[node_id], alive=False)
+        return positions
+
+    def note_failed_proof(self, peer: str, study_uid: str) -> None:
+        count = self.failed_proofs.get(peer, (0, "", 0.0))[0] + 1
+        self.failed_proofs = {**self.failed_proofs, peer: (count, study_uid, time.time())}
+        LOGGER.error("node %s claims copies of study %s but could not prove it holds them: "
+                     "not counted for trims", peer, study_uid)
+
+    def own_holdings(self, study_uids: list[str], nonce: bytes = b"",
+                     chunks: Sequence[bytes] = (), asker: str = ""
+                     ) -> list[peer_pb2.StudyHolding]:
+        """`asker`: the caller's authenticated id ("" on plaintext), bound into proofs."""
         out = []
         records = [r for s in study_uids if (r := self.store.catalog.study_record(s))]
+        proofs = [self._prove(nonce, asker, c) for c in chunks] if nonce else []
         for rec in records:
             placement = self.state.placement(rec.study_uid)
             replica = placement is not None and self.node_id in placement.replicas
             out.append(peer_pb2.StudyHolding(study_uid=rec.study_uid,
                                              held_instances=rec.held_instances,
-                                             held_digest=rec.held_digest, replica=replica))
+                                             held_digest=rec.held_digest, replica=replica,
+                                             proofs=proofs))
+        return out
+
+    def _prove(self, nonce: bytes, asker: str, chunk: bytes) -> bytes:
+        try:
+            return possession_proof(nonce, asker, self.store.chunks.read(chunk))
+        except (ChunkMissing, ChunkCorrupt):
+            return b""  # not held (or rotten) here: the asker must not count on us
+
+    def challenge(self, study_uid: str, replicas: Sequence[str]) -> dict[str, Challenge] | None:
+        """A fresh proof-of-possession challenge per replica over a few chunks of the
+        study, with the answers an honest holder gives; None if we cannot read them."""
+        chunks = sorted({ref.hash for _, _, m in self.store.catalog.current_manifests(study_uid)
+                         for ref in m.chunks})
+        if not chunks:
+            return None
+        picked = random.sample(chunks, min(CHALLENGE_CHUNKS, len(chunks)))
+        try:
+            plains = [self.store.chunks.read(c) for c in picked]
+        except (ChunkMissing, ChunkCorrupt):
+            return None  # our own copy is in doubt: no trim on it now
+        out = {}
+        for r in replicas:
+            nonce = os.urandom(CHALLENGE_NONCE_BYTES)
+            out[r] = Challenge(nonce, tuple(picked), tuple(
+                possession_proof(nonce, self.proof_identity, p) for p in plains))
         return out
 
     def holdings_for(self, study_uid: str, peers: Iterable[str] | None = None

@@ -17,6 +17,13 @@ at again after RETRY_S. At rest the queue is empty and trim costs nothing.
 `TrimRound` is one study's decision: it asks the replicas one after another, as
 the runtime and the simulation both do, so the first answer is the stalest
 when it decides.
+
+A replica's word is not enough: a member with a valid certificate could claim
+copies it does not have, and every honest copy outside the replica set would
+be trimmed on that claim. So each replica gets its own challenge (a fresh
+nonce and chunks of the study, which this node holds and can check), and it
+counts as a holder only if it proves possession of those bytes. A replica that
+fails is named in `failed_proofs` for the runtime to raise.
 """
 
 from __future__ import annotations
@@ -85,6 +92,13 @@ def eligible(me: str, case: TrimCase, replicas: Sequence[str], alive: Iterable[s
     return all(r in alive_set for r in replicas)
 
 
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    nonce: bytes
+    chunks: tuple[bytes, ...]
+    expected: tuple[bytes, ...]  # the proofs a holder of those chunks returns
+
+
 @dataclass
 class TrimRound:
     me: str
@@ -93,21 +107,35 @@ class TrimRound:
     positions: Mapping[str, Position]
     copies: int
     min_distance_miles: float
+    challenges: Mapping[str, Challenge] = field(default_factory=dict)  # by replica
     holdings: list[Holding] = field(default_factory=list)
     answers: int = 0
+    failed_proofs: list[str] = field(default_factory=list)
+
+    def _ask(self, replica: str) -> tuple[str, StudyHoldingAsk]:
+        c = self.challenges.get(replica)
+        if c is None:
+            return replica, StudyHoldingAsk(self.case.study_uid)
+        return replica, StudyHoldingAsk(self.case.study_uid, c.nonce, c.chunks)
 
     def start(self) -> tuple[str, StudyHoldingAsk]:
-        return self.replicas[0], StudyHoldingAsk(self.case.study_uid)
+        return self._ask(self.replicas[0])
 
     def on_reply(self, reply: object) -> tuple[str, StudyHoldingAsk] | bool:
         """The next replica to ask, or the verdict: True = drop our copy."""
         if not isinstance(reply, StudyHoldingGive):
             return False
+        asked = self.replicas[self.answers]
         self.answers += 1
-        if reply.replica:  # a holder about to trim too must not be counted on
+        challenge = self.challenges.get(asked)
+        proven = challenge is None or (reply.proofs == challenge.expected
+                                       and reply.node_id == asked)
+        if not proven and reply.held_instances:
+            self.failed_proofs.append(asked)  # claims copies it cannot show: a liar or rot
+        if reply.replica and proven:  # a holder about to trim too must not be counted on
             self.holdings.append(Holding(reply.node_id, reply.held_instances, reply.held_digest))
         if self.answers < len(self.replicas):
-            return self.replicas[self.answers], StudyHoldingAsk(self.case.study_uid)
+            return self._ask(self.replicas[self.answers])
         return repair.may_trim(self.me, "", self.replicas, self.case.instances,
                                self.case.current_digest, self.holdings, self.positions,
                                self.copies, self.min_distance_miles)

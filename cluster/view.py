@@ -77,7 +77,7 @@ class ClusterView:
         rec = self.r.store.catalog.study_record(study_uid)
         if rec is None:
             return [], 0
-        positions = self.state.snapshot.positions()
+        positions = self.r.positions()
         verdict = assess(rec.instances, rec.current_digest, self.r.holdings_for(study_uid),
                          positions, self.state.min_distance_miles)
         holders = []
@@ -118,6 +118,13 @@ class ClusterView:
                     severity="critical", code="NODE_DEAD",
                     message=f"node {m.node_id} ({m.site}) is dead: {self._reprotection()}; "
                             "repair or replace it"))
+        for peer, (count, study, when) in sorted(self.r.failed_proofs.items()):
+            at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+            out.append(node_pb2.Alert(
+                severity="critical", code="PROOF_FAILED",
+                message=f"node {peer} claimed copies it could not prove it holds ({count} "
+                        f"times, last study {study} at {at}); copies are not trimmed on its "
+                        "word: check its disks, or revoke its certificate if it is not ours"))
         if self.state.copies > 1 and len(snap.members) <= 1:
             out.append(node_pb2.Alert(
                 severity="warning", code="NO_PEERS",

@@ -90,13 +90,14 @@ async def call(stub: peer_pb2_grpc.PeerApiAsyncStub, request: msg.Request,
             return msg.HeldStudiesGive(
                 tuple((x.study_uid, x.held_instances, x.held_digest) for x in hs.studies),
                 hs.last, hs.more)
-        case msg.StudyHoldingAsk(study_uid):
-            g = await stub.GetHoldings(peer_pb2.HoldingsRequest(study_uids=[study_uid]),
-                                       timeout=timeout_s)
+        case msg.StudyHoldingAsk(study_uid, nonce, chunks):
+            g = await stub.GetHoldings(peer_pb2.HoldingsRequest(
+                study_uids=[study_uid], nonce=nonce, challenge_chunks=chunks),
+                timeout=timeout_s)
             for x in g.studies:
                 if x.study_uid == study_uid:
                     return msg.StudyHoldingGive(g.node_id, x.held_instances, x.held_digest,
-                                                x.replica)
+                                                x.replica, tuple(x.proofs))
             return msg.StudyHoldingGive(g.node_id, 0, b"", False)
     raise TypeError(f"no RPC for {request!r}")
 

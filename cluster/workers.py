@@ -25,16 +25,24 @@ import grpc
 from cluster import wire
 from cluster.antientropy import SyncRound
 from cluster.holdings import HoldingsRound
-from cluster.messages import HeldRootGive, Request, approx_size
+from cluster.messages import (
+    HeldRootGive,
+    Request,
+    StudyHoldingAsk,
+    StudyHoldingGive,
+    approx_size,
+)
 from cluster.peers import RPC_TIMEOUT_S
 from cluster.transfer import Replicator
 from cluster.trim import STUDIES_PER_STEP_MAX, TrimCase, TrimPlanner, TrimRound, eligible
 from node.alerts import DISK_REFUSE_REPLICAS_FRACTION
+from node.catalog import partition_of
 from node.worker import Worker, WorkerState
 from proto import node_pb2, peer_pb2
 
 LOGGER = logging.getLogger(__name__)
 HELD_DELTA_MAX = 1000  # studies per pushed delta (~80 KB)
+AUDIT_CANDIDATES = 32  # claimed studies looked at per proof audit
 
 
 class AnnounceWorker(Worker):
@@ -286,8 +294,11 @@ class TrimWorker(Worker):
             return True  # nothing to decide: we keep it
         if not eligible(r.node_id, case, placement.replicas, addresses):
             return False
-        machine = TrimRound(r.node_id, case, placement.replicas, snap.positions(),
-                            r.state.copies, r.state.min_distance_miles)
+        challenges = await r._run(r.challenge, case.study_uid, placement.replicas)
+        if challenges is None:
+            return False
+        machine = TrimRound(r.node_id, case, placement.replicas, r.positions(),
+                            r.state.copies, r.state.min_distance_miles, challenges)
         step: Any = machine.start()
         while not isinstance(step, bool):  # ask now: trimming on stale news is how data dies
             node_id, ask = step
@@ -296,6 +307,8 @@ class TrimWorker(Worker):
             except grpc.aio.AioRpcError:
                 return False
             step = machine.on_reply(reply)
+        for liar in machine.failed_proofs:
+            r.note_failed_proof(liar, case.study_uid)
         if not step:
             return False
         # Only what the answers covered, and only if nothing reached the study meanwhile
@@ -310,3 +323,65 @@ class TrimWorker(Worker):
                     "copies", case.study_uid, dropped, ",".join(placement.replicas),
                     r.state.copies)
         return True
+
+
+class ProofAuditWorker(Worker):
+    """Now and then, asks a random peer to prove it holds a random study it claims.
+
+    Holdings are a peer's own word; a member with a valid certificate could claim
+    copies it never stored, and status would count them. A claim of a full copy
+    that fails a proof of possession marks the peer as holding nothing (for status,
+    safety and trims) and raises PROOF_FAILED. Only full copies equal to ours are
+    checked: a partial or different copy is not evidence of a lie."""
+
+    name = "proof-audit"
+
+    def __init__(self, r: Replicator, interval_s: float) -> None:
+        self.r = r
+        self.idle_s = interval_s
+        self.audits = 0
+
+    async def step(self) -> WorkerState:
+        r = self.r
+        peers = r.state.snapshot.alive_peers(r.node_id)
+        if not peers:
+            return WorkerState.IDLE
+        peer = random.choice(peers)
+        study = await r._run(self._pick, peer.node_id)
+        if study is None:
+            return WorkerState.IDLE
+        challenges = await r._run(r.challenge, study, [peer.node_id])
+        if challenges is None:
+            return WorkerState.IDLE
+        c = challenges[peer.node_id]
+        try:
+            reply = await wire.call(r.peers.stub(peer.address),
+                                    StudyHoldingAsk(study, c.nonce, c.chunks), RPC_TIMEOUT_S)
+        except grpc.aio.AioRpcError:
+            return WorkerState.IDLE  # unreachable is the failure detector's business
+        self.audits += 1
+        rec = await r._run(r.store.catalog.study_record, study)
+        if (not isinstance(reply, StudyHoldingGive) or rec is None or reply.held_instances == 0
+                or reply.held_digest != rec.current_digest):
+            return WorkerState.IDLE  # the claim changed meanwhile: inconclusive
+        if reply.proofs != c.expected or reply.node_id != peer.node_id:
+            r.note_failed_proof(peer.node_id, study)
+        return WorkerState.IDLE
+
+    def _pick(self, peer: str) -> str | None:
+        """A study the peer claims in full, as we hold it too: from a random place."""
+        catalog = self.r.store.catalog
+        start = peer.encode() + b"\0" + random.randbytes(4)
+        studies, _ = self.r.holdings.studies_of(peer, start, AUDIT_CANDIDATES)
+        if not studies:
+            studies, _ = self.r.holdings.studies_of(peer, b"", AUDIT_CANDIDATES)
+        random.shuffle(studies)
+        for study in studies:
+            rec = catalog.study_record(study)
+            if rec is None or rec.held_instances != rec.instances or rec.instances == 0:
+                continue
+            partition = partition_of(study, catalog.partitions)
+            for h in self.r.holdings.for_study(study, partition, [peer]):
+                if h.held_instances == rec.instances and h.held_digest == rec.current_digest:
+                    return study
+        return None

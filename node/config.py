@@ -38,6 +38,7 @@ class ClusterSection:
     suspect_after_s: float = 0.0  # 0 = five gossip intervals
     unsafe_alert_after_s: float = 3600.0  # an instance not safe by then is an alert
     repair_stalled_after_s: float = 300.0  # unsafe studies not decreasing this long: alert
+    proof_audit_interval_s: float = 60.0  # a peer proves one claimed copy this often
 
 
 @dataclass(frozen=True)
@@ -153,9 +154,9 @@ def parse(raw: dict[str, Any], path: Path | None = None) -> Config:
     if cluster.copies < 1 or cluster.partitions < 1 or cluster.min_distance_miles < 0:
         raise ConfigError("[cluster] copies and partitions must be >= 1, distance >= 0")
     if (cluster.gossip_interval_s <= 0 or cluster.dead_after_s <= 0
-            or cluster.repair_stalled_after_s <= 0):
-        raise ConfigError("[cluster] gossip_interval_s, dead_after_s and "
-                          "repair_stalled_after_s must be > 0")
+            or cluster.repair_stalled_after_s <= 0 or cluster.proof_audit_interval_s <= 0):
+        raise ConfigError("[cluster] gossip_interval_s, dead_after_s, "
+                          "repair_stalled_after_s and proof_audit_interval_s must be > 0")
     for seed in cluster.seeds:
         _check_address(seed, "[cluster] seeds entry")
     dicom_raw = dict(raw.get("dicom", {}))

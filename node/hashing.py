@@ -25,3 +25,15 @@ class FileHasher:
 
     def digest(self) -> bytes:
         return bytes(self._h.digest())
+
+
+def possession_proof(nonce: bytes, asker: str, plain: bytes) -> bytes:
+    """What a holder of a chunk's bytes answers to a challenge. Keyed by a fresh nonce,
+    so it cannot be computed ahead of time or replayed without the bytes; and bound to
+    the authenticated asker, so a member cannot pass a challenge on to an honest
+    holder and return its answer as its own (the holder binds it to the relayer)."""
+    asker_bytes = asker.encode()
+    h = blake3.blake3(nonce)
+    h.update(len(asker_bytes).to_bytes(2, "big") + asker_bytes)
+    h.update(plain)
+    return h.digest()

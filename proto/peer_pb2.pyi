@@ -543,18 +543,28 @@ class HoldingsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     STUDY_UIDS_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    CHALLENGE_CHUNKS_FIELD_NUMBER: _builtins.int
+    nonce: _builtins.bytes
+    """a proof-of-possession challenge (16..64 bytes) ..."""
     @_builtins.property
     def study_uids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """at most 1000; empty = none (pages: GetHeldStudies)"""
+
+    @_builtins.property
+    def challenge_chunks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """... over these chunks (at most 4)"""
 
     def __init__(
         self,
         *,
         study_uids: _abc.Iterable[_builtins.str] | None = ...,
+        nonce: _builtins.bytes = ...,
+        challenge_chunks: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["study_uids", b"study_uids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_chunks", b"challenge_chunks", "nonce", b"nonce", "study_uids", b"study_uids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -568,6 +578,7 @@ class StudyHolding(_message.Message):
     HELD_INSTANCES_FIELD_NUMBER: _builtins.int
     HELD_DIGEST_FIELD_NUMBER: _builtins.int
     REPLICA_FIELD_NUMBER: _builtins.int
+    PROOFS_FIELD_NUMBER: _builtins.int
     study_uid: _builtins.str
     held_instances: _builtins.int
     """current versions held here, verified"""
@@ -575,6 +586,10 @@ class StudyHolding(_message.Message):
     """AdHash of those manifest ids"""
     replica: _builtins.bool
     """the answerer places the study on itself (it will not trim)"""
+    @_builtins.property
+    def proofs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """blake3(nonce || plaintext) per challenged chunk; empty: not held"""
+
     def __init__(
         self,
         *,
@@ -582,10 +597,11 @@ class StudyHolding(_message.Message):
         held_instances: _builtins.int = ...,
         held_digest: _builtins.bytes = ...,
         replica: _builtins.bool = ...,
+        proofs: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["held_digest", b"held_digest", "held_instances", b"held_instances", "replica", b"replica", "study_uid", b"study_uid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held_digest", b"held_digest", "held_instances", b"held_instances", "proofs", b"proofs", "replica", b"replica", "study_uid", b"study_uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
