@@ -116,6 +116,10 @@ def cmd_put(args: argparse.Namespace) -> int:
     files, problems = expand(args.paths)
     started = time.monotonic()
     with _channel(args) as ch:
+        try:  # one empty precheck: a refused role fails once, not once per file
+            node_pb2_grpc.NodeApiStub(ch).Precheck(node_pb2.PrecheckRequest(), timeout=30)
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc, args.node) from exc
         up = Uploader(ch)
         up.report.rejected.extend(problems)
         try:

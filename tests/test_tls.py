@@ -207,7 +207,7 @@ def test_roles_from_the_certificate(fed: Federation, tmp_path: Path) -> None:
     for args in (["put", str(study.folder)], ["scrub", "--now"], ["drill"]):
         res = cli(*args, *reader, node=seattle.address)
         assert res.returncode == 1, (args, res.stdout)
-        assert "has role 'reader'" in res.stdout + res.stderr, (args, res.stdout, res.stderr)
+        assert "has role 'reader'" in res.stderr, (args, res.stdout, res.stderr)
     # a node certificate cannot use the client API
     res = cli("status", *tls_args(fed.pki, "denver"), node=seattle.address)
     assert res.returncode == 1 and "has role 'node'" in res.stderr
@@ -337,3 +337,27 @@ def test_audit_names_certificate_subjects_and_refusals(fed: Federation, tmp_path
                and e["outcome"] == "refused" for e in events)
     res = cli("audit", *reader, node=seattle.address)
     assert res.returncode == 1 and "Audit needs operator" in res.stderr
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated")
+def test_tls_versions(fed: Federation) -> None:
+    """TLS 1.3 when both ends have it; nothing below 1.2 is accepted."""
+    import socket
+    import ssl
+    host, port = fed.nodes[0].address.split(":")
+
+    def handshake(version: ssl.TLSVersion) -> str:
+        ctx = ssl.create_default_context(cafile=str(fed.pki / "ca.pem"))
+        ctx.load_cert_chain(fed.pki / "alice.pem", fed.pki / "alice.key")
+        ctx.set_alpn_protocols(["h2"])
+        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")  # we would speak TLS 1.1; the node must not
+        ctx.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+        ctx.maximum_version = version
+        with socket.create_connection((host, int(port)), timeout=5) as raw, \
+                ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            return str(tls.version())
+
+    assert handshake(ssl.TLSVersion.TLSv1_3) == "TLSv1.3"
+    assert handshake(ssl.TLSVersion.TLSv1_2) == "TLSv1.2"
+    with pytest.raises(ssl.SSLError, match=r"(?i)version|protocol"):
+        handshake(ssl.TLSVersion.TLSv1_1)
