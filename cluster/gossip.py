@@ -95,6 +95,8 @@ class GossipWorker(Worker):
                 callback()
 
     async def _send(self, effect: SendGossip) -> None:
+        if self.state.revoked and self.state.id_at(effect.address) in self.state.revoked:
+            return  # it would answer (its server still has our trust): do not ask it
         msg = gossip_to_pb(effect.message, time.time())
         try:
             reply = await self.peers.stub(effect.address).Gossip(msg, timeout=GOSSIP_TIMEOUT_S)

@@ -65,6 +65,7 @@ def build(cfg: Config) -> NodeDaemon:
     membership = new_membership(me, settings, list(c.seeds), c.gossip_interval_s,
                                 c.suspect_after_s or None, c.dead_after_s)
     peers = Peers(daemon.tls, state.id_at)
+    daemon.gate.on_revoked_node = state.revoke
     store = daemon.store
     gossip = GossipWorker(
         membership, state, peers, c.gossip_interval_s,

@@ -8,6 +8,7 @@ the set of placeable members changes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -61,6 +62,14 @@ class ClusterState:
         self.refusals: dict[str, tuple[float, str]] = {}  # peer address -> (when, reason)
         self.clock_skew_s: dict[str, float] = {}  # node id -> their clock minus ours
         self.left_silent_s: dict[str, float] = {}  # left members: seconds since last heard
+        # members that presented a revoked certificate: dead to us, whatever they gossip
+        self.revoked: frozenset[str] = frozenset()
+
+    def revoke(self, node_id: str) -> None:
+        if node_id not in self.revoked:
+            LOGGER.error("node %s presented a revoked certificate: it is out of the cluster",
+                         node_id)
+            self.revoked = self.revoked | {node_id}
 
     def id_at(self, address: str) -> str | None:
         """Who the current snapshot places at an address (TLS: who must answer there)."""
@@ -68,6 +77,9 @@ class ClusterState:
 
     def publish(self, members: tuple[Member, ...], silent_s: dict[str, float]) -> bool:
         """A new member view; returns True if placement changed."""
+        if self.revoked:
+            members = tuple(dataclasses.replace(m, state=MemberState.DEAD)
+                            if m.node_id in self.revoked else m for m in members)
         self.left_silent_s = dict(silent_s)
         placeable = frozenset(
             m.node_id for m in members

@@ -118,6 +118,12 @@ class ClusterView:
                     severity="critical", code="NODE_DEAD",
                     message=f"node {m.node_id} ({m.site}) is dead: {self._reprotection()}; "
                             "repair or replace it"))
+        for node_id in sorted(self.state.revoked):
+            out.append(node_pb2.Alert(
+                severity="critical", code="CERT_REVOKED",
+                message=f"node {node_id} presented a revoked certificate: it is treated as "
+                        "dead and its copies are being re-created elsewhere; retire it or "
+                        "issue it a new certificate"))
         for peer, (count, study, when) in sorted(self.r.failed_proofs.items()):
             at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
             out.append(node_pb2.Alert(

@@ -200,6 +200,9 @@ class Gate:
         self.enabled = revocations is not None
         self.revocations = revocations
         self.on_refused = on_refused
+        # told the name of a node whose revoked certificate was presented (the cluster
+        # then treats it as dead: our calls to it would still succeed)
+        self.on_revoked_node: Callable[[str], None] | None = None
         self._identities: dict[bytes, pki.Identity | None] = {}
 
     def caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[Caller, int]:
@@ -234,6 +237,8 @@ class Gate:
         elif self.revocations.revoked(serial):
             code, reason = grpc.StatusCode.UNAUTHENTICATED, f"certificate serial {serial:x} " \
                 "is revoked"
+            if caller.role == "node" and self.on_revoked_node is not None:
+                self.on_revoked_node(caller.name)
         elif caller.role not in roles_for(method):
             allowed = ", ".join(sorted(roles_for(method))) or "nobody"
             reason = (f"{caller.who} has role '{caller.role}'; {method.rsplit('/', 1)[-1]} "

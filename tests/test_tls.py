@@ -361,3 +361,32 @@ def test_tls_versions(fed: Federation) -> None:
     assert handshake(ssl.TLSVersion.TLSv1_2) == "TLSv1.2"
     with pytest.raises(ssl.SSLError, match=r"(?i)version|protocol"):
         handshake(ssl.TLSVersion.TLSv1_1)
+
+
+def test_a_revoked_node_is_out_of_the_cluster_without_restarts(tmp_path: Path) -> None:
+    f = Federation(tmp_path)
+    try:
+        for n in f.nodes:
+            n.start(wait=False)
+        for n in f.nodes:
+            n.wait_ready()
+        boston, seattle, _denver = f.nodes
+
+        def states(n: NodeProc) -> dict[str, str]:
+            return {m.id: m.state for m in f.status(n).nodes}
+        wait_for(lambda: all(set(states(n).values()) == {"alive"} and len(states(n)) == 3
+                             for n in f.nodes), 30, "three members alive")
+        pki.revoke(f.pki, "denver")
+
+        def out() -> bool:
+            for n in (boston, seattle):
+                st = f.status(n)
+                seen = {m.id: m.state for m in st.nodes}
+                assert seen["denver"] == "dead" and seen[n.node_id] == "alive", seen
+                assert "CERT_REVOKED" in [a.code for a in st.alerts]
+            return True
+        wait_for(out, 20, "denver to be out of the cluster on boston and seattle")
+        assert states(boston)["seattle"] == "alive"
+    finally:
+        for n in f.nodes:
+            n.stop()
