@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -37,6 +38,9 @@ from proto import peer_pb2
 
 LOGGER = logging.getLogger(__name__)
 GOSSIP_TIMEOUT_S = 2.0  # one push-pull; a slower peer is as good as silent this round
+# A peer's wall clock is shown as skew, never used for decisions; an absurd claim
+# is shown clipped rather than as inf or 1e308.
+CLOCK_SKEW_SHOWN_MAX_S = 10 * 365 * 86400.0
 
 
 class GossipWorker(Worker):
@@ -50,6 +54,10 @@ class GossipWorker(Worker):
         self.idle_s = interval_s
         self.usage = usage  # (capacity, used, free) of this node
         self.on_placement_change: list[Callable[[], None]] = []
+        # keeps our incarnation (worker thread) when a refutation raised it, so the
+        # next run starts above every record of this one
+        self.keep_incarnation: Callable[[int], None] | None = None
+        self._kept_incarnation = membership.me.incarnation
         self._sends: set[asyncio.Task[None]] = set()
         self._usage_at = 0.0
 
@@ -62,6 +70,11 @@ class GossipWorker(Worker):
                                         free_bytes=free)
             self._usage_at = now
         self.apply(self.membership.tick(now))
+        incarnation = self.membership.me.incarnation
+        if self.keep_incarnation is not None and incarnation > self._kept_incarnation:
+            await asyncio.get_running_loop().run_in_executor(
+                None, self.keep_incarnation, incarnation)
+            self._kept_incarnation = incarnation
         return WorkerState.IDLE
 
     def apply(self, effects: list[Effect]) -> None:
@@ -102,22 +115,34 @@ class GossipWorker(Worker):
             LOGGER.debug("gossip to %s failed: %s", effect.address, exc.code().name)
             return
         if reply.has_message:
-            self._note_clock(reply.message)
+            # Who answered is not proven on this side of the call: authenticated=None.
             self.apply(self.membership.on_reply(gossip_from_pb(reply.message), time.monotonic()))
+            self._note_clock(reply.message)
 
-    def on_gossip(self, msg: peer_pb2.GossipMessage) -> peer_pb2.GossipReply:
-        """A peer's push (called by the peer service on the event loop)."""
-        self._note_clock(msg)
-        reply, effects = self.membership.on_gossip(gossip_from_pb(msg), time.monotonic())
+    def on_gossip(self, msg: peer_pb2.GossipMessage, authenticated: str | None = None
+                  ) -> peer_pb2.GossipReply:
+        """A peer's push (called by the peer service on the event loop).
+        ``authenticated``: the node id the channel proved (TLS), when known; a
+        message claiming another sender is refused."""
+        reply, effects = self.membership.on_gossip(
+            gossip_from_pb(msg), time.monotonic(),
+            authenticated=None if authenticated is None else NodeId(authenticated))
         self.apply(effects)
+        if authenticated is None or authenticated == msg.sender:
+            self._note_clock(msg)
         if reply is None:
             return peer_pb2.GossipReply(has_message=False)
         return peer_pb2.GossipReply(message=gossip_to_pb(reply, time.time()), has_message=True)
 
     def _note_clock(self, msg: peer_pb2.GossipMessage) -> None:
-        if msg.wall_time_s:
-            self.state.clock_skew_s = {**self.state.clock_skew_s,
-                                       msg.sender: msg.wall_time_s - time.time()}
+        """The sender's clock skew, for the CLOCK_SKEW alert: of members only (anyone
+        can claim to be any sender; this keeps the table bounded)."""
+        if (not msg.wall_time_s or not math.isfinite(msg.wall_time_s)
+                or self.membership.get(msg.sender) is None):
+            return
+        skew = msg.wall_time_s - time.time()
+        skew = max(-CLOCK_SKEW_SHOWN_MAX_S, min(CLOCK_SKEW_SHOWN_MAX_S, skew))
+        self.state.clock_skew_s = {**self.state.clock_skew_s, msg.sender: skew}
 
     async def leave(self) -> None:
         """Announce a clean shutdown ("left", not dead) and give the sends a moment."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cluster.membership import Member, MemberState
@@ -17,6 +18,11 @@ from cluster.placement import Placement, PlacementNode, PlacementTable, partitio
 from cluster.safety import Position
 
 LOGGER = logging.getLogger(__name__)
+# A placement weight is at most this many times the median weight of the placeable
+# members: a member claiming a huge disk (a bug, or a lie) cannot become the replica
+# set of everything. An honest mix rarely spans more; a node that big gets 4x the
+# median share, not its full one, which costs balance, never safety.
+WEIGHT_OVER_MEDIAN_MAX = 4
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,20 @@ def quantized_capacity(m: Member) -> int:
     return 1 << (cap.bit_length() - 1)
 
 
+def placement_weights(weights: Mapping[str, int]) -> dict[str, int]:
+    """Each weight capped at WEIGHT_OVER_MEDIAN_MAX times the lower median of all.
+    A function of the member set alone, so every node computes the same; the lower
+    median, so one member cannot raise it by claiming much (of two, the smaller
+    counts). Powers of two stay powers of two."""
+    if not weights:
+        return {}
+    ordered = sorted(weights.values())
+    cap = WEIGHT_OVER_MEDIAN_MAX * ordered[(len(ordered) - 1) // 2]
+    return {node_id: min(weight, cap) for node_id, weight in weights.items()}
+
+
 def _placement_nodes(members: tuple[Member, ...], placeable: frozenset[str]
                      ) -> list[PlacementNode]:
-    return [PlacementNode(m.node_id, m.site, m.lat, m.lon, quantized_capacity(m))
-            for m in members if m.node_id in placeable]
+    chosen = [m for m in members if m.node_id in placeable]
+    weights = placement_weights({m.node_id: quantized_capacity(m) for m in chosen})
+    return [PlacementNode(m.node_id, m.site, m.lat, m.lon, weights[m.node_id]) for m in chosen]
