@@ -41,6 +41,9 @@ GOSSIP_TIMEOUT_S = 2.0  # one push-pull; a slower peer is as good as silent this
 # A peer's wall clock is shown as skew, never used for decisions; an absurd claim
 # is shown clipped rather than as inf or 1e308.
 CLOCK_SKEW_SHOWN_MAX_S = 10 * 365 * 86400.0
+# Refused peers shown in status, the most recent; addresses are the peers' own
+# claims, so a rogue inventing new ones must not grow the table without end.
+REFUSALS_SHOWN_MAX = 64
 
 
 class GossipWorker(Worker):
@@ -93,8 +96,11 @@ class GossipWorker(Worker):
                 LOGGER.error("refusing peer %s at %s: %s", effect.peer, effect.address,
                              effect.reason)
                 # copy on write: API threads iterate the published dict meanwhile
-                self.state.refusals = {**self.state.refusals,
-                                       effect.address: (time.time(), effect.reason)}
+                refusals = {a: r for a, r in self.state.refusals.items() if a != effect.address}
+                refusals[effect.address] = (time.time(), effect.reason)
+                while len(refusals) > REFUSALS_SHOWN_MAX:
+                    del refusals[next(iter(refusals))]  # the least recently refused
+                self.state.refusals = refusals
             elif isinstance(effect, RecordDropped | Refuted | LeftTimedOut):
                 LOGGER.warning("membership: %s", effect)
         self.publish()

@@ -9,8 +9,10 @@ A. one manifest version stamped 2**64-1 announced to every node used to become
 B. one gossip entry of a healthy node, dead at a fake address at the highest
    incarnation and heartbeat, used to mark it dead on every peer for good.
 
-Plus the receiving side of A without processes: a far-future version is refused
-and the genuine one stays current; an honestly fast clock is only delayed.
+Plus, without processes: the receiving side of A (a far-future version is
+refused, the genuine one stays current, an honestly fast clock is only delayed)
+and of B in the gossip worker (impostors refused, peers' claimed clocks and
+addresses kept bounded).
 """
 
 from __future__ import annotations
@@ -25,6 +27,13 @@ from pathlib import Path
 import grpc
 import pytest
 
+from cluster.gossip import (
+    CLOCK_SKEW_SHOWN_MAX_S,
+    REFUSALS_SHOWN_MAX,
+    GossipWorker,
+    me_as_member,
+    new_membership,
+)
 from cluster.membership import (
     COUNTER_MAX,
     INCARNATION_HEARSAY_STEP,
@@ -33,6 +42,7 @@ from cluster.membership import (
     Member,
     MemberState,
     NodeId,
+    Refused,
 )
 from cluster.peers import Peers
 from cluster.state import ClusterState
@@ -125,6 +135,39 @@ def test_a_far_future_version_is_refused_and_the_genuine_one_stays_current(
     finally:
         pool.shutdown()
         store.close()
+
+
+# ---- B, in process: the gossip worker ------------------------------------------------------
+
+
+def test_gossip_worker_refuses_impostors_and_bounds_what_peers_claim() -> None:
+    settings = ClusterSettings(3, 250.0, PARTITIONS)
+    me = me_as_member("boston", "Boston", 42.36, -71.06, "127.0.0.1:1", 1)
+    state = ClusterState("boston", PARTITIONS, 3, 250.0, 600.0)
+    worker = GossipWorker(new_membership(me, settings, [], 1.0, None, 600.0), state, Peers(),
+                          1.0, usage=lambda: (0, 0, 0))
+    chicago = replace(me, node_id=NodeId("chicago"), site="Chicago", address="127.0.0.1:2",
+                      heartbeat=1)
+
+    def push(sender: str, wall_time_s: float) -> peer_pb2.GossipMessage:
+        return gossip_to_pb(GossipMessage(NodeId(sender), "127.0.0.1:2", settings,
+                                          (replace(chicago, node_id=NodeId(sender)),)),
+                            wall_time_s)
+
+    # the channel proved denver, the message says chicago: refused whole
+    reply = worker.on_gossip(push("chicago", time.time()), authenticated="denver")
+    assert not reply.has_message and worker.membership.get("chicago") is None
+    assert "authenticated as 'denver'" in state.refusals["127.0.0.1:2"][1]
+    assert state.clock_skew_s == {}
+    # the same from chicago itself is taken; an absurd clock is shown clipped
+    assert worker.on_gossip(push("chicago", 1e300), authenticated="chicago").has_message
+    assert worker.membership.get("chicago") is not None
+    assert 0 < state.clock_skew_s["chicago"] <= CLOCK_SKEW_SHOWN_MAX_S
+    worker.on_gossip(push("chicago", float("nan")))
+    assert 0 < state.clock_skew_s["chicago"] <= CLOCK_SKEW_SHOWN_MAX_S
+    # refused peers name their own addresses: the table stays bounded
+    worker.apply([Refused("rogue", f"10.0.0.{i}:7400", "x") for i in range(200)])
+    assert len(state.refusals) == REFUSALS_SHOWN_MAX and "10.0.0.199:7400" in state.refusals
 
 
 # ---- real nodes and a rogue client ---------------------------------------------------------
