@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -37,6 +38,12 @@ from proto import peer_pb2
 
 LOGGER = logging.getLogger(__name__)
 GOSSIP_TIMEOUT_S = 2.0  # one push-pull; a slower peer is as good as silent this round
+# A peer's wall clock is shown as skew, never used for decisions; an absurd claim
+# is shown clipped rather than as inf or 1e308.
+CLOCK_SKEW_SHOWN_MAX_S = 10 * 365 * 86400.0
+# Refused peers shown in status, the most recent; addresses are the peers' own
+# claims, so a rogue inventing new ones must not grow the table without end.
+REFUSALS_SHOWN_MAX = 64
 
 
 class GossipWorker(Worker):
@@ -50,6 +57,10 @@ class GossipWorker(Worker):
         self.idle_s = interval_s
         self.usage = usage  # (capacity, used, free) of this node
         self.on_placement_change: list[Callable[[], None]] = []
+        # keeps our incarnation (worker thread) when a refutation raised it, so the
+        # next run starts above every record of this one
+        self.keep_incarnation: Callable[[int], None] | None = None
+        self._kept_incarnation = membership.me.incarnation
         self._sends: set[asyncio.Task[None]] = set()
         self._usage_at = 0.0
 
@@ -62,6 +73,11 @@ class GossipWorker(Worker):
                                         free_bytes=free)
             self._usage_at = now
         self.apply(self.membership.tick(now))
+        incarnation = self.membership.me.incarnation
+        if self.keep_incarnation is not None and incarnation > self._kept_incarnation:
+            await asyncio.get_running_loop().run_in_executor(
+                None, self.keep_incarnation, incarnation)
+            self._kept_incarnation = incarnation
         return WorkerState.IDLE
 
     def apply(self, effects: list[Effect]) -> None:
@@ -80,8 +96,11 @@ class GossipWorker(Worker):
                 LOGGER.error("refusing peer %s at %s: %s", effect.peer, effect.address,
                              effect.reason)
                 # copy on write: API threads iterate the published dict meanwhile
-                self.state.refusals = {**self.state.refusals,
-                                       effect.address: (time.time(), effect.reason)}
+                refusals = {a: r for a, r in self.state.refusals.items() if a != effect.address}
+                refusals[effect.address] = (time.time(), effect.reason)
+                while len(refusals) > REFUSALS_SHOWN_MAX:
+                    del refusals[next(iter(refusals))]  # the least recently refused
+                self.state.refusals = refusals
             elif isinstance(effect, RecordDropped | Refuted | LeftTimedOut):
                 LOGGER.warning("membership: %s", effect)
         self.publish()
@@ -98,28 +117,48 @@ class GossipWorker(Worker):
         if self.state.revoked and self.state.id_at(effect.address) in self.state.revoked:
             return  # it would answer (its server still has our trust): do not ask it
         msg = gossip_to_pb(effect.message, time.time())
+        # With TLS the channel to a known member demanded that member's certificate, so
+        # whoever answers is proven; a seed's answer (no id known yet) is not.
+        expected = self.state.id_at(effect.address) if self.peers.verifies_identity else None
         try:
             reply = await self.peers.stub(effect.address).Gossip(msg, timeout=GOSSIP_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
             LOGGER.debug("gossip to %s failed: %s", effect.address, exc.code().name)
             return
         if reply.has_message:
+            if expected is not None and reply.message.sender == expected:
+                self.state.vouch(expected)
+            self.apply(self.membership.on_reply(
+                gossip_from_pb(reply.message), time.monotonic(),
+                authenticated=None if expected is None else NodeId(expected)))
             self._note_clock(reply.message)
-            self.apply(self.membership.on_reply(gossip_from_pb(reply.message), time.monotonic()))
 
-    def on_gossip(self, msg: peer_pb2.GossipMessage) -> peer_pb2.GossipReply:
-        """A peer's push (called by the peer service on the event loop)."""
-        self._note_clock(msg)
-        reply, effects = self.membership.on_gossip(gossip_from_pb(msg), time.monotonic())
+    def on_gossip(self, msg: peer_pb2.GossipMessage, authenticated: str | None = None
+                  ) -> peer_pb2.GossipReply:
+        """A peer's push (called by the peer service on the event loop).
+        ``authenticated``: the node id the channel proved (TLS), when known; a
+        message claiming another sender is refused."""
+        if authenticated is not None and authenticated == msg.sender:
+            self.state.vouch(authenticated)
+        reply, effects = self.membership.on_gossip(
+            gossip_from_pb(msg), time.monotonic(),
+            authenticated=None if authenticated is None else NodeId(authenticated))
         self.apply(effects)
+        if authenticated is None or authenticated == msg.sender:
+            self._note_clock(msg)
         if reply is None:
             return peer_pb2.GossipReply(has_message=False)
         return peer_pb2.GossipReply(message=gossip_to_pb(reply, time.time()), has_message=True)
 
     def _note_clock(self, msg: peer_pb2.GossipMessage) -> None:
-        if msg.wall_time_s:
-            self.state.clock_skew_s = {**self.state.clock_skew_s,
-                                       msg.sender: msg.wall_time_s - time.time()}
+        """The sender's clock skew, for the CLOCK_SKEW alert: of members only (anyone
+        can claim to be any sender; this keeps the table bounded)."""
+        if (not msg.wall_time_s or not math.isfinite(msg.wall_time_s)
+                or self.membership.get(msg.sender) is None):
+            return
+        skew = msg.wall_time_s - time.time()
+        skew = max(-CLOCK_SKEW_SHOWN_MAX_S, min(CLOCK_SKEW_SHOWN_MAX_S, skew))
+        self.state.clock_skew_s = {**self.state.clock_skew_s, msg.sender: skew}
 
     async def leave(self) -> None:
         """Announce a clean shutdown ("left", not dead) and give the sends a moment."""

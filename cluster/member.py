@@ -39,15 +39,21 @@ LOGGER = logging.getLogger(__name__)
 
 def next_incarnation(data_dir: Path) -> int:
     """Raised on every start and kept, so our new records beat the old ones."""
-    path = data_dir / "incarnation"
     try:
-        value = int(path.read_text().strip()) + 1
+        value = int((data_dir / "incarnation").read_text().strip()) + 1
     except (FileNotFoundError, ValueError):
         value = 1
+    keep_incarnation(data_dir, value)
+    return value
+
+
+def keep_incarnation(data_dir: Path, value: int) -> None:
+    """Also after a refutation raised it: peers bound how far a relayed record may
+    raise our incarnation, so the next start must not begin below this run's."""
+    path = data_dir / "incarnation"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(f"{value}\n")
     tmp.replace(path)
-    return value
 
 
 def build(cfg: Config) -> NodeDaemon:
@@ -66,10 +72,12 @@ def build(cfg: Config) -> NodeDaemon:
                                 c.suspect_after_s or None, c.dead_after_s)
     peers = Peers(daemon.tls, state.id_at)
     daemon.gate.on_revoked_node = state.revoke
+    state.require_contact = daemon.tls is not None
     store = daemon.store
     gossip = GossipWorker(
         membership, state, peers, c.gossip_interval_s,
         usage=lambda: (cfg.node.capacity_bytes, store.used_bytes(), store.free_bytes()))
+    gossip.keep_incarnation = lambda value: keep_incarnation(cfg.node.data_dir, value)
     replicator = Replicator(store, state, peers, daemon.node_id, cfg.advertise, daemon.clock,
                             daemon.pool)
     replicator.proof_identity = daemon.node_id if daemon.tls is not None else ""

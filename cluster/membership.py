@@ -14,6 +14,36 @@ dead_after_s dead. A node that sees itself suspected or declared dead raises its
 incarnation (SWIM refutation). A clean shutdown announces "left", which is not
 "dead": the placement layer decides what a long absence means.
 
+Trust bounds. Any peer, even one holding a valid certificate, may lie in what it
+relays; one lying peer must not be able to kill, move or inflate another member:
+
+1. Hearsay is bounded. A record of X from a sender other than X may raise X's
+   incarnation by at most INCARNATION_HEARSAY_STEP, plus INCARNATIONS_PER_S_MAX
+   per second since X's record last changed here, and X's heartbeat by at most
+   HEARTBEATS_PER_S_MAX per second since then (plus HEARSAY_JITTER_S worth, for
+   late and reordered delivery). A record of a member we do not know may claim
+   neither counter above UNKNOWN_COUNTER_MAX. Records over a bound are dropped
+   with a reason (RecordDropped, once a minute per sender, member and rule).
+2. A node's own word beats hearsay. X's record in a message whose sender is X
+   (in the runtime, when it can tell: the channel authenticated X; a message
+   whose authenticated id is not its sender is refused whole) is taken even when
+   hearsay had raised X's version above it, and is proof of life. Only X moves
+   its address, site and position: hearsay about a known member brings its
+   version, state and storage figures, never where it is. No node calls itself
+   suspect or dead; such a record is dropped.
+3. Accusations yield to first-hand contact: hearsay calling X suspect or dead is
+   dropped while X itself spoke to us within suspect_after_s.
+4. Refutation stays possible. Hearsay raises X's incarnation by a bounded step
+   per accepted record, so X outbids it by one. X answers a record of itself only
+   within INCARNATION_HEARSAY_STEP of its own incarnation (an honest peer holds
+   no more, by rule 1), so no message drives X towards COUNTER_MAX; a record of X
+   beyond that is dropped, and X's own word (rule 2) corrects whoever holds it.
+   The runtime keeps refuted incarnations, so a restart starts above them.
+
+Without an authenticated channel the sender is only a claim: whoever pretends to
+be X gets rule 2's weight for X, until X's next message. Storage claims are
+bounded where they matter, in placement (cluster/state.py placement_weights).
+
 The runtime calls ``tick(now)`` about every gossip_interval_s, hands incoming
 messages to ``on_gossip`` (returns the reply to send back) and ``on_reply``, and
 carries out the returned effects: send a message, log a state change or a
@@ -56,6 +86,17 @@ SITE_LENGTH_MAX = 256
 ADDRESS_LENGTH_MAX = 260  # a 253-character DNS name, ":" and a port
 COUNTER_MAX = 2**63 - 1  # int64 on the wire
 PORT_MAX = 65535
+# Trust bounds (module docstring). Honest counters rise slowly: the incarnation by
+# one per restart or refutation, the heartbeat by one per gossip round.
+INCARNATION_HEARSAY_STEP = 16
+INCARNATIONS_PER_S_MAX = 1.0  # a restart takes longer; a refutation needs a suspicion
+HEARTBEATS_PER_S_MAX = 100.0  # one per round, with rounds down to 10 ms
+GOSSIP_INTERVAL_S_MIN = 1.0 / HEARTBEATS_PER_S_MAX
+HEARSAY_JITTER_S = 10.0  # records relayed late or out of order by up to this much
+# Restarting every second for 30,000 years stays below; it leaves 2**63 - 2**40
+# to outbid whatever a first record claimed.
+UNKNOWN_COUNTER_MAX = 2**40
+ELAPSED_S_MAX = 1e9  # keeps the bound arithmetic in small integers, whatever the caller's clock
 
 
 class MemberState(StrEnum):
@@ -198,6 +239,11 @@ def member_problem(record: object) -> str | None:
     return None
 
 
+def _impostor(message: GossipMessage, authenticated: NodeId) -> str:
+    return (f"message from {message.sender!r} came on a channel authenticated as "
+            f"{authenticated!r}")
+
+
 def settings_differences(ours: ClusterSettings, theirs: ClusterSettings) -> list[str]:
     """Each differing field as "name ours != theirs"."""
     differences = []
@@ -221,8 +267,9 @@ def _is_real(value: object) -> bool:
 @dataclass(slots=True)
 class _Peer:
     record: Member  # state is our local view
-    heard_at: float  # local time the version last rose (or we first learned of it)
+    heard_at: float  # local time its record last changed (newer version, or its own word)
     left_timeout_reported: bool = False
+    first_hand_at: float = -math.inf  # local time the member itself last spoke to us
 
 
 class Membership:
@@ -251,10 +298,10 @@ class Membership:
             raise ValueError(f"cluster settings out of range: {settings}")
         if suspect_after_s is None:
             suspect_after_s = SUSPECT_AFTER_ROUNDS * gossip_interval_s
-        if not 0 < gossip_interval_s <= suspect_after_s < dead_after_s:
+        if not GOSSIP_INTERVAL_S_MIN <= gossip_interval_s <= suspect_after_s < dead_after_s:
             raise ValueError(
-                "need 0 < gossip_interval_s <= suspect_after_s < dead_after_s, got "
-                f"{gossip_interval_s}, {suspect_after_s}, {dead_after_s}"
+                f"need {GOSSIP_INTERVAL_S_MIN} <= gossip_interval_s <= suspect_after_s < "
+                f"dead_after_s, got {gossip_interval_s}, {suspect_after_s}, {dead_after_s}"
             )
         if fanout < 1:
             raise ValueError(f"fanout must be at least 1, got {fanout}")
@@ -272,6 +319,7 @@ class Membership:
         self._fanout = fanout
         self._peers: dict[NodeId, _Peer] = {}
         self._refused_at: dict[tuple[str, str, str], float] = {}
+        self._dropped_at: dict[tuple[str, str, str], float] = {}
         self._now = -math.inf
         self._next_round_at = -math.inf
 
@@ -304,7 +352,7 @@ class Membership:
         return None if peer is None else peer.record
 
     def time_since_heard(self, node_id: str, now: float) -> float:
-        """Seconds since the member's version last rose here; KeyError if unknown."""
+        """Seconds since the member's record last changed here; KeyError if unknown."""
         if node_id == self._me.node_id:
             return 0.0
         return max(0.0, now - self._peers[NodeId(node_id)].heard_at)
@@ -328,11 +376,14 @@ class Membership:
         return effects
 
     def on_gossip(
-        self, message: GossipMessage, now: float
+        self, message: GossipMessage, now: float, *, authenticated: NodeId | None = None
     ) -> tuple[GossipMessage | None, list[Effect]]:
         """A peer's push. Returns the reply for the runtime to send back (None:
-        send nothing) and the effects."""
+        send nothing) and the effects. ``authenticated``: the node id the channel
+        proved (a TLS client certificate), when the runtime knows it."""
         now = self._advance(now)
+        if authenticated is not None and authenticated != message.sender:
+            return None, self._refused(message, _impostor(message, authenticated), now)
         if self._is_loopback(message):
             return None, []
         reason = self._refusal_reason(message)
@@ -343,9 +394,13 @@ class Membership:
         their_versions, effects = self._merge(message, now)
         return self._message(their_versions), effects
 
-    def on_reply(self, message: GossipMessage, now: float) -> list[Effect]:
-        """The reply to one of our pushes."""
+    def on_reply(
+        self, message: GossipMessage, now: float, *, authenticated: NodeId | None = None
+    ) -> list[Effect]:
+        """The reply to one of our pushes; ``authenticated`` as for on_gossip."""
         now = self._advance(now)
+        if authenticated is not None and authenticated != message.sender:
+            return self._refused(message, _impostor(message, authenticated), now)
         if self._is_loopback(message):
             return []
         reason = self._refusal_reason(message)
@@ -442,10 +497,15 @@ class Membership:
         return list(dict.fromkeys(targets))
 
     def _message(self, skip: dict[NodeId, tuple[int, int]] | None = None) -> GossipMessage:
-        """Our table; in a reply, without what the pusher already has as new."""
+        """Our table; in a reply, without what the pusher already has as new, but
+        always with our own record: our word corrects hearsay it may hold of us."""
         records = [self._me, *(p.record for p in self._peers.values())]
         if skip is not None:
-            records = [r for r in records if r.version > skip.get(r.node_id, (-1, -1))]
+            records = [
+                r
+                for r in records
+                if r is self._me or r.version > skip.get(r.node_id, (-1, -1))
+            ]
         return GossipMessage(self._me.node_id, self._me.address, self._settings, tuple(records))
 
     def _is_loopback(self, message: GossipMessage) -> bool:
@@ -501,37 +561,109 @@ class Membership:
                 record.version, their_versions.get(record.node_id, (-1, -1))
             )
             if record.node_id == self._me.node_id:
-                effects.extend(self._check_record_of_me(record, sender))
-            elif not self._take(record, now, effects):
+                effects.extend(self._check_record_of_me(record, sender, now))
+            elif not self._take(record, record.node_id == message.sender, now, effects, sender):
                 table_full_count += 1
         if table_full_count:
             reason = f"member table full ({MEMBERS_MAX}): {table_full_count} new members ignored"
             effects.append(RecordDropped(sender, None, reason))
         return their_versions, effects
 
-    def _take(self, record: Member, now: float, effects: list[Effect]) -> bool:
-        """Merges one valid record of a peer; False when the table is full."""
-        peer = self._peers.get(record.node_id)
+    def _take(
+        self, record: Member, first_hand: bool, now: float, effects: list[Effect], sender: str
+    ) -> bool:
+        """Merges one valid record of a peer (``first_hand``: from the peer itself)
+        under the trust bounds; False when the table is full."""
+        node_id = record.node_id
+        if first_hand and record.state in (MemberState.SUSPECT, MemberState.DEAD):
+            reason = f"calls itself {record.state}; no node does"
+            effects.extend(self._dropped(sender, node_id, "self-accused", reason, now))
+            return True
+        peer = self._peers.get(node_id)
         if peer is None:
+            if max(record.incarnation, record.heartbeat) > UNKNOWN_COUNTER_MAX:
+                reason = (f"a new member at version {record.version}, over "
+                          f"{UNKNOWN_COUNTER_MAX} (2**40)")
+                effects.extend(self._dropped(sender, node_id, "new-bound", reason, now))
+                return True
             if len(self._peers) + 1 >= MEMBERS_MAX:
                 return False
             # Adopt the sender's view: a newcomer learns at once who is dead.
-            self._peers[record.node_id] = _Peer(record, heard_at=now)
-            effects.append(StateChanged(record.node_id, None, record.state))
-        elif record.version > peer.record.version:
-            old = peer.record.state
-            peer.record, peer.heard_at, peer.left_timeout_reported = record, now, False
-            if record.state != old:
-                effects.append(StateChanged(record.node_id, old, record.state))
-        # An equal or older version adds nothing: our own timers judge it.
+            self._peers[node_id] = _Peer(record, heard_at=now,
+                                         first_hand_at=now if first_hand else -math.inf)
+            effects.append(StateChanged(node_id, None, record.state))
+            return True
+        known = peer.record
+        if first_hand:  # rule 2: whatever hearsay said, even of a higher version
+            peer.first_hand_at = now
+            if record == known:
+                return True
+        elif record.version <= known.version:
+            return True  # nothing new: our own timers judge it
+        else:
+            problem = self._hearsay_problem(known, record, now - peer.heard_at)
+            if problem is None and record.state in (MemberState.SUSPECT, MemberState.DEAD):
+                spoke_s = now - peer.first_hand_at
+                if spoke_s < self._suspect_after_s:  # rule 3
+                    problem = ("accusation", f"calls it {record.state}, but it spoke to us "
+                               f"{spoke_s:.1f} s ago")
+            if problem is not None:
+                effects.extend(self._dropped(sender, node_id, *problem, now))
+                return True
+            # Only the member itself says where it is.
+            record = replace(record, address=known.address, site=known.site, lat=known.lat,
+                             lon=known.lon)
+        peer.record, peer.heard_at, peer.left_timeout_reported = record, now, False
+        if record.state != known.state:
+            effects.append(StateChanged(node_id, known.state, record.state))
         return True
 
-    def _check_record_of_me(self, record: Member, sender: str) -> list[Effect]:
+    @staticmethod
+    def _hearsay_problem(
+        known: Member, record: Member, elapsed_s: float
+    ) -> tuple[str, str] | None:
+        """(rule, reason) when a relayed record raises a member's counters faster
+        than the member itself can (rule 1)."""
+        elapsed_s = min(max(0.0, elapsed_s), ELAPSED_S_MAX)
+        incarnation_max = (known.incarnation + INCARNATION_HEARSAY_STEP
+                           + int(elapsed_s * INCARNATIONS_PER_S_MAX))
+        if record.incarnation > incarnation_max:
+            return ("incarnation", f"incarnation {record.incarnation} relayed, over "
+                    f"{incarnation_max} (ours {known.incarnation}, risen {elapsed_s:.0f} s ago)")
+        heartbeat_max = known.heartbeat + int((elapsed_s + HEARSAY_JITTER_S)
+                                              * HEARTBEATS_PER_S_MAX)
+        if record.heartbeat > heartbeat_max:
+            return ("heartbeat", f"heartbeat {record.heartbeat} relayed, over "
+                    f"{heartbeat_max} (ours {known.heartbeat}, risen {elapsed_s:.0f} s ago)")
+        return None
+
+    def _dropped(
+        self, sender: str, node_id: str, rule: str, reason: str, now: float
+    ) -> list[Effect]:
+        """A record refused by a trust bound; told once a minute per sender, member
+        and rule (a lying peer repeats itself every round)."""
+        key = (sender, node_id, rule)
+        last = self._dropped_at.pop(key, None)
+        if last is not None and now - last < REFUSAL_REPEAT_S:
+            self._dropped_at[key] = last
+            return []
+        self._dropped_at[key] = now
+        if len(self._dropped_at) > REFUSALS_TRACKED_MAX:
+            del self._dropped_at[next(iter(self._dropped_at))]
+        return [RecordDropped(sender, node_id, reason)]
+
+    def _check_record_of_me(self, record: Member, sender: str, now: float) -> list[Effect]:
         """SWIM refutation: outbid any record that says we are down, or that is
-        newer than our own (a restart whose incarnation was not raised)."""
+        newer than our own (a restart whose incarnation was not raised), unless it
+        is beyond what any honest peer would hold (rule 4)."""
         me = self._me
         if me.state == MemberState.LEFT:
             return []
+        if record.incarnation > me.incarnation + INCARNATION_HEARSAY_STEP:
+            reason = (f"holds us at incarnation {record.incarnation}, over ours "
+                      f"{me.incarnation} + {INCARNATION_HEARSAY_STEP}; not outbid, our own "
+                      "word corrects it")
+            return self._dropped(sender, me.node_id, "us", reason, now)
         accused = (
             record.state in (MemberState.SUSPECT, MemberState.DEAD)
             and record.incarnation >= me.incarnation

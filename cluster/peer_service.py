@@ -46,7 +46,8 @@ class PeerService(peer_pb2_grpc.PeerApiServicer):
     async def Gossip(self, request: peer_pb2.GossipMessage, context: Any
                      ) -> peer_pb2.GossipReply:
         await _speaks_for(request.sender, context)
-        return self.gossip.on_gossip(request)
+        caller = CALLER.get()
+        return self.gossip.on_gossip(request, caller.name if caller.role == "node" else None)
 
     async def Announce(self, request: peer_pb2.ManifestBatch, context: Any
                        ) -> peer_pb2.AnnounceReply:

@@ -43,6 +43,11 @@ class Peers:
         self._sync_channels: list[grpc.Channel] = []
         self._lock = threading.Lock()
 
+    @property
+    def verifies_identity(self) -> bool:
+        """A reply on a channel to a known member comes from that member (TLS)."""
+        return self._tls is not None
+
     def _options(self, name: str | None) -> list[tuple[str, object]]:
         if name is None:
             return list(CHANNEL_OPTIONS)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cluster.membership import Member, MemberState
@@ -18,6 +19,11 @@ from cluster.placement import Placement, PlacementNode, PlacementTable, partitio
 from cluster.safety import Position
 
 LOGGER = logging.getLogger(__name__)
+# A placement weight is at most this many times the median weight of the placeable
+# members: a member claiming a huge disk (a bug, or a lie) cannot become the replica
+# set of everything. An honest mix rarely spans more; a node that big gets 4x the
+# median share, not its full one, which costs balance, never safety.
+WEIGHT_OVER_MEDIAN_MAX = 4
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,22 @@ class ClusterState:
         # members that presented a revoked certificate: dead to us, whatever they gossip
         self.revoked: frozenset[str] = frozenset()
 
+        # With TLS, a member is placed only once it has proven its id to us directly
+        # (called us with its certificate, or answered on a channel that demanded it):
+        # members invented by hearsay never reach anyone and must not take copies.
+        self.require_contact = False
+        self.vouched: frozenset[str] = frozenset({me})
+
+    def vouch(self, node_id: str) -> None:
+        if node_id not in self.vouched:
+            self.vouched = self.vouched | {node_id}
+
+    def unvouched(self) -> list[str]:
+        if not self.require_contact:
+            return []
+        return sorted(m.node_id for m in self.snapshot.members
+                      if m.node_id not in self.vouched and m.state == MemberState.ALIVE)
+
     def revoke(self, node_id: str) -> None:
         if node_id not in self.revoked:
             LOGGER.error("node %s presented a revoked certificate: it is out of the cluster",
@@ -83,8 +105,10 @@ class ClusterState:
         self.left_silent_s = dict(silent_s)
         placeable = frozenset(
             m.node_id for m in members
-            if m.state in (MemberState.ALIVE, MemberState.SUSPECT)
-            or (m.state == MemberState.LEFT and silent_s.get(m.node_id, 0.0) < self.dead_after_s))
+            if (m.state in (MemberState.ALIVE, MemberState.SUSPECT)
+                or (m.state == MemberState.LEFT
+                    and silent_s.get(m.node_id, 0.0) < self.dead_after_s))
+            and (not self.require_contact or m.node_id in self.vouched))
         nodes = frozenset(_placement_nodes(members, placeable))
         table = self.snapshot.table
         changed = table is None or table.members != nodes
@@ -111,7 +135,20 @@ def quantized_capacity(m: Member) -> int:
     return 1 << (cap.bit_length() - 1)
 
 
+def placement_weights(weights: Mapping[str, int]) -> dict[str, int]:
+    """Each weight capped at WEIGHT_OVER_MEDIAN_MAX times the lower median of all.
+    A function of the member set alone, so every node computes the same; the lower
+    median, so one member cannot raise it by claiming much (of two, the smaller
+    counts). Powers of two stay powers of two."""
+    if not weights:
+        return {}
+    ordered = sorted(weights.values())
+    cap = WEIGHT_OVER_MEDIAN_MAX * ordered[(len(ordered) - 1) // 2]
+    return {node_id: min(weight, cap) for node_id, weight in weights.items()}
+
+
 def _placement_nodes(members: tuple[Member, ...], placeable: frozenset[str]
                      ) -> list[PlacementNode]:
-    return [PlacementNode(m.node_id, m.site, m.lat, m.lon, quantized_capacity(m))
-            for m in members if m.node_id in placeable]
+    chosen = [m for m in members if m.node_id in placeable]
+    weights = placement_weights({m.node_id: quantized_capacity(m) for m in chosen})
+    return [PlacementNode(m.node_id, m.site, m.lat, m.lon, weights[m.node_id]) for m in chosen]

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -51,7 +52,21 @@ GET_MANIFESTS_MAX = 1000  # per GetManifests request
 REPLY_BYTES_MAX = 8 << 20  # manifests per reply stop here: half the message cap
 CHALLENGE_CHUNKS = 2  # chunks a replica must prove it holds before we trim on its word
 CHALLENGE_NONCE_BYTES = 16
+# A peer stamping versions too far ahead is told to the operator once a minute, not
+# once per manifest; sources are whatever peers call themselves, so keep a few.
+FUTURE_LOG_REPEAT_S = 60.0
+FUTURE_SOURCES_TRACKED_MAX = 64
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class FutureRefusals:
+    """Manifests from one source refused for a stamp too far ahead of our clock."""
+
+    count: int
+    ahead_s: float  # of the latest one
+    last_at: float  # wall time of the latest refusal
+    logged_at: float  # wall time of the latest log line
 
 
 class Replicator:
@@ -81,6 +96,10 @@ class Replicator:
         self.proof_identity = ""
         # peer -> (failures, last study, unix time): claims it could not prove; replaced
         self.failed_proofs: dict[str, tuple[int, str, float]] = {}
+        self.future_refused = 0
+        # source -> refusals; replaced, never mutated (API threads read it)
+        self.future_refusals: dict[str, FutureRefusals] = {}
+        self._future_lock = threading.Lock()
 
     # ---- hooks ----------------------------------------------------------------------
 
@@ -211,7 +230,14 @@ class Replicator:
             if why := mf.problem(m):
                 LOGGER.warning("refusing a manifest from %s: %s", source, why)
                 continue
-            self.clock.observe(m.received_hlc)
+            if not self.clock.observe(m.received_hlc):
+                # Not stored: as the newest version of its instance, a stamp far in the
+                # future would outrank every genuine version for good. A peer whose
+                # clock merely runs fast is delayed, not lost: anti-entropy offers the
+                # manifest again every round, and once our clock is within
+                # max_clock_ahead_s of its stamp it is taken like any other.
+                self._refuse_future(m, source)
+                continue
             futures.append((mid, self.store.submit(mid, raw, m, held=False)))
         new: list[bytes] = []
         for mid, fut in futures:
@@ -222,6 +248,26 @@ class Replicator:
                 LOGGER.error("cannot record manifests from %s: %s", source, exc)
         self.planner.on_announced(new)
         return len(new)
+
+    def _refuse_future(self, m: node_pb2.Manifest, source: str) -> None:
+        ahead_s = self.clock.ahead_ms(m.received_hlc) / 1000
+        now = time.time()
+        with self._future_lock:
+            self.future_refused += 1
+            refusals = dict(self.future_refusals)
+            old = refusals.pop(source, None)
+            log = old is None or now - old.logged_at >= FUTURE_LOG_REPEAT_S
+            count = 1 if old is None else old.count + 1
+            refusals[source] = FutureRefusals(count, ahead_s, now,
+                                              now if log or old is None else old.logged_at)
+            while len(refusals) > FUTURE_SOURCES_TRACKED_MAX:
+                del refusals[next(iter(refusals))]  # the least recently refused
+            self.future_refusals = refusals
+        if log:
+            LOGGER.warning(
+                "refusing manifests from %s stamped %.0f s ahead of our clock (more "
+                "than max_clock_ahead_s %.0f s); %d so far: fix that peer's clock, or it is "
+                "forging versions", source, ahead_s, self.clock.max_ahead_ms / 1000, count)
 
     def _sources(self, m: node_pb2.Manifest) -> list[str]:
         """Addresses to ask, best first: peers holding the study, its origin, anyone."""

@@ -96,7 +96,8 @@ class ClusterView:
         else:
             report = self.r.reports.get(node_id)
             started = report.scrub_started_ms if report is not None else 0
-        return time.time() - started / 1000 if started else -1.0
+        # a peer's figure: a stamp in the future is shown as just verified, not negative
+        return max(0.0, time.time() - started / 1000) if started else -1.0
 
     def alerts(self) -> list[node_pb2.Alert]:
         out: list[node_pb2.Alert] = []
@@ -118,6 +119,14 @@ class ClusterView:
                     severity="critical", code="NODE_DEAD",
                     message=f"node {m.node_id} ({m.site}) is dead: {self._reprotection()}; "
                             "repair or replace it"))
+        unvouched = self.state.unvouched()
+        if unvouched:
+            out.append(node_pb2.Alert(
+                severity="warning", code="MEMBER_UNVERIFIED",
+                message=f"{len(unvouched)} members are known only from others' gossip and "
+                        f"have never proven their id to this node ({', '.join(unvouched[:5])}"
+                        f"{'...' if len(unvouched) > 5 else ''}): they get no copies until "
+                        "they do; check their certificates and network"))
         for node_id in sorted(self.state.revoked):
             out.append(node_pb2.Alert(
                 severity="critical", code="CERT_REVOKED",
@@ -148,10 +157,12 @@ class ClusterView:
         now = time.time()
         for address, (when, reason) in self.state.refusals.items():
             if now - when < REFUSAL_SHOWN_S:
+                hint = ("make the cluster settings equal on every node"
+                        if reason.startswith("cluster settings differ")
+                        else "check that peer's identity and configuration")
                 out.append(node_pb2.Alert(
                     severity="critical", code="PEER_REFUSED",
-                    message=f"peer at {address} was refused: {reason}; make the cluster "
-                            "settings equal on every node"))
+                    message=f"peer at {address} was refused: {reason}; {hint}"))
         out += self._verification_alerts()
         out += self._repair_alerts()
         for node_id, skew in self.state.clock_skew_s.items():
@@ -159,6 +170,14 @@ class ClusterView:
                 out.append(node_pb2.Alert(
                     severity="warning", code="CLOCK_SKEW",
                     message=f"node {node_id}'s clock is {skew:+.0f} s from ours; fix NTP"))
+        for source, refused in self.r.future_refusals.items():
+            if now - refused.last_at < REFUSAL_SHOWN_S:
+                out.append(node_pb2.Alert(
+                    severity="warning", code="MANIFEST_FROM_FUTURE",
+                    message=f"{refused.count} manifests from {source} were stamped "
+                            f"{refused.ahead_s:.0f} s ahead of our clock, more than "
+                            "max_clock_ahead_s, and are not stored until our clock catches "
+                            "up; fix that peer's clock (NTP), or it is forging versions"))
         return out
 
     def _reprotection(self) -> str:

@@ -14,6 +14,10 @@ from typing import Any
 
 from node.errors import ConfigError
 
+# Peers bound how fast a relayed heartbeat may rise (cluster/membership.py
+# GOSSIP_INTERVAL_S_MIN): a node gossiping faster would be taken for a liar.
+GOSSIP_INTERVAL_S_MIN = 0.01
+
 
 @dataclass(frozen=True)
 class NodeSection:
@@ -39,6 +43,9 @@ class ClusterSection:
     unsafe_alert_after_s: float = 3600.0  # an instance not safe by then is an alert
     repair_stalled_after_s: float = 300.0  # unsafe studies not decreasing this long: alert
     proof_audit_interval_s: float = 60.0  # a peer proves one claimed copy this often
+    # A peer's version stamped further ahead of our clock waits until we catch up:
+    # a forged far-future stamp would otherwise outrank every genuine version.
+    max_clock_ahead_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -154,9 +161,12 @@ def parse(raw: dict[str, Any], path: Path | None = None) -> Config:
     if cluster.copies < 1 or cluster.partitions < 1 or cluster.min_distance_miles < 0:
         raise ConfigError("[cluster] copies and partitions must be >= 1, distance >= 0")
     if (cluster.gossip_interval_s <= 0 or cluster.dead_after_s <= 0
-            or cluster.repair_stalled_after_s <= 0 or cluster.proof_audit_interval_s <= 0):
-        raise ConfigError("[cluster] gossip_interval_s, dead_after_s, "
-                          "repair_stalled_after_s and proof_audit_interval_s must be > 0")
+            or cluster.repair_stalled_after_s <= 0 or cluster.proof_audit_interval_s <= 0
+            or cluster.max_clock_ahead_s <= 0):
+        raise ConfigError("[cluster] gossip_interval_s, dead_after_s, repair_stalled_after_s, "
+                          "proof_audit_interval_s and max_clock_ahead_s must be > 0")
+    if cluster.gossip_interval_s < GOSSIP_INTERVAL_S_MIN:
+        raise ConfigError(f"[cluster] gossip_interval_s must be >= {GOSSIP_INTERVAL_S_MIN}")
     for seed in cluster.seeds:
         _check_address(seed, "[cluster] seeds entry")
     dicom_raw = dict(raw.get("dicom", {}))

@@ -87,7 +87,8 @@ class NodeDaemon:
         self.audit = AuditLog(cfg.node.data_dir)
         self.store = Store(cfg.node.data_dir, cfg.node.capacity_bytes,
                            partitions=cfg.cluster.partitions)
-        self.clock = HybridClock()
+        self.clock = HybridClock(
+            max_ahead_ms=max(1, round(cfg.cluster.max_clock_ahead_s * 1000)))
         self.pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="io")
         self.runner: Runner | None = None
         self.scrubber = Scrubber(self.store, cfg.scrub.rate_mb_s, cfg.scrub.interval_s)

@@ -74,4 +74,8 @@ def problem(m: node_pb2.Manifest) -> str | None:
         return "chunk of impossible size"
     if sum(c.size for c in m.chunks) != m.size:
         return f"chunks add up to {sum(c.size for c in m.chunks)} bytes, not {m.size}"
+    # A uint64 on the wire, so never out of the clock's encoding; how far ahead of our
+    # clock it may be is the receiver's check (HybridClock.too_far_ahead).
+    if m.received_hlc == 0:
+        return "received_hlc 0: never stamped by a clock"
     return None

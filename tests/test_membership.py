@@ -15,8 +15,14 @@ from typing import TypeVar
 import pytest
 
 from cluster.membership import (
+    COUNTER_MAX,
+    GOSSIP_INTERVAL_S_MIN,
+    HEARSAY_JITTER_S,
+    HEARTBEATS_PER_S_MAX,
+    INCARNATION_HEARSAY_STEP,
     MEMBERS_MAX,
     REFUSAL_REPEAT_S,
+    UNKNOWN_COUNTER_MAX,
     ClusterSettings,
     Effect,
     GossipMessage,
@@ -552,3 +558,185 @@ def test_bad_configuration_is_refused_at_construction() -> None:
         Membership(record("a"), replace(SETTINGS, copies=0), rng=rng)
     with pytest.raises(ValueError, match="free_bytes"):
         Membership(record("a"), SETTINGS, rng=rng).update_self(free_bytes=-5)
+
+
+# Trust bounds: one lying peer cannot kill, move or inflate another member
+
+
+FAKE = "forged.example:9"
+
+
+def forged(name: str, incarnation: int, heartbeat: int, state: MemberState = DEAD) -> Member:
+    """A record of ``name`` as a rogue would relay it: at a fake place, dead."""
+    return record(name, incarnation, heartbeat, state=state, address=FAKE, site="nowhere",
+                  lat=0.0, lon=0.0)
+
+
+def dropped(effects: list[Effect]) -> list[RecordDropped]:
+    return [e for e in effects if isinstance(e, RecordDropped)]
+
+
+def knows_b(now: float = 0.0) -> Membership:
+    """Node a, having heard b itself at incarnation 1, heartbeat 10."""
+    a = node("a", [])
+    a.on_gossip(push("b", [record("b", 1, 10)]), now=now)
+    return a
+
+
+def test_forged_max_record_does_not_kill_a_member() -> None:
+    """The attack of issue 9: one entry for c, dead at a fake address at the highest
+    version, pushed to every peer, used to mark c dead everywhere for good."""
+    net = converged_cluster(["a", "b", "c"])
+    forged_at = net.now
+    for name in "ab":
+        _, effects = net.nodes[addr(name)].on_gossip(
+            push("rogue", [forged("c", COUNTER_MAX, COUNTER_MAX)]), net.now)
+        (drop,) = dropped(effects)
+        assert (drop.peer, drop.node_id) == ("rogue", "c") and "incarnation" in drop.reason
+    net.rounds(int(SUSPECT_AFTER_S) + 2)
+    assert net.states_of("c") == {ALIVE}
+    assert [e for t, _, e in net.effects(StateChanged) if t >= forged_at] == []
+    for name in "ab":
+        seen = net.nodes[addr(name)].get("c")
+        assert seen is not None and seen.address == addr("c") and seen.incarnation == 0
+
+
+def test_hearsay_raises_counters_by_a_bound_only() -> None:
+    a = knows_b()
+    step = INCARNATION_HEARSAY_STEP
+    # one second later: the step, plus one incarnation a second
+    _, effects = a.on_gossip(push("r", [record("b", 1 + step + 2, 10)]), now=1.0)
+    assert "incarnation" in dropped(effects)[0].reason and a.get("b") == record("b", 1, 10)
+    a.on_gossip(push("r", [record("b", 1 + step + 1, 10)]), now=1.0)
+    assert a.get("b") == record("b", 1 + step + 1, 10)
+    # heartbeats: a hundred a second since the version last rose, plus ten seconds' worth
+    limit = 10 + int((2.0 + HEARSAY_JITTER_S) * HEARTBEATS_PER_S_MAX)
+    _, effects = a.on_gossip(push("r", [record("b", 1 + step + 1, limit + 1)]), now=3.0)
+    assert "heartbeat" in dropped(effects)[0].reason
+    a.on_gossip(push("r", [record("b", 1 + step + 1, limit)]), now=3.0)
+    assert a.get("b") == record("b", 1 + step + 1, limit)
+
+
+def test_a_new_member_may_not_claim_huge_counters() -> None:
+    a = node("a", [])
+    for sender, changes in (("b", {"incarnation": UNKNOWN_COUNTER_MAX + 1}),
+                            ("c", {"heartbeat": UNKNOWN_COUNTER_MAX + 1})):
+        claim = replace(record("m"), **changes)  # type: ignore[arg-type]
+        _, effects = a.on_gossip(push(sender, [claim]), now=1.0)
+        assert "new member" in dropped(effects)[0].reason and a.get("m") is None
+    a.on_gossip(push("b", [record("m", UNKNOWN_COUNTER_MAX, UNKNOWN_COUNTER_MAX)]), now=1.0)
+    assert a.get("m") is not None
+
+
+def test_own_word_beats_hearsay_that_raised_a_version() -> None:
+    a = knows_b()
+    a.on_gossip(push("r", [forged("b", 1 + INCARNATION_HEARSAY_STEP, 20)]), now=10.0)
+    seen = a.get("b")
+    assert seen is not None and seen.state == DEAD
+    assert seen.address == addr("b") and seen.site == "site-b"  # hearsay never moves it
+    # b's own next record is older than the forged one, and wins
+    a.on_gossip(push("b", [record("b", 1, 11)]), now=11.0)
+    assert a.get("b") == record("b", 1, 11)
+    # a stale accusation relayed again is answered by b having spoken just now
+    _, effects = a.on_gossip(push("r", [forged("b", 1 + INCARNATION_HEARSAY_STEP, 21)]),
+                             now=12.0)
+    assert "spoke to us" in dropped(effects)[0].reason
+    assert a.get("b") == record("b", 1, 11)
+
+
+def test_the_accused_outbids_a_bounded_forgery_and_ignores_an_unbounded_one() -> None:
+    b = node("b", [], incarnation=1)
+    _, effects = b.on_gossip(push("r", [forged("b", COUNTER_MAX, COUNTER_MAX)]), now=1.0)
+    assert "not outbid" in dropped(effects)[0].reason and b.me.incarnation == 1
+    _, effects = b.on_gossip(push("r", [forged("b", 1 + INCARNATION_HEARSAY_STEP, 5)]),
+                             now=2.0)
+    assert single(effects, Refuted).incarnation == b.me.incarnation == 2 + INCARNATION_HEARSAY_STEP
+    # and the peers that took the forgery take the refutation: it is within their bound
+    a = knows_b()
+    a.on_gossip(push("r", [forged("b", 1 + INCARNATION_HEARSAY_STEP, 5)]), now=10.0)
+    a.on_gossip(push("c", [replace(b.me, heartbeat=11)]), now=10.5)
+    seen = a.get("b")
+    assert seen is not None and seen.state == ALIVE and seen.version == (b.me.incarnation, 11)
+
+
+def test_hearsay_cannot_move_an_address_only_the_member_itself() -> None:
+    a = knows_b()
+    moved = replace(record("b", 1, 11), address="elsewhere.example:7400", lat=10.0)
+    a.on_gossip(push("c", [moved]), now=1.0)
+    seen = a.get("b")
+    assert seen is not None and seen.heartbeat == 11  # the news of life is taken
+    assert (seen.address, seen.lat) == (addr("b"), 40.0)
+    a.on_gossip(GossipMessage(NodeId("b"), moved.address, SETTINGS,
+                              (replace(moved, heartbeat=12),)), now=2.0)
+    seen = a.get("b")
+    assert seen is not None and (seen.address, seen.lat) == ("elsewhere.example:7400", 10.0)
+
+
+def test_no_node_calls_itself_dead() -> None:
+    a = node("a", [])
+    _, effects = a.on_gossip(push("b", [record("b", 1, 10, state=DEAD)]), now=1.0)
+    assert "calls itself dead" in dropped(effects)[0].reason and a.get("b") is None
+
+
+def test_wrong_authenticated_sender_is_refused_whole() -> None:
+    a = node("a", [])
+    message = push("b", [record("b", 1, 10), record("c", 1, 10)])
+    reply, effects = a.on_gossip(message, now=1.0, authenticated=NodeId("c"))
+    assert reply is None and a.members() == (a.me,)
+    assert "authenticated as 'c'" in single(effects, Refused).reason
+    assert "authenticated as 'c'" in single(
+        a.on_reply(message, now=61.0, authenticated=NodeId("c")), Refused).reason
+    assert a.members() == (a.me,)
+    reply, effects = a.on_gossip(message, now=2.0, authenticated=NodeId("b"))
+    assert reply is not None and {m.node_id for m in a.members()} == {"a", "b", "c"}
+
+
+def test_forged_records_are_reported_once_a_minute() -> None:
+    a = knows_b()
+    counts = [len(dropped(a.on_gossip(push("r", [forged("b", COUNTER_MAX, 1)]), now=t)[1]))
+              for t in (1.0, 2.0, REFUSAL_REPEAT_S, REFUSAL_REPEAT_S + 2.0)]
+    assert counts == [1, 0, 0, 1]
+
+
+def test_a_pumping_rogue_needs_a_message_per_step() -> None:
+    """Each accepted forgery raises the incarnation by the step at most: reaching
+    COUNTER_MAX would take about 2**59 messages, and the member outbids each."""
+    a = knows_b()
+    for i in range(100):
+        known = a.get("b")
+        assert known is not None
+        a.on_gossip(push("r", [forged("b", known.incarnation + 10**6, 1, ALIVE)]), now=10.0 + i)
+        a.on_gossip(push("r", [forged("b", known.incarnation + INCARNATION_HEARSAY_STEP + 1,
+                                       known.heartbeat, ALIVE)]), now=10.0 + i)
+    seen = a.get("b")
+    assert seen is not None and seen.incarnation <= 1 + 100 * (INCARNATION_HEARSAY_STEP + 1)
+
+
+def test_the_gossip_interval_floor_matches_the_config_check() -> None:
+    from node import config
+
+    assert config.GOSSIP_INTERVAL_S_MIN == GOSSIP_INTERVAL_S_MIN
+    with pytest.raises(ValueError, match="gossip_interval_s"):
+        Membership(record("a"), SETTINGS, rng=random.Random(0), gossip_interval_s=0.001)
+
+
+def test_capacity_claims_are_capped_and_placement_agrees_across_nodes() -> None:
+    from cluster.state import ClusterState, placement_weights
+
+    assert placement_weights({"a": 1, "b": 1, "c": 1 << 62}) == {"a": 1, "b": 1, "c": 4}
+    assert placement_weights({"a": 8, "b": 1 << 62}) == {"a": 8, "b": 32}
+    assert placement_weights({}) == {}
+    names = ["a", "b", "c", "d", "e"]
+    net = converged_cluster(names)
+    net.nodes[addr("e")].update_self(capacity_bytes=1 << 62)  # claims four million TB
+    net.rounds(3)
+    tables = []
+    for name in names:
+        state = ClusterState(name, 64, 1, 0.0, DEAD_AFTER_S)
+        state.publish(net.nodes[addr(name)].members(), {})
+        assert state.snapshot.table is not None
+        tables.append([state.snapshot.table.placement(p).replicas for p in range(64)])
+    assert all(t == tables[0] for t in tables)  # one placement on every node
+    share = sum(replicas == ("e",) for replicas in tables[0]) / 64
+    # capped at 4x the others: about half the partitions, not all of them
+    assert 0.25 < share < 0.75, share

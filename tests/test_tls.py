@@ -397,3 +397,43 @@ def test_a_revoked_node_is_out_of_the_cluster_without_restarts(tmp_path: Path) -
     finally:
         for n in f.nodes:
             n.stop()
+
+
+def test_members_invented_by_hearsay_get_no_copies(tmp_path: Path) -> None:
+    """mallory (a valid node certificate) tells seattle about "ghost", a member that
+    never proves its id to anyone: it is listed, alerted, and never placed."""
+    f = Federation(tmp_path)
+    try:
+        for n in f.nodes:
+            n.start(wait=False)
+        for n in f.nodes:
+            n.wait_ready()
+        seattle = f.nodes[1]
+        ghost = peer_pb2.MemberRecord(node_id="ghost", site="Chicago", lat=41.88, lon=-87.63,
+                                      address="127.0.0.1:1", capacity_bytes=1 << 50,
+                                      incarnation=1, heartbeat=1, state="alive")
+        with grpc.secure_channel(seattle.address, creds(f.pki, "mallory")) as ch:
+            reply = peer_pb2_grpc.PeerApiStub(ch).Gossip(peer_pb2.GossipMessage(
+                sender="mallory", address="127.0.0.1:2", members=[ghost],
+                settings=peer_pb2.Settings(copies=3, min_distance_miles=250.0,
+                                           partitions=64)), timeout=5)
+        assert reply is not None
+
+        def flagged() -> bool:
+            st = f.status(seattle)
+            assert "ghost" in {m.id for m in st.nodes}
+            assert "MEMBER_UNVERIFIED" in [a.code for a in st.alerts]
+            return True
+        wait_for(flagged, 10, "seattle to list ghost as unverified")
+        study = make_study(tmp_path, 3, instances=2)
+        res = cli("put", str(study.folder), "--wait-safe", "60", *tls_args(f.pki, "alice"),
+                  node=seattle.address)
+        assert res.returncode == 0, res.stderr  # safe on the three real sites
+        ch2 = grpc.secure_channel(seattle.address, creds(f.pki, "alice"))
+        with ch2:
+            loc = node_pb2_grpc.NodeApiStub(ch2).Locate(
+                node_pb2.LocateRequest(study_uid=study.uid), timeout=5)
+        assert loc.safe and "ghost" not in {h.node for h in loc.holders}
+    finally:
+        for n in f.nodes:
+            n.stop()

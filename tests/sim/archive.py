@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 
 from cluster.placement import PlacementNode, partition_of, place_all
+from cluster.state import placement_weights
 from node.catalog import EMPTY_DIGEST, element_hash
 from tests.sim.simnode import Disk, SimManifest
 from tests.sim.world import COPIES, MIN_DISTANCE_MILES, PARTITIONS, World
@@ -28,7 +29,8 @@ def load(world: World, studies: int, instances: int = 1) -> None:
     """Put `studies` studies of `instances` instances onto every disk of `world`,
     before its first event. Placement is computed exactly as the nodes will."""
     slots = world.slots
-    nodes = [PlacementNode(n, s.site.site, s.site.lat, s.site.lon, s.capacity_bytes)
+    weights = placement_weights({n: s.capacity_bytes for n, s in slots.items()})
+    nodes = [PlacementNode(n, s.site.site, s.site.lat, s.site.lon, weights[n])
              for n, s in sorted(slots.items())]
     placements = place_all(nodes, PARTITIONS, COPIES, MIN_DISTANCE_MILES)
     manifests: dict[bytes, SimManifest] = {}

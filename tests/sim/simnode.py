@@ -354,6 +354,8 @@ class Process:
 
     def gossip_step(self) -> None:
         self.apply(self.membership.tick(self.net.now))
+        # GossipWorker.keep_incarnation: a refuted incarnation outlives the process
+        self.disk.incarnation = max(self.disk.incarnation, self.membership.me.incarnation)
 
     def apply(self, effects: list[Effect]) -> None:
         changed = False

@@ -267,7 +267,9 @@ class World:
     # ---- network ---------------------------------------------------------------------
 
     def node_at(self, address: str) -> str:
-        return self._by_address[address]
+        """The node listening at ``address``; an address nobody listens at (a forged
+        one) names itself, and whatever is sent there is lost."""
+        return self._by_address.get(address, address)
 
     def call(self, proc: Process, dst: str, request: Request, on_reply: OnReply | None = None,
              on_timeout: OnTimeout | None = None) -> None:
@@ -289,7 +291,7 @@ class World:
         self.sent_messages[src] += 1
         self.sent_bytes[src] += approx_size(message)
         self.sent_kinds[type(message).__name__] += 1
-        if self._cut(src, dst) or self._net_rng.random() < self._loss:
+        if dst not in self.slots or self._cut(src, dst) or self._net_rng.random() < self._loss:
             self.stats["dropped"] += 1
             return
         self.after(self.latency_s(src, dst, message), partial(self._arrive, src, dst, deliver))
