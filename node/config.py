@@ -56,6 +56,17 @@ class DicomSection:
     destinations: dict[str, str] = field(default_factory=dict)
     max_associations: int = 16
     commitment_timeout_s: float = 3600.0
+    # A connection must complete association negotiation (TLS handshake included)
+    # this soon after it is accepted, or it is cut off: garbage, silent and
+    # byte-a-second peers cannot hold a slot for longer.
+    negotiation_timeout_s: float = 10.0
+    # Connections from one IP address still negotiating at once; past this the
+    # oldest is cut off, so one address cannot crowd out the others.
+    max_pending_per_address: int = 4
+    tls_listen: str = ""  # a second, DICOM TLS listener (BCP 195); "" = none
+    tls_cert: str = ""  # default [tls] cert
+    tls_key: str = ""  # default [tls] key
+    tls_client_ca: str = ""  # client certificates must chain to it; default [tls] ca_cert
 
 
 @dataclass(frozen=True)
@@ -142,6 +153,31 @@ def _check_address(value: str, what: str) -> None:
         raise ConfigError(f"{what} = {value!r} is not HOST:PORT")
 
 
+def _dicom_tls(dicom: DicomSection, tls: TlsSection) -> DicomSection:
+    """Checks the DICOM TLS keys and fills in the [tls] defaults, so the listener
+    reads its files from one place."""
+    own = [k for k in ("tls_cert", "tls_key", "tls_client_ca") if getattr(dicom, k)]
+    if not dicom.tls_listen:
+        if own:  # set but unused: the operator would believe DICOM is encrypted
+            raise ConfigError(f"[dicom] {', '.join(own)} set without [dicom] tls_listen")
+        return dicom
+    _check_address(dicom.tls_listen, "[dicom] tls_listen")
+    if dicom.tls_listen == dicom.listen:
+        raise ConfigError("[dicom] tls_listen and listen must differ")
+    if bool(dicom.tls_cert) != bool(dicom.tls_key):
+        raise ConfigError("[dicom] tls_cert and tls_key go together")
+    resolved = replace(dicom, tls_cert=dicom.tls_cert or tls.cert,
+                       tls_key=dicom.tls_key or tls.key,
+                       tls_client_ca=dicom.tls_client_ca or tls.ca_cert)
+    if not (resolved.tls_cert and resolved.tls_key):
+        raise ConfigError("[dicom] tls_listen needs a certificate: set [dicom] tls_cert and "
+                          "tls_key, or [tls] cert and key")
+    if not resolved.tls_client_ca:
+        raise ConfigError("[dicom] tls_listen needs the CA that signs client certificates: "
+                          "set [dicom] tls_client_ca or [tls] ca_cert")
+    return resolved
+
+
 def parse(raw: dict[str, Any], path: Path | None = None) -> Config:
     for section in raw:
         if section not in ("node", "cluster", "dicom", "scrub", "drill", "tls"):
@@ -180,9 +216,14 @@ def parse(raw: dict[str, Any], path: Path | None = None) -> Config:
         _check_address(dicom.listen, "[dicom] listen")
     if not 0 < len(dicom.ae_title) <= 16:
         raise ConfigError("[dicom] ae_title must be 1 to 16 characters")
+    if dicom.max_associations < 1 or dicom.max_pending_per_address < 1:
+        raise ConfigError("[dicom] max_associations and max_pending_per_address must be >= 1")
+    if not 0 < dicom.negotiation_timeout_s <= 300:
+        raise ConfigError("[dicom] negotiation_timeout_s must be > 0 and <= 300")
     scrub = _section(ScrubSection, raw.get("scrub", {}), "scrub")
     drill = _section(DrillSection, raw.get("drill", {}), "drill")
     tls = _section(TlsSection, raw.get("tls", {}), "tls")
+    dicom = _dicom_tls(dicom, tls)
     given = [k for k in ("ca_cert", "cert", "key") if getattr(tls, k)]
     if given and len(given) != 3:
         raise ConfigError("[tls] needs all of ca_cert, cert and key (got only "
@@ -219,6 +260,12 @@ def load(path: Path) -> Config:
              if (v := getattr(tls, k)) and not Path(v).is_absolute()}
     if files:
         cfg = replace(cfg, tls=replace(tls, **files))
+    dicom = cfg.dicom
+    dicom_files: dict[str, Any] = {
+        k: str(path.parent / v) for k in ("tls_cert", "tls_key", "tls_client_ca")
+        if (v := getattr(dicom, k)) and not Path(v).is_absolute()}
+    if dicom_files:
+        cfg = replace(cfg, dicom=replace(dicom, **dicom_files))
     return cfg
 
 

@@ -106,6 +106,8 @@ class NodeDaemon:
         self.remote: RemoteChunks | None = None  # reads chunks from peers when set
         self.loop: asyncio.AbstractEventLoop | None = None
         self.dicom: DicomServer | None = None  # the DICOM listener, when configured
+        if cfg.dicom.listen or cfg.dicom.tls_listen:  # bad TLS files fail here, before serving
+            self.dicom = DicomServer(self, cfg.dicom, cfg.node.data_dir, self._dicom_revoked())
 
     # seams for the cluster composition root
     def add_service(self, register: Callable[[grpc.aio.Server], None], full_name: str) -> None:
@@ -200,11 +202,21 @@ class NodeDaemon:
         self.runner = Runner()
         for worker in self._workers:
             self.runner.start(worker)
-        if self.cfg.dicom.listen:  # raises PacsmeshError (exit 1) if the port is in use
-            self.dicom = DicomServer(self, self.cfg.dicom, self.cfg.node.data_dir)
+        if self.dicom is not None:  # PacsmeshError (exit 1): a port in use
             self.dicom.start()
         LOGGER.info("node %s (%s) serving on %s", self.node_id, self.cfg.node.site,
                     self.cfg.node.listen)
+
+    def _dicom_revoked(self) -> Callable[[int], bool] | None:
+        """The cluster's revocations, for DICOM TLS clients when the cluster CA signs them
+        (a CRL of the cluster CA says nothing about another CA's serials)."""
+        revocations = self.gate.revocations
+        dicom = self.cfg.dicom
+        if revocations is None or not dicom.tls_listen:
+            return None
+        if Path(dicom.tls_client_ca).resolve() != Path(self.cfg.tls.ca_cert).resolve():
+            return None
+        return revocations.revoked
 
     def _refused(self, caller: Caller, method: str, reason: str) -> None:
         LOGGER.warning("refused %s from %s (%s): %s", method, caller.address, caller.who, reason)

@@ -91,8 +91,8 @@ def storescp(out_dir: Path, aet: str, port: int) -> Iterator[subprocess.Popen[by
 
 
 def wait_listening(port: int, timeout_s: float = 10.0) -> None:
-    """Until a C-ECHO succeeds. Not a bare TCP connect: pynetdicom keeps a connection
-    that never associates in its association count for the ACSE timeout."""
+    """Until a C-ECHO succeeds: the listener is bound *and* associates (a bare TCP
+    connect would only show the first)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if tool("echoscu", "-aet", "ECHOSCU", "127.0.0.1", str(port), timeout_s=10).returncode == 0:

@@ -1,6 +1,9 @@
 """DICOM network services of one node, on pynetdicom.
 
     server      the Application Entity: contexts, limits, start/stop in its own threads
+    listener    the plaintext and TLS listeners: what a connection passes before pynetdicom
+    admission   connections not yet associated: deadlines and per-address limits
+    trail       what the services record in the node's audit trail
     store_scp   C-STORE: store exactly as received; success only once durable here
     query       C-FIND matching over the catalog (patient, study, series, image level)
     retrieve    C-GET and C-MOVE: send instances as stored, read through the verified

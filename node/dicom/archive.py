@@ -1,7 +1,8 @@
 """The seam between the DICOM services and the node, and the verified read path.
 
-The services need four things of a node: ingest a whole Part 10 file, judge an
-instance's safety, query its catalog, and read an instance's chunks. `Archive`
+The services need five things of a node: ingest a whole Part 10 file, judge an
+instance's safety, query its catalog, read an instance's chunks, and record what
+they did in its audit trail. `Archive`
 names exactly those, so the services never depend on the daemon itself (and
 tests could plug in something smaller).
 
@@ -21,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
+from node.audit import AuditLog
 from node.errors import ChunkCorrupt, ChunkMissing
 from node.service import RemoteChunks
 from node.store import Store
@@ -38,6 +40,7 @@ class Archive(Protocol):
     node_id: str
     store: Store
     remote: RemoteChunks | None
+    audit: AuditLog
 
     def ingest_bytes(self, data: bytes, client_ref: str = "") -> node_pb2.IngestResult: ...
 

@@ -18,6 +18,10 @@ SOP class; else on the requester's own association if it is still open; else it
 cannot be delivered, which is logged as an error. A failed delivery is retried
 a few times. Pending transactions live in memory: after a restart the requester
 times out and asks again, which is what the standard expects of it.
+
+Audit: the N-ACTION (transaction, instances) is recorded before it is answered,
+and the N-EVENT-REPORT (how many safe, how many failed, or undeliverable) when it
+has been delivered or given up.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pynetdicom import AE, build_context, build_role
 
+from node.audit import Event
 from node.dicom.archive import Archive
+from node.dicom.trail import ROLE, Trail
 
 LOGGER = logging.getLogger(__name__)
 
@@ -84,6 +90,8 @@ class Transaction:
     refs: list[Reference]
     received_at: float
     deadline: float
+    who: str = ""  # for the audit trail: as the N-ACTION came
+    address: str = ""
     safe: set[Reference] = field(default_factory=set)
     failed: dict[Reference, tuple[int, str]] = field(default_factory=dict)  # (code, why)
     waiting_for: dict[Reference, str] = field(default_factory=dict)  # why not safe yet
@@ -186,9 +194,10 @@ def parse_request(info: Dataset) -> tuple[str, list[Reference]]:
 
 class Commitment:
     def __init__(self, archive: Archive, ae_title: str, destinations: dict[str, str],
-                 timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+                 timeout_s: float, clock: Callable[[], float] = time.monotonic,
+                 trail: Trail | None = None) -> None:
         self.archive, self.ae_title, self.destinations = archive, ae_title, destinations
-        self.timeout_s, self.clock = timeout_s, clock
+        self.timeout_s, self.clock, self.trail = timeout_s, clock, trail
         self._pending: dict[str, Transaction] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -200,22 +209,45 @@ class Commitment:
     # -- N-ACTION, in an association thread ----------------------------------------
 
     def handle_n_action(self, event: Any) -> tuple[int, Dataset | None]:
+        """Answers at once, once the request is in the audit trail."""
+        code, uid, instances, detail = self._take(event)
+        if self.trail is not None:
+            try:
+                self.trail.record(event.assoc, "N-ACTION",
+                                  "ok" if code == STATUS_SUCCESS else "refused",
+                                  instances=instances,
+                                  detail=f"storage commitment {uid or '(no transaction)'}"
+                                         f"{': ' + detail if detail else ''}")
+            except OSError as exc:
+                LOGGER.error("storage commitment audit event cannot be written: %s", exc)
+                if code == STATUS_SUCCESS:
+                    with self._lock:
+                        self._pending.pop(uid, None)
+                return STATUS_PROCESSING_FAILURE, None
+        return code, None
+
+    def _take(self, event: Any) -> tuple[int, str, int, str]:
+        """(status, transaction uid, instances, why refused)."""
         calling = event.assoc.requestor.ae_title
         if event.action_type != ACTION_REQUEST_COMMITMENT:
-            return STATUS_NO_SUCH_ACTION, None
+            return STATUS_NO_SUCH_ACTION, "", 0, f"no action type {event.action_type}"
         try:
             uid, refs = parse_request(event.action_information)
         except Exception as exc:  # missing keys, or a dataset that does not decode
             LOGGER.warning("storage commitment request from %s refused: %s", calling, exc)
-            return STATUS_INVALID_ARGUMENT, None
+            return STATUS_INVALID_ARGUMENT, "", 0, str(exc)
         now = self.clock()
-        txn = Transaction(uid, calling, event.assoc, refs, now, now + self.timeout_s)
+        requestor = event.assoc.requestor
+        txn = Transaction(uid, calling, event.assoc, refs, now, now + self.timeout_s,
+                          who=self.trail.who(event.assoc) if self.trail else f"AE:{calling}",
+                          address=f"{requestor.address}:{requestor.port}")
         with self._lock:
             waiting = sum(len(t.refs) for t in self._pending.values())
             if waiting + len(refs) > REFERENCES_PENDING_MAX:
                 LOGGER.error("storage commitment from %s refused: %d instances already "
                              "awaited (at most %d)", calling, waiting, REFERENCES_PENDING_MAX)
-                return STATUS_RESOURCE_LIMITATION, None
+                return (STATUS_RESOURCE_LIMITATION, uid, len(refs),
+                        f"{waiting} instances already awaited")
             self._pending[uid] = txn  # a repeated transaction UID is a retry: start over
         if calling not in self.destinations:
             LOGGER.warning("storage commitment from %s: that AE is not in "
@@ -223,7 +255,7 @@ class Commitment:
                            "own association, if it is still open then", calling)
         LOGGER.info("storage commitment %s from %s: %d instances; reported once safe, or "
                     "as failed after %g s", uid, calling, len(refs), self.timeout_s)
-        return STATUS_SUCCESS, None
+        return STATUS_SUCCESS, uid, len(refs), ""
 
     # -- the watcher ---------------------------------------------------------------
 
@@ -294,16 +326,29 @@ class Commitment:
                 LOGGER.info("%s; reported %s", summary, how)
                 for ref, (code, why) in list(txn.failed.items())[:5]:
                     LOGGER.warning("  %s failed (0x%04X): %s", ref.sop_instance_uid, code, why)
+                outcome = "failed" if not txn.safe else "partial" if txn.failed else "ok"
+                self._audit_report(txn, outcome, f"reported {how}")
                 return
             if error == "no route":
                 LOGGER.error("%s; cannot report it: its association is closed and %s is "
                              "not in [dicom.destinations]", summary, txn.calling_ae)
+                self._audit_report(txn, "failed", "undeliverable: no route to the requester")
                 return
             LOGGER.warning("%s; report attempt %d of %d failed: %s", summary, attempt,
                            REPORT_ATTEMPTS, error)
             if self._stop.wait(REPORT_RETRY_S):
                 return
         LOGGER.error("%s; gave up reporting it after %d attempts", summary, REPORT_ATTEMPTS)
+        self._audit_report(txn, "failed", f"undeliverable after {REPORT_ATTEMPTS} attempts")
+
+    def _audit_report(self, txn: Transaction, outcome: str, how: str) -> None:
+        if self.trail is None:
+            return
+        self.trail.log.record(Event(
+            time=time.time(), who=txn.who, role=ROLE, address=txn.address,
+            action="N-EVENT-REPORT", outcome=outcome, instances=len(txn.safe),
+            detail=f"storage commitment {txn.uid}: {len(txn.safe)} safe, "
+                   f"{len(txn.failed)} failed; {how}"), wait=False)
 
     def _send(self, txn: Transaction, event_type: int, info: Dataset) -> str:
         """How the report went out ('' = no way to send it); raises on failure."""

@@ -29,6 +29,7 @@ from pydicom.multival import MultiValue
 from node.catalog import Catalog
 from node.dicom.candidates import candidate_records
 from node.dicom.status import CANCEL, PENDING, SUCCESS, status
+from node.dicom.trail import Trail
 from proto import node_pb2
 
 LOGGER = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ STUDIES_MATCHED_MAX = 100_000  # studies one query answers (patients held in mem
 STATUS_FIND_TOO_MANY = 0xA700  # out of resources
 STATUS_FIND_BAD_IDENTIFIER = 0xA900  # identifier does not match SOP class
 STATUS_FIND_FAILED = 0xC001  # unable to process
+MODELS = {"1.2.840.10008.5.1.4.1.2.1.1": "Patient Root",
+          "1.2.840.10008.5.1.4.1.2.2.1": "Study Root"}
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 RANGE_VRS = frozenset({"DA", "TM", "DT"})
@@ -382,40 +385,65 @@ def select_instances(catalog: Catalog, identifier: Dataset) -> list[node_pb2.Man
 # ---- the C-FIND service -------------------------------------------------------------------------
 
 
+def described(keys: list[Key]) -> str:
+    """Which keys a query matched on and how many it asked for: never their values
+    (patient names and IDs)."""
+    used = [k.keyword for k in keys if not k.universal]
+    return f"matched on {','.join(used) or 'nothing'}; {len(keys)} keys asked"
+
+
 class FindScp:
-    def __init__(self, catalog: Catalog, ae_title: str) -> None:
-        self.catalog, self.ae_title = catalog, ae_title
+    def __init__(self, catalog: Catalog, ae_title: str, trail: Trail) -> None:
+        self.catalog, self.ae_title, self.trail = catalog, ae_title, trail
 
     def handle(self, event: Any) -> Iterator[tuple[Any, Dataset | None]]:
-        """EVT_C_FIND: matches streamed as pending responses, at most MATCHES_MAX."""
+        """EVT_C_FIND: matches streamed as pending responses, at most MATCHES_MAX; the
+        audit event is durable before the final response."""
         calling = event.assoc.requestor.ae_title
+        model = MODELS.get(str(event.request.AffectedSOPClassUID), "C-FIND")
         try:
             identifier = event.identifier
             level, keys = parse_keys(identifier)
         except QueryError as exc:
             LOGGER.warning("C-FIND from %s refused: %s", calling, exc)
-            yield status(STATUS_FIND_BAD_IDENTIFIER, str(exc)), None
+            yield self._final(event, "refused", f"{model}: {exc}",
+                              status(STATUS_FIND_BAD_IDENTIFIER, str(exc))), None
             return
         except Exception as exc:  # an identifier that does not decode
             LOGGER.warning("C-FIND from %s: bad identifier: %s", calling, exc)
-            yield status(STATUS_FIND_BAD_IDENTIFIER, f"bad identifier: {exc}"), None
+            yield self._final(event, "refused", f"{model}: bad identifier",
+                              status(STATUS_FIND_BAD_IDENTIFIER, f"bad identifier: {exc}")
+                              ), None
             return
+        what = f"{model} {level}, {described(keys)}"
         sent = 0
         try:
             for row in find(self.catalog, level, keys):
                 if event.is_cancelled:
-                    yield CANCEL, None
+                    yield self._final(event, "partial", f"{what}; cancelled after {sent} "
+                                      "matches", status(CANCEL)), None
                     return
                 if sent >= MATCHES_MAX:
                     LOGGER.warning("C-FIND from %s stopped at %d matches", calling, sent)
-                    yield status(STATUS_FIND_TOO_MANY,
-                                 f"more than {MATCHES_MAX} matches: narrow the query"), None
+                    yield self._final(event, "partial", f"{what}; stopped at {sent} matches",
+                                      status(STATUS_FIND_TOO_MANY, f"more than {MATCHES_MAX} "
+                                             "matches: narrow the query")), None
                     return
                 yield PENDING, response(identifier, row, level, self.ae_title)
                 sent += 1
         except Exception as exc:
             LOGGER.exception("C-FIND from %s failed", calling)
-            yield status(STATUS_FIND_FAILED, f"internal error: {exc}"), None
+            yield self._final(event, "failed", f"{what}; failed after {sent} matches",
+                              status(STATUS_FIND_FAILED, f"internal error: {exc}")), None
             return
         LOGGER.info("C-FIND from %s at %s level: %d matches", calling, level, sent)
-        yield SUCCESS, None
+        yield self._final(event, "ok", f"{what}; {sent} matches", status(SUCCESS)), None
+
+    def _final(self, event: Any, outcome: str, detail: str, answer: Dataset) -> Dataset:
+        """The final status, once the audit event is durable."""
+        try:
+            self.trail.record(event.assoc, "C-FIND", outcome, detail=detail)
+        except OSError as exc:
+            LOGGER.error("C-FIND audit event cannot be written: %s", exc)
+            return status(STATUS_FIND_FAILED, "audit trail cannot be written")
+        return answer

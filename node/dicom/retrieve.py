@@ -13,6 +13,10 @@ that says so, never a silently transcoded copy.
 
 Status of a sub-operation that cannot be read anywhere: 0x0110 (processing
 failure); the final response then reports it among the failed instances.
+
+Audit: one event per study retrieved (instances sent of those selected, and the
+destination of a C-MOVE), durable before the final response; one for a refused
+request.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pynetdicom import build_context, evt
 from node.dicom.archive import Archive, Spooled, spool
 from node.dicom.query import QueryError, select_instances
 from node.dicom.status import CANCEL, PENDING, status
+from node.dicom.trail import Trail
 from proto import node_pb2
 
 LOGGER = logging.getLogger(__name__)
@@ -57,6 +62,11 @@ class StoredInstance(Dataset):
         self._manifest = m
         self._future = future
         self._used = False
+        self.sent = False  # the peer took it (success or warning status)
+
+    @property
+    def study_uid(self) -> str:
+        return self._manifest.study_instance_uid
 
     def send(self, original: Any, *args: Any, **kwargs: Any) -> Dataset:
         """Send through pynetdicom's own `send_c_store` from the spooled file."""
@@ -70,6 +80,8 @@ class StoredInstance(Dataset):
             return status(STATUS_PROCESSING_FAILURE, f"cannot be read: {exc}")
         try:
             answer: Dataset = original(spooled.path, *args, **kwargs)
+            code = int(answer.get("Status", -1)) if answer is not None else -1
+            self.sent = code == 0 or 0xB000 <= code <= 0xBFFF
             return answer
         except ValueError as exc:  # the peer accepted no context for this class and syntax
             LOGGER.warning("instance %s not sent: the peer accepted no presentation context "
@@ -158,8 +170,33 @@ def contexts_for(manifests: list[node_pb2.Manifest]) -> list[Any]:
 
 
 class RetrieveScp:
-    def __init__(self, archive: Archive, destinations: dict[str, str], tmp_dir: Path) -> None:
+    def __init__(self, archive: Archive, destinations: dict[str, str], tmp_dir: Path,
+                 trail: Trail) -> None:
         self.archive, self.destinations, self.tmp_dir = archive, destinations, tmp_dir
+        self.trail = trail
+
+    def _audit(self, event: Any, action: str, outcome: str, study_uid: str = "",
+               instances: int = 0, detail: str = "") -> None:
+        try:
+            self.trail.record(event.assoc, action, outcome, study_uid, instances, detail)
+        except OSError as exc:  # the retrieve itself is done; say so loudly
+            LOGGER.error("%s audit event cannot be written: %s", action, exc)
+
+    def _audit_studies(self, event: Any, action: str, manifests: list[node_pb2.Manifest],
+                       given: list[StoredInstance], where: str, cancelled: bool) -> None:
+        """One event per study: how many of its selected instances the peer took."""
+        counts: dict[str, list[int]] = {}  # study -> [selected, sent]
+        for m in manifests:
+            counts.setdefault(m.study_instance_uid, [0, 0])[0] += 1
+        for item in given:
+            counts[item.study_uid][1] += item.sent
+        if not counts:
+            self._audit(event, action, "ok", detail=f"{where}nothing matched")
+        for study, (selected, sent) in counts.items():
+            outcome = "ok" if sent == selected else "partial" if sent else "failed"
+            note = "; cancelled" if cancelled else ""
+            self._audit(event, action, outcome, study, sent,
+                        f"{where}{sent} of {selected} instances sent{note}")
 
     def _select(self, event: Any) -> tuple[list[node_pb2.Manifest], Dataset | None]:
         """(instances, None), or ([], the failure status to answer with)."""
@@ -175,30 +212,43 @@ class RetrieveScp:
                            event.assoc.requestor.ae_title, exc)
             return [], status(STATUS_IDENTIFIER_MISMATCH, f"bad identifier: {exc}")
 
-    def _suboperations(self, event: Any, manifests: list[node_pb2.Manifest]
-                       ) -> Iterator[tuple[int, Dataset | None]]:
+    def _suboperations(self, event: Any, manifests: list[node_pb2.Manifest], action: str,
+                       where: str = "") -> Iterator[tuple[int, Dataset | None]]:
+        """Yields the sub-operations; records the outcome per study once pynetdicom asks
+        for the next after the last (before the final response), or on abort."""
         reads = ReadAhead(self.archive, manifests, self.tmp_dir)
+        given: list[StoredInstance] = []
+        cancelled = False
         try:
             for item in reads:
                 if event.is_cancelled:
-                    yield CANCEL, None
-                    return
+                    cancelled = True
+                    break
+                given.append(item)
                 yield PENDING, item
         finally:
             reads.close()
+            self._audit_studies(event, action, manifests, given, where, cancelled)
+        if cancelled:
+            yield CANCEL, None
 
     def handle_get(self, event: Any) -> Iterator[Any]:
         """EVT_C_GET: sub-operations go back over the requester's own association."""
         manifests, failure = self._select(event)
         if failure is not None:
+            self._audit(event, "C-GET", "refused", detail=str(failure.get("ErrorComment", "")))
             yield 1
             yield failure, None
             return
         LOGGER.info("C-GET from %s: %d instances", event.assoc.requestor.ae_title,
                     len(manifests))
+        if not manifests:  # pynetdicom answers at once, asking for nothing more
+            self._audit_studies(event, "C-GET", [], [], "", False)
+            yield 0
+            return
         yield len(manifests)
         install_sender(event.assoc)
-        yield from self._suboperations(event, manifests)
+        yield from self._suboperations(event, manifests, "C-GET")
 
     def handle_move(self, event: Any) -> Iterator[Any]:
         """EVT_C_MOVE: sub-operations go over a new association to a configured AE."""
@@ -208,6 +258,8 @@ class RetrieveScp:
         if address is None:
             LOGGER.warning("C-MOVE from %s to unknown destination %r: not in "
                            "[dicom.destinations]", calling, destination)
+            self._audit(event, "C-MOVE", "refused",
+                        detail=f"unknown destination {destination!r}")
             yield None, None  # pynetdicom answers 0xA801: move destination unknown
             return
         host, _, port = address.rpartition(":")
@@ -215,14 +267,26 @@ class RetrieveScp:
         kwargs = {"contexts": contexts_for(manifests) or [build_context("1.2.840.10008.1.1")],
                   "evt_handlers": [(evt.EVT_ESTABLISHED, _on_store_association)]}
         yield host, int(port), kwargs
+        where = f"to {destination} at {address}: "
         if failure is not None:
+            self._audit(event, "C-MOVE", "refused",
+                        detail=f"{where}{failure.get('ErrorComment', '')}")
             yield 1
             yield failure, None
             return
         LOGGER.info("C-MOVE from %s: %d instances to %s at %s", calling, len(manifests),
                     destination, address)
-        yield len(manifests)
-        yield from self._suboperations(event, manifests)
+        if not manifests:  # pynetdicom answers at once, asking for nothing more
+            self._audit_studies(event, "C-MOVE", [], [], where, False)
+            yield 0
+            return
+        try:
+            yield len(manifests)  # pynetdicom associates with the destination next
+        except GeneratorExit:  # it dropped the request: no association to the destination
+            self._audit(event, "C-MOVE", "failed", detail=f"{where}nothing sent: "
+                        "the destination did not accept an association")
+            raise
+        yield from self._suboperations(event, manifests, "C-MOVE", where)
 
 
 def _on_store_association(event: Any) -> None:

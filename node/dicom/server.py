@@ -12,9 +12,17 @@ Accepted presentation contexts:
 - Storage Commitment Push Model.
 An unknown SOP class is rejected at association (abstract syntax not supported).
 
+Listeners: plaintext on `listen`, DICOM TLS on `tls_listen` (listener.py), one
+AE behind both, so `max_associations` bounds them together.
+
 Limits: calling AE titles outside `allowed_calling_aets` are rejected at
 association (calling AE title not recognized), as is an association past
-`max_associations` (rejected transient, local limit exceeded).
+`max_associations` (rejected transient, local limit exceeded). A connection
+counts as an association from its A-ASSOCIATE-RQ on; before that it is pending,
+bounded per address and in time by the admission (admission.py).
+
+Audit: every service and every refused association or connection goes to the
+node's audit trail (trail.py).
 
 Performance: pynetdicom's own logging of every DIMSE message is switched off (at
 hundreds of instances a second it costs more than the work), and the largest
@@ -26,7 +34,9 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,24 +48,24 @@ from pynetdicom import (
     build_context,
     evt,
 )
+from pynetdicom.association import Association
 
 from node.config import DicomSection
+from node.dicom.admission import PENDING_PER_ASSOCIATION, Admission
 from node.dicom.archive import Archive
 from node.dicom.commitment import STORAGE_COMMITMENT_PUSH, Commitment
+from node.dicom.listener import Guard, GuardedServer, tls_context
 from node.dicom.query import FindScp
 from node.dicom.retrieve import RetrieveScp
 from node.dicom.store_scp import StoreScp
+from node.dicom.trail import Trail
 from node.errors import PacsmeshError
 
 LOGGER = logging.getLogger(__name__)
 
 PDU_RECEIVE_MAX = 1 << 20  # bytes; pynetdicom's default (16 KiB) splits a CT slice 32 ways
 STOP_GRACE_S = 10.0  # associations in flight may finish their current work this long
-TIMEOUT_S = 60.0  # association idle and DIMSE timeouts: a silent peer is let go
-# pynetdicom gives a new TCP connection this long to send its A-ASSOCIATE-RQ, and the
-# connection counts against max_associations meanwhile, even if already closed (a
-# port probe): short, so probes cannot hold the slots for long.
-ACSE_TIMEOUT_S = 10.0
+TIMEOUT_S = 60.0  # association idle, DIMSE and socket read timeouts: a silent peer is let go
 TMP_DIR_NAME = "dicom-tmp"  # under the data dir: instances too big to spool in memory
 
 _EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -78,31 +88,56 @@ def _configure_pynetdicom() -> None:
     # instances exactly as stored
     _config.STORE_SEND_CHUNKED_DATASET = True
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # Its upper layer logs a traceback for every malformed or cut-off PDU a peer sends:
+    # a garbage flood would flood the log. The admission and trail log one line each.
+    logging.getLogger("pynetdicom.dul").setLevel(logging.CRITICAL)
+
+
+class _AcceptorAE(AE):
+    """pynetdicom checks `maximum_associations` against every acceptor thread alive,
+    including connections that have not sent an A-ASSOCIATE-RQ (garbage, probes):
+    those are the admission's to bound, so they are left out of the count."""
+
+    @property
+    def active_associations(self) -> list[Association]:
+        return [a for a in super().active_associations
+                if not a.is_acceptor or a.requestor.primitive is not None]
 
 
 class DicomServer:
     """The DICOM listener of one node; `start` binds (raising PacsmeshError if it
     cannot) and serves from pynetdicom's threads; `stop` lets work in flight end."""
 
-    def __init__(self, archive: Archive, cfg: DicomSection, data_dir: Path) -> None:
-        self.archive, self.cfg = archive, cfg
+    def __init__(self, archive: Archive, cfg: DicomSection, data_dir: Path,
+                 revoked: Callable[[int], bool] | None = None) -> None:
+        """`revoked`: whether a serial is revoked by the CA that signs TLS clients."""
+        self.archive, self.cfg, self.revoked = archive, cfg, revoked
+        self.tls = (tls_context(Path(cfg.tls_cert), Path(cfg.tls_key), Path(cfg.tls_client_ca))
+                    if cfg.tls_listen else None)  # ConfigError: a file is wrong
         self.tmp_dir = data_dir / TMP_DIR_NAME
-        self.store = StoreScp(archive)
-        self.find = FindScp(archive.store.catalog, cfg.ae_title)
-        self.retrieve = RetrieveScp(archive, dict(cfg.destinations), self.tmp_dir)
+        self.admission = Admission(cfg.negotiation_timeout_s, cfg.max_pending_per_address,
+                                   PENDING_PER_ASSOCIATION * cfg.max_associations,
+                                   self._on_refused_connection)
+        self.trail = Trail(archive.audit, self.admission)
+        self.admission.on_tick = self.trail.flush
+        self.store = StoreScp(archive, self.trail)
+        self.find = FindScp(archive.store.catalog, cfg.ae_title, self.trail)
+        self.retrieve = RetrieveScp(archive, dict(cfg.destinations), self.tmp_dir, self.trail)
         self.commitment = Commitment(archive, cfg.ae_title, dict(cfg.destinations),
-                                     cfg.commitment_timeout_s)
+                                     cfg.commitment_timeout_s, trail=self.trail)
         self.ae: Any = None
-        self.server: Any = None
+        self.servers: list[GuardedServer] = []
         self._started: dict[int, float] = {}  # association id -> when it was established
 
     def _build_ae(self) -> Any:
         _configure_pynetdicom()
-        ae = AE(ae_title=self.cfg.ae_title)
+        ae = _AcceptorAE(ae_title=self.cfg.ae_title)
         ae.maximum_associations = self.cfg.max_associations
         ae.maximum_pdu_size = PDU_RECEIVE_MAX
         ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
-        ae.acse_timeout = ACSE_TIMEOUT_S
+        # how long an acceptor thread waits for the A-ASSOCIATE-RQ; the admission
+        # usually ends the wait sooner (the connection closed or was cut off)
+        ae.acse_timeout = self.cfg.negotiation_timeout_s
         if self.cfg.allowed_calling_aets:
             ae.require_calling_aet = list(self.cfg.allowed_calling_aets)
         ae.add_supported_context(VERIFICATION, ALL_TRANSFER_SYNTAXES)
@@ -118,7 +153,8 @@ class DicomServer:
         return ae
 
     def start(self) -> None:
-        host, _, port = self.cfg.listen.rpartition(":")
+        """Binds every configured listener; PacsmeshError if one cannot be bound."""
+        cfg = self.cfg
         shutil.rmtree(self.tmp_dir, ignore_errors=True)  # spools a crash left behind
         self.ae = self._build_ae()
         handlers = [
@@ -132,26 +168,53 @@ class DicomServer:
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_RELEASED, self._on_ended),
             (evt.EVT_ABORTED, self._on_ended),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
+        self.admission.start()
         try:
-            self.server = self.ae.start_server((host, int(port)), block=False,
-                                               evt_handlers=handlers)
+            if cfg.listen:
+                self._serve(cfg.listen, Guard("dicom", self.admission, TIMEOUT_S), handlers)
+            if self.tls is not None:
+                self._serve(cfg.tls_listen, Guard("dicom-tls", self.admission, TIMEOUT_S,
+                                                  self.tls, self.revoked), handlers)
+        except BaseException:
+            self.stop(0)
+            raise
+        self.commitment.start()
+        LOGGER.info("DICOM AE %s listening on %s (at most %d associations; a connection "
+                    "has %g s to associate)", cfg.ae_title,
+                    " and ".join(filter(None, (cfg.listen, cfg.tls_listen and
+                                               f"{cfg.tls_listen} (TLS)"))),
+                    cfg.max_associations, cfg.negotiation_timeout_s)
+
+    def _serve(self, listen: str, guard: Guard, handlers: list[Any]) -> None:
+        host, _, port = listen.rpartition(":")
+        try:
+            server = self.ae.make_server((host, int(port)), evt_handlers=handlers,
+                                         server_class=GuardedServer, guard=guard)
         except OSError as exc:
             raise PacsmeshError(
-                f"cannot listen for DICOM on {self.cfg.listen}: {exc.strerror or exc}"
-            ) from exc
-        self.commitment.start()
-        LOGGER.info("DICOM AE %s listening on %s (at most %d associations)",
-                    self.cfg.ae_title, self.cfg.listen, self.cfg.max_associations)
+                f"cannot listen for DICOM on {listen}: {exc.strerror or exc}") from exc
+        self.ae._servers.append(server)  # where pynetdicom's server.shutdown() looks
+        self.servers.append(server)
+        threading.Thread(target=server.serve_forever, name=f"{guard.name}-accept",
+                         daemon=True).start()
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """Stop accepting, give associations in flight `grace_s` to finish (a C-STORE
         being committed is answered), then abort the rest."""
-        if self.server is None:
-            return
-        server, self.server = self.server, None
-        active = list(server.active_associations)
-        server.shutdown()
+        servers, self.servers = self.servers, []
+        try:
+            if servers:
+                self._stop_servers(servers, grace_s)
+        finally:
+            self.admission.stop()
+            self.trail.flush(everything=True)  # refusals counted but not yet recorded
+
+    def _stop_servers(self, servers: list[GuardedServer], grace_s: float) -> None:
+        active = [a for server in servers for a in server.active_associations]
+        for server in servers:
+            server.shutdown()
         deadline = time.monotonic() + grace_s
         for assoc in active:
             if assoc.is_established:  # not yet associated: nothing in flight to finish
@@ -170,6 +233,7 @@ class DicomServer:
         order choose (a viewer that prefers RLE can then get RLE-stored instances).
         Everyone else gets our order: uncompressed first."""
         assoc = event.assoc
+        self.admission.requested(assoc)  # an association now: pynetdicom counts it
         requested = assoc.requestor.requested_contexts
         if not any(cx.abstract_syntax in QUERY_RETRIEVE_GET for cx in requested):
             return
@@ -191,7 +255,22 @@ class DicomServer:
         assoc.acceptor.supported_contexts = contexts
 
     def _on_established(self, event: Any) -> None:
+        self.admission.established(event.assoc)
         self._started[id(event.assoc)] = time.monotonic()
+
+    def _on_conn_close(self, event: Any) -> None:
+        """Closed before its A-ASSOCIATE-RQ: if it got that far only by sending what is
+        not DICOM (pynetdicom aborted it, Sta13), that is a refusal to record; a peer
+        that merely closed (a port probe) is not."""
+        assoc = event.assoc
+        state = assoc.dul.state_machine.current_state  # the state the close came in
+        conn = self.admission.transport_closed(assoc)
+        if conn is not None and state == "Sta13" and not conn.cut:
+            self.trail.refused_connection(conn, "garbage", "sent data that is not a DICOM "
+                                                           "association request")
+
+    def _on_refused_connection(self, conn: Any, kind: str, why: str) -> None:
+        self.trail.refused_connection(conn, kind, why)
 
     def _on_ended(self, event: Any) -> None:
         """One line per association: who, how it ended, what it stored."""
@@ -209,8 +288,9 @@ class DicomServer:
     def _on_rejected(self, event: Any) -> None:
         requestor = event.assoc.requestor
         allowed = self.cfg.allowed_calling_aets
-        why = (f"calling AE title {requestor.ae_title!r} is not allowed"
-               if allowed and requestor.ae_title not in allowed
-               else f"more than {self.cfg.max_associations} associations at once")
-        LOGGER.warning("DICOM association from %s:%s rejected: %s", requestor.address,
-                       requestor.port, why)
+        if allowed and requestor.ae_title not in allowed:
+            self.trail.refused_association(event.assoc, "calling-ae", f"calling AE title "
+                                           f"{requestor.ae_title!r} is not allowed")
+        else:
+            self.trail.refused_association(event.assoc, "limit", f"more than "
+                                           f"{self.cfg.max_associations} associations at once")

@@ -9,9 +9,13 @@ and capacity checks as `pacsmesh put`, which returns once the group commit that
 holds it is on disk.
 
 Statuses (PS3.4 Annex B.2.3): 0x0000 stored or already held; 0xA700 out of
-resources (storage or disk full); 0xA900 the dataset does not match the SOP
-class/instance of the request; 0xC000 the dataset cannot be archived (malformed,
-bad UIDs); 0x0110 anything else. Failures carry the reason in Error Comment.
+resources (storage or disk full, or the audit trail cannot be written); 0xA900
+the dataset's SOP Instance or SOP Class UID is not the one the request names
+(nothing is stored: the file would be filed under one UID and hold another);
+0xC000 the dataset cannot be archived (malformed, bad UIDs); 0x0110 anything
+else. Failures carry the reason in Error Comment.
+
+Every C-STORE is one audit event (trail.py), durable before the status goes back.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pynetdicom.dsutils import encode_file_meta
 
 from node.dicom.archive import Archive
 from node.dicom.status import SUCCESS, status
+from node.dicom.trail import Trail
 from node.dicom_layout import scan
 from node.errors import PacsmeshError
 from proto import node_pb2
@@ -65,52 +70,69 @@ def part10(event: Any) -> bytes:
     return b"".join((PREAMBLE, encode_file_meta(meta), dataset))
 
 
-def mismatch(data: bytes, sop_class_uid: str, sop_instance_uid: str) -> str | None:
-    """Why the dataset is not the instance the request names, or None. Raises
-    InvalidInstance for a dataset that cannot be walked at all."""
+def mismatch(data: bytes, sop_class_uid: str, sop_instance_uid: str) -> tuple[str, str, str]:
+    """(which UID is not the request's or "", why in full, the dataset's study UID).
+    Raises InvalidInstance for a dataset that cannot be walked at all."""
     layout = scan(io.BytesIO(data), len(data))
+    study = layout.attrs.get("study_instance_uid", "")
     got_instance = layout.attrs.get("sop_instance_uid", "")
     if got_instance != sop_instance_uid:
-        return (f"dataset SOP Instance UID {got_instance} is not the request's "
-                f"{sop_instance_uid}")
+        return "SOP Instance UID", (f"dataset SOP Instance UID {got_instance or '(none)'} "
+                                    f"is not the request's {sop_instance_uid}"), study
     got_class = layout.attrs.get("sop_class_uid", "")
-    if got_class and got_class != sop_class_uid:
-        return f"dataset SOP Class UID {got_class} is not the request's {sop_class_uid}"
-    return None
+    if got_class and got_class != sop_class_uid:  # absent: `put` accepts that too
+        return "SOP Class UID", (f"dataset SOP Class UID {got_class} is not the request's "
+                                 f"{sop_class_uid}"), study
+    return "", "", study
 
 
 class StoreScp:
-    def __init__(self, archive: Archive) -> None:
-        self.archive = archive
+    def __init__(self, archive: Archive, trail: Trail) -> None:
+        self.archive, self.trail = archive, trail
         # per association (by id): [stored, refused]; read and dropped when it ends
         self.counts: dict[int, list[int]] = {}
 
     def handle(self, event: Any) -> Dataset:
-        """EVT_C_STORE, in the association's thread; blocks until durable or refused."""
-        answer = self._store(event)
+        """EVT_C_STORE, in the association's thread; blocks until durable or refused,
+        and until its audit event is durable."""
+        answer, study, detail = self._store(event)
+        ok = answer.Status == STATUS_SUCCESS
+        try:
+            self.trail.record(event.assoc, "C-STORE", "ok" if ok else "refused", study,
+                              1 if ok else 0, detail)
+        except OSError as exc:  # stored, but unaccounted for: the sender must not move on
+            LOGGER.error("C-STORE audit event cannot be written: %s", exc)
+            answer = status(STATUS_OUT_OF_RESOURCES, "audit trail cannot be written")
+            ok = False
         counts = self.counts.setdefault(id(event.assoc), [0, 0])
-        counts[answer.Status != STATUS_SUCCESS] += 1  # only this association's thread writes
+        counts[not ok] += 1  # only this association's thread writes
         return answer
 
-    def _store(self, event: Any) -> Dataset:
+    def _store(self, event: Any) -> tuple[Dataset, str, str]:
+        """(the status, the study UID if known, what happened in words)."""
         req = event.request
         sop_instance = str(req.AffectedSOPInstanceUID)
         calling = event.assoc.requestor.ae_title
+        study = ""
         try:
             data = part10(event)
-            why = mismatch(data, str(req.AffectedSOPClassUID), sop_instance)
-            if why is not None:
+            which, why, study = mismatch(data, str(req.AffectedSOPClassUID), sop_instance)
+            if which:  # Error Comment holds 64 characters: the UIDs go to log and audit
                 LOGGER.warning("C-STORE from %s refused: %s", calling, why)
-                return status(STATUS_DATASET_MISMATCH, why)
+                return (status(STATUS_DATASET_MISMATCH, f"dataset {which} is not the "
+                               "request's"), study, why)
             result = self.archive.ingest_bytes(data, client_ref=sop_instance)
         except PacsmeshError as exc:  # the walk found the dataset malformed
             LOGGER.warning("C-STORE of %s from %s refused: %s", sop_instance, calling, exc)
-            return status(STATUS_CANNOT_UNDERSTAND, str(exc))
+            return status(STATUS_CANNOT_UNDERSTAND, str(exc)), study, f"{sop_instance}: {exc}"
         except Exception as exc:  # never let the sender believe a failure was a success
             LOGGER.exception("C-STORE of %s from %s failed", sop_instance, calling)
-            return status(STATUS_PROCESSING_FAILURE, f"internal error: {exc}")
+            return (status(STATUS_PROCESSING_FAILURE, f"internal error: {exc}"), study,
+                    f"{sop_instance}: internal error")
         answer = status_for(result)
         if answer.Status != STATUS_SUCCESS:
             LOGGER.warning("C-STORE of %s from %s refused (0x%04X): %s", sop_instance,
                            calling, answer.Status, result.reason)
-        return answer
+            return answer, study, f"{sop_instance}: {result.reason}"
+        held = " (already held)" if result.outcome == node_pb2.IngestResult.DUPLICATE else ""
+        return answer, result.study_instance_uid or study, f"{sop_instance}{held}"
