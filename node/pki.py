@@ -29,7 +29,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from node.errors import PacsmeshError
 
-ROLES = ("node", "operator", "reader")
+# modality: DICOM TLS client only; it opens nothing on the gRPC API
+ROLES = ("node", "operator", "reader", "modality")
 ORGANIZATION = "pacsmesh"
 CA_DAYS = 3650
 CERT_DAYS_DEFAULT = 825  # the longest leaf lifetime browsers still accept; rotate before

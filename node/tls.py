@@ -65,7 +65,7 @@ def roles_for(method: str) -> frozenset[str]:
             return frozenset({"operator", "reader"})
         return frozenset({"operator"})
     if method.startswith(HEALTH_API):
-        return frozenset(pki.ROLES)
+        return frozenset({"node", "operator", "reader"})
     if method.startswith(REFLECTION_API):
         return frozenset({"operator"})
     return frozenset()

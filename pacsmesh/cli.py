@@ -577,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
                           epilog="example: pacsmesh ca issue boston-1 --role node --dir pki "
                                  "--host boston.example --host 10.0.0.5")
     q.add_argument("name", help="a node's id, or a person's or program's name")
-    q.add_argument("--role", required=True, choices=["node", "operator", "reader"])
+    q.add_argument("--role", required=True, choices=["node", "operator", "reader", "modality"])
     q.add_argument("--dir", required=True)
     q.add_argument("--host", action="append", default=[],
                    help="a DNS name or IP address the node is reached at (repeat)")

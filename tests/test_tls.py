@@ -437,3 +437,14 @@ def test_members_invented_by_hearsay_get_no_copies(tmp_path: Path) -> None:
     finally:
         for n in f.nodes:
             n.stop()
+
+
+def test_a_modality_certificate_opens_nothing_on_grpc(fed: Federation) -> None:
+    pki.issue(fed.pki, "ct1", "modality")
+    for api in ("status", "ls"):
+        res = cli(api, *tls_args(fed.pki, "ct1"), node=fed.nodes[0].address)
+        assert res.returncode == 1 and "has role 'modality'" in res.stderr, res.stderr
+    with (grpc.secure_channel(fed.nodes[0].address, creds(fed.pki, "ct1")) as ch,
+          pytest.raises(grpc.RpcError) as err):
+        peer_pb2_grpc.PeerApiStub(ch).GetRoot(peer_pb2.RootRequest(), timeout=5)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
