@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from bench import antientropy, dicom, ingest, limits, replication, scale, scrub
+from bench import antientropy, dicom, ingest, limits, replication, scale, scrub, trust
 
 BENCHES = {
     "limits": limits.main,
@@ -14,6 +14,7 @@ BENCHES = {
     "scrub": scrub.main,
     "dicom": dicom.main,
     "scale": scale.main,
+    "trust": trust.main,
 }
 
 
