@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -107,15 +108,18 @@ class GossipWorker(Worker):
 
     def on_gossip(self, msg: peer_pb2.GossipMessage) -> peer_pb2.GossipReply:
         """A peer's push (called by the peer service on the event loop)."""
-        self._note_clock(msg)
         reply, effects = self.membership.on_gossip(gossip_from_pb(msg), time.monotonic())
+        self._note_clock(msg)  # after the merge: a new member's first push counts
         self.apply(effects)
         if reply is None:
             return peer_pb2.GossipReply(has_message=False)
         return peer_pb2.GossipReply(message=gossip_to_pb(reply, time.time()), has_message=True)
 
     def _note_clock(self, msg: peer_pb2.GossipMessage) -> None:
-        if msg.wall_time_s:
+        # members only: any name a sender makes up would otherwise stay here for ever
+        if (math.isfinite(msg.wall_time_s) and msg.wall_time_s
+                and msg.sender != self.membership.me.node_id
+                and self.membership.get(msg.sender) is not None):
             self.state.clock_skew_s = {**self.state.clock_skew_s,
                                        msg.sender: msg.wall_time_s - time.time()}
 
