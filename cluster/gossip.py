@@ -38,6 +38,10 @@ from proto import peer_pb2
 
 LOGGER = logging.getLogger(__name__)
 GOSSIP_TIMEOUT_S = 2.0  # one push-pull; a slower peer is as good as silent this round
+# Refusals shown as alerts: the newest few, briefly; a sender picks its address and
+# any number of them, so neither their count nor their text may grow without bound.
+REFUSALS_KEPT_MAX = 32
+REFUSAL_TEXT_MAX = 300
 
 
 class GossipWorker(Worker):
@@ -78,11 +82,17 @@ class GossipWorker(Worker):
                 LOGGER.log(level, "member %s: %s -> %s", effect.node_id,
                            effect.old or "unknown", effect.new)
             elif isinstance(effect, Refused):
-                LOGGER.error("refusing peer %s at %s: %s", effect.peer, effect.address,
-                             effect.reason)
+                address = effect.address[:REFUSAL_TEXT_MAX]
+                reason = effect.reason[:REFUSAL_TEXT_MAX]
+                LOGGER.error("refusing peer %s at %s: %s", effect.peer[:REFUSAL_TEXT_MAX],
+                             address, reason)
                 # copy on write: API threads iterate the published dict meanwhile
-                self.state.refusals = {**self.state.refusals,
-                                       effect.address: (time.time(), effect.reason)}
+                refusals = dict(self.state.refusals)
+                refusals.pop(address, None)  # re-inserted as the newest
+                refusals[address] = (time.time(), reason)
+                while len(refusals) > REFUSALS_KEPT_MAX:
+                    del refusals[next(iter(refusals))]
+                self.state.refusals = refusals
             elif isinstance(effect, RecordDropped | Refuted | LeftTimedOut):
                 LOGGER.warning("membership: %s", effect)
         self.publish()

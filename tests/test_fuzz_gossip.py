@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from cluster.gossip import GossipWorker, me_as_member
+from cluster.gossip import REFUSAL_TEXT_MAX, REFUSALS_KEPT_MAX, GossipWorker, me_as_member
 from cluster.membership import (
     MEMBERS_MAX,
     ClusterSettings,
@@ -106,6 +106,9 @@ def assert_sound(node: Node, effects: list[Effect] = ()) -> None:  # type: ignor
         assert not isinstance(effect, SendGossip), "an incoming message made us send"
     # what the worker publishes stays bounded by what membership holds
     assert set(node.state.clock_skew_s) <= {m.node_id for m in members}
+    assert len(node.state.refusals) <= REFUSALS_KEPT_MAX
+    for address, (_, reason) in node.state.refusals.items():
+        assert len(address) <= REFUSAL_TEXT_MAX and len(reason) <= REFUSAL_TEXT_MAX
     for m in node.state.snapshot.members:
         assert member_problem(m) is None
 
@@ -188,3 +191,15 @@ def test_hostile_senders_cannot_grow_what_we_publish(
         pb.wall_time_s = 1e9 if math.isnan(pb.wall_time_s) else pb.wall_time_s
         feed(node, pb)
 
+
+def test_refused_strangers_leave_a_bounded_trace() -> None:
+    """Regression: every refused sender's address was kept, with its reason, for the
+    PEER_REFUSED alert: 500 pushes with other settings from 500 made-up addresses of
+    100 KB each left 500 entries and made every status reply 50 MB larger."""
+    node = new_node()
+    for i in range(500):
+        pb = valid_message(sender=f"stranger-{i}", address=f"{i}{'x' * 100_000}:7400")
+        pb.settings.copies = SETTINGS.copies + 1
+        node.worker.on_gossip(pb)
+    assert_sound(node)
+    assert len(node.state.refusals) == REFUSALS_KEPT_MAX
