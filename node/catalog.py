@@ -45,7 +45,7 @@ from typing import Any
 import blake3
 
 from node import manifest as mf
-from node.errors import ConfigError
+from node.errors import ConfigError, InvalidInstance
 from node.study_index import StudyIndexes, indexed_values, split_key
 from proto import node_pb2
 
@@ -139,13 +139,26 @@ class Catalog:
     def add(self, txn: Any, manifest_id: bytes, raw: bytes, m: node_pb2.Manifest,
             held_at_ms: int | None) -> bool:
         """Record a manifest; False if it was known already (a set: adding is idempotent).
-        `held_at_ms`: every chunk is durably here, verified at that time."""
+        `held_at_ms`: every chunk is durably here, verified at that time. Raises
+        InvalidInstance, leaving nothing written, for a version of a known instance in
+        another study or series."""
         if not txn.put(manifest_id, raw, db=self.manifests, overwrite=False):
             if held_at_ms is not None:
                 self.set_held(txn, manifest_id, m, held_at_ms)
             return False
         sop = m.sop_instance_uid.encode()
         previous = self.current_id(txn, m.sop_instance_uid)
+        if previous is not None:
+            # the aggregates count an instance in the study of its versions: one in two
+            # would be restored with both, and drive a study's counts below zero
+            old = self._manifest(txn, previous)
+            place = (m.study_instance_uid, m.series_instance_uid)
+            if (old.study_instance_uid, old.series_instance_uid) != place:
+                txn.delete(manifest_id, db=self.manifests)
+                raise InvalidInstance(
+                    f"instance {m.sop_instance_uid} is stored in study "
+                    f"{old.study_instance_uid} series {old.series_instance_uid}; a version in "
+                    f"study {place[0]} series {place[1]} is refused")
         txn.put(sop + SEP + _U64.pack(m.received_hlc) + manifest_id, b"", db=self.versions)
         txn.put(SEP.join((m.study_instance_uid.encode(), m.series_instance_uid.encode(), sop)),
                 b"", db=self.studies)
