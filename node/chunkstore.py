@@ -59,6 +59,11 @@ def _dctx() -> Any:
 
 def decompress(data: bytes, plain_len: int) -> bytes:
     try:
+        # the output is sized by the size a frame declares, max_output_size ignored then:
+        # a few bytes from anyone could make us allocate a terabyte
+        declared = zstandard.frame_content_size(data)
+        if declared > plain_len:
+            raise ChunkCorrupt(f"zstd frame declares {declared} bytes, not {plain_len}")
         return bytes(_dctx().decompress(data, max_output_size=plain_len))
     except zstandard.ZstdError as exc:
         raise ChunkCorrupt(f"does not decompress: {exc}") from exc
