@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import shutil
 import struct
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -181,3 +182,17 @@ def test_zstd_frame_declaring_a_huge_size_is_corrupt_not_allocated() -> None:
         with pytest.raises(ChunkCorrupt, match=f"declares {declared} bytes, not 100"):
             decompress(zstd_frame(declared), 100)
     assert decompress(zstd_frame(100), 100) == b"x" * 100
+
+
+def test_a_record_past_the_end_is_corrupt_without_reading_it(live: Store) -> None:
+    """Regression: an index entry naming offset 2**63 raised OverflowError from pread
+    (not ChunkCorrupt), and one naming a 4 GiB record had 4 GiB allocated for the read
+    before it came back short."""
+    tracemalloc.start()
+    try:
+        for offset, length in ((2**63, 100), (0, 2**32 - 1), (2**64 - 1, 2**32 - 1)):
+            with pytest.raises(ChunkCorrupt, match="runs past the end of the pack"):
+                live.packs.read(1, offset, length)
+        assert tracemalloc.get_traced_memory()[1] < 1 << 20
+    finally:
+        tracemalloc.stop()
