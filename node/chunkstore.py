@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import lmdb
@@ -36,6 +36,8 @@ class ChunkLocation:
 
     @staticmethod
     def decode(raw: bytes) -> ChunkLocation:
+        if len(raw) != _LOC.size:
+            raise ChunkCorrupt(f"index entry is {len(raw)} bytes, not {_LOC.size}")
         return ChunkLocation(*_LOC.unpack(raw))
 
 
@@ -124,8 +126,19 @@ class ChunkStore:
         """Forget a damaged chunk (inside a write transaction)."""
         raw = txn.get(key, db=self.db)
         if raw is not None:
-            txn.delete(_loc_key(ChunkLocation.decode(bytes(raw))), db=self.locs_db)
+            self._unwalk(txn, key, bytes(raw))
             txn.delete(key, db=self.db)
+
+    def _unwalk(self, txn: Any, key: bytes, raw: bytes) -> None:
+        """Take `key`'s record out of the scrubber's walk. A damaged index entry may name
+        another chunk's record, whose walk entry must stay; an entry left behind is
+        harmless (the walk skips keys the index lacks)."""
+        try:
+            loc_key = _loc_key(ChunkLocation.decode(raw))
+        except ChunkCorrupt:
+            return
+        if txn.get(loc_key, db=self.locs_db) == key:
+            txn.delete(loc_key, db=self.locs_db)
 
     def walk(self, after: tuple[int, int], limit: int) -> list[tuple[ChunkLocation, bytes]]:
         """Indexed chunks in pack order, strictly after (pack, offset)."""
@@ -135,10 +148,10 @@ class ChunkStore:
             cur = txn.cursor(db=self.locs_db)
             if not cur.set_range(start):
                 return out
-            for _, key in cur:
+            for loc_key, key in cur:
                 raw = txn.get(bytes(key), db=self.db)
                 if raw is not None:
-                    out.append((ChunkLocation.decode(bytes(raw)), bytes(key)))
+                    out.append((_walked(bytes(loc_key), bytes(raw)), bytes(key)))
                 if len(out) >= limit:
                     break
         return out
@@ -153,7 +166,7 @@ class ChunkStore:
         for key, loc in snap.chunks.items():
             old = txn.get(key, db=self.db)
             if old is not None:  # a repaired chunk: its damaged record leaves the walk
-                txn.delete(_loc_key(ChunkLocation.decode(bytes(old))), db=self.locs_db)
+                self._unwalk(txn, key, bytes(old))
             txn.put(key, loc.encode(), db=self.db)
             txn.put(_loc_key(loc), key, db=self.locs_db)
         for no, length in snap.pack_lengths.items():
@@ -216,6 +229,17 @@ class ChunkStore:
 
 def _loc_key(loc: ChunkLocation) -> bytes:
     return struct.pack(">IQ", loc.pack, loc.offset)
+
+
+def _walked(loc_key: bytes, raw: bytes) -> ChunkLocation:
+    """A chunk where the walk found it: the walk's own key is the position (a damaged
+    index entry must not move the scrubber back or past what it has yet to verify)."""
+    pack, offset = struct.unpack(">IQ", loc_key)
+    try:
+        loc = ChunkLocation.decode(raw)
+    except ChunkCorrupt:  # the scrubber's read fails the same way and drops it
+        return ChunkLocation(pack, offset, 0, 0, 0)
+    return replace(loc, pack=pack, offset=offset)
 
 
 def is_lmdb_full(exc: BaseException) -> bool:

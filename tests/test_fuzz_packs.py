@@ -32,7 +32,7 @@ from node.packs import FLAG_ZSTD, pack_name
 from node.scrubber import Scrubber
 from node.store import Store
 from pacsmesh.sample import StudySpec, make_instance
-from tests.fuzz import fuzz, mutated
+from tests.fuzz import fuzz, garbage, mutated
 
 SPEC = StudySpec(study_index=71, seed=31, rows=32, columns=32, patient_id="PMFUZZ03")
 PLAIN = [b"", b"a" * 5000, bytes(range(256)) * 40, b"pixel" * 3000, b"\x00"]
@@ -144,6 +144,25 @@ def test_damaged_pack_reads_true_or_corrupt(built: Built, live: Store,
     assert_reads_true_or_corrupt(live, built.chunks)
 
 
+@fuzz()
+@given(st.data())
+def test_damaged_index_value_reads_true_or_corrupt(built: Built, live: Store,
+                                                   data: st.DataObject) -> None:
+    """Regression: an index entry of the wrong length (b'' here) raised struct.error,
+    not ChunkCorrupt, from every read and from the scrubber's walk."""
+    key = data.draw(st.sampled_from(sorted(built.chunks)))
+    with live.env.begin(db=live.chunks.db) as txn:
+        original = bytes(txn.get(key))
+    damaged = data.draw(garbage([original], max_size=40))
+    with live.env.begin(write=True, db=live.chunks.db) as txn:
+        txn.put(key, damaged)
+    try:
+        assert_reads_true_or_corrupt(live, {key: built.chunks[key]})
+    finally:
+        with live.env.begin(write=True, db=live.chunks.db) as txn:
+            txn.put(key, original)
+
+
 @fuzz(0.25)
 @given(st.data())
 def test_damaged_data_dir_opens_scrubs_and_restores_true_or_fails(
@@ -151,15 +170,32 @@ def test_damaged_data_dir_opens_scrubs_and_restores_true_or_fails(
     path = tmp_path_factory.mktemp("fuzz-packs-dir") / "node"
     shutil.copytree(built.path, path)
     pack = path / "packs" / pack_name(1)
-    pack.write_bytes(data.draw(mutated(pack_seeds(built))))
+    if data.draw(st.booleans()):
+        pack.write_bytes(data.draw(mutated(pack_seeds(built))))
     store = Store(path, partitions=16)
     try:
+        for key in data.draw(st.lists(st.sampled_from(sorted(built.chunks)), max_size=3)):
+            with store.env.begin(write=True, db=store.chunks.db) as txn:
+                txn.put(key, data.draw(garbage([bytes(txn.get(key))], max_size=40)))
         scrubber = Scrubber(store, rate_mb_s=1000, interval_s=3600)
         after = (0, -1)
-        while batch := store.chunks.walk(after, 16):
+        # (regression) an entry naming another chunk's record made the scrubber drop
+        # that chunk's walk entry (never verified again), and one naming an earlier or
+        # later position moved the pass back or past chunks it had yet to verify
+        for _ in range(len(built.chunks) + 1):  # a pass ends, whatever the damage
+            batch = store.chunks.walk(after, 4)
+            if not batch:
+                break
             scrubber._verify_batch(batch)
+            assert (batch[-1][0].pack, batch[-1][0].offset) > after
             after = (batch[-1][0].pack, batch[-1][0].offset)
+        else:
+            raise AssertionError("the scrub pass did not end")
         assert_reads_true_or_corrupt(store, built.chunks)
+        walked = {key for _, key in store.chunks.walk((0, -1), 1000)}
+        for key in built.chunks:
+            if store.chunks.locate(key) is not None:
+                assert key in walked, "a chunk still held left the scrubber's walk"
         for study in store.catalog.study_uids():
             for mid, _, m in store.catalog.current_manifests(study):
                 try:
