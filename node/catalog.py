@@ -377,7 +377,9 @@ class Catalog:
                 db=self.partition_db)
 
     def _record(self, txn: Any, study_uid: str) -> node_pb2.StudyRecord | None:
-        raw = txn.get(study_uid.encode(), db=self.study_recs)
+        # lookups take keys from requests and peers: an empty one names nothing (LMDB
+        # would raise for it)
+        raw = txn.get(study_uid.encode(), db=self.study_recs) if study_uid else None
         if raw is None:
             return None
         rec = node_pb2.StudyRecord()
@@ -412,25 +414,25 @@ class Catalog:
         with self.env.begin() as txn:
             out = []
             for h in hashes:
-                mid = txn.get(h, db=self.files)
+                mid = txn.get(h, db=self.files) if h else None
                 if mid is not None and txn.get(bytes(mid), db=self.held) is not None:
                     out.append(h)
             return out
 
     def get(self, manifest_id: bytes) -> tuple[bytes, node_pb2.Manifest] | None:
         with self.env.begin(db=self.manifests) as txn:
-            raw = txn.get(manifest_id)
+            raw = txn.get(manifest_id) if manifest_id else None
         if raw is None:
             return None
         return bytes(raw), mf.decode(bytes(raw))
 
     def has(self, manifest_id: bytes) -> bool:
         with self.env.begin(db=self.manifests) as txn:
-            return txn.get(manifest_id) is not None
+            return bool(manifest_id) and txn.get(manifest_id) is not None
 
     def unknown(self, ids: list[bytes]) -> list[bytes]:
         with self.env.begin(db=self.manifests) as txn:
-            return [i for i in ids if txn.get(i) is None]
+            return [i for i in ids if not i or txn.get(i) is None]
 
     def is_held(self, manifest_id: bytes) -> bool:
         with self.env.begin(db=self.held) as txn:

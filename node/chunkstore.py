@@ -96,7 +96,7 @@ class ChunkStore:
         if loc is not None:
             return loc
         with self.env.begin(db=self.db, buffers=False) as txn:
-            raw = txn.get(key)
+            raw = txn.get(key) if key else None  # LMDB refuses an empty key with an error
         return ChunkLocation.decode(raw) if raw is not None else None
 
     def has(self, key: bytes) -> bool:
@@ -218,7 +218,7 @@ class ChunkStore:
         out = []
         with self.env.begin(db=self.db, buffers=True) as txn:
             for key in keys:
-                if key not in self._pending and txn.get(key) is None:
+                if key not in self._pending and (not key or txn.get(key) is None):
                     out.append(key)
         return out
 
