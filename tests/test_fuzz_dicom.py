@@ -29,6 +29,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ImplicitVRLittleEndian,
@@ -46,7 +47,7 @@ from node.store import Store
 from node.uids import uid_problem
 from pacsmesh.sample import StudySpec, make_instance
 from proto import node_pb2
-from tests.fuzz import fuzz, garbage
+from tests.fuzz import fuzz, garbage, texts
 
 Outcome = node_pb2.IngestResult.Outcome
 SPEC = StudySpec(study_index=81, seed=37, rows=8, columns=8, patient_id="PMFUZZ04")
@@ -64,7 +65,7 @@ def save(ds: Dataset, **kw: bool) -> bytes:
 def instance(n: int, syntax: str | None = None) -> Dataset:
     ds = make_instance(SPEC, 1, n)
     if syntax is not None:
-        ds.file_meta.TransferSyntaxUID = syntax
+        ds.file_meta.TransferSyntaxUID = UID(syntax)
     return ds
 
 
@@ -151,6 +152,18 @@ def test_cstore_dataset_checks_refuse_or_agree(data: bytes) -> None:
     agrees = (layout.sop_instance_uid == SOP_1
               and layout.attrs.get("sop_class_uid", SOP_CLASS) == SOP_CLASS)
     assert (why is None) == agrees, why
+
+
+@settings(fuzz(2), deadline=timedelta(seconds=2))
+@given(texts([SOP_1, "1.2.840.10008.1.2", "0.0", "1.02"]))
+def test_only_path_safe_uids_pass(value: str) -> None:
+    """UIDs become path components on restore (node/uids.py)."""
+    why = uid_problem(value)
+    if why is None:
+        assert 0 < len(value) <= 64 and set(value) <= set("0123456789.")
+        assert ".." not in value and not value.startswith(".") and not value.endswith(".")
+    else:
+        assert 0 < len(why) < 200  # a reason, however long the value
 
 
 def test_deflate_bomb_is_walked_in_bounded_memory() -> None:
