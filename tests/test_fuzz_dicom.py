@@ -37,6 +37,7 @@ from pydicom.uid import (
 )
 
 from node.chunking import CHUNK_SIZE, chunk_spans
+from node.dicom.query import Key, value_matches
 from node.dicom.store_scp import PREAMBLE, mismatch
 from node.dicom_layout import Layout, scan
 from node.errors import InvalidInstance, StoreFull
@@ -164,6 +165,34 @@ def test_only_path_safe_uids_pass(value: str) -> None:
         assert ".." not in value and not value.startswith(".") and not value.endswith(".")
     else:
         assert 0 < len(why) < 200  # a reason, however long the value
+
+
+def glob_reference(pattern: str, value: str) -> bool:
+    """`*` and `?` matching by dynamic programming: slow, obviously right."""
+    ok = [[False] * (len(value) + 1) for _ in range(len(pattern) + 1)]
+    ok[0][0] = True
+    for i, c in enumerate(pattern, 1):
+        ok[i][0] = ok[i - 1][0] and c == "*"
+        for j in range(1, len(value) + 1):
+            ok[i][j] = (ok[i - 1][j] or ok[i][j - 1]) if c == "*" else (
+                ok[i - 1][j - 1] and c in ("?", value[j - 1]))
+    return ok[-1][-1]
+
+
+@settings(fuzz(3), deadline=timedelta(seconds=2))
+@given(st.text(alphabet="aAb*?^", max_size=64), st.text(alphabet="aAb^", max_size=64),
+       st.booleans())
+# (regression) a regex of the pattern backtracked exponentially: this C-FIND key took
+# minutes against a 60-letter name, holding the GIL (the whole node froze)
+@example("*a" * 8 + "*b", "a" * 60, True)
+def test_cfind_wildcards_match_right_in_bounded_time(pattern: str, value: str,
+                                                     fold: bool) -> None:
+    """C-FIND matching keys come off the network (node/dicom/query.py)."""
+    key = Key("PatientName" if fold else "StudyDescription", "PN" if fold else "LO",
+              (pattern,))
+    want = pattern.casefold() if fold else pattern
+    expected = pattern in ("", "*") or glob_reference(want, value.casefold() if fold else value)
+    assert value_matches(key, value) == expected
 
 
 def test_deflate_bomb_is_walked_in_bounded_memory() -> None:
