@@ -164,7 +164,7 @@ def test_only_path_safe_uids_pass(value: str) -> None:
         assert 0 < len(value) <= 64 and set(value) <= set("0123456789.")
         assert ".." not in value and not value.startswith(".") and not value.endswith(".")
     else:
-        assert 0 < len(why) < 200  # a reason, however long the value
+        assert 0 < len(why) < 1000  # a reason, however long the value (64 shown, escaped)
 
 
 def glob_reference(pattern: str, value: str) -> bool:
