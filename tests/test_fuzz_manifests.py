@@ -211,3 +211,14 @@ def test_a_refused_version_fails_alone_in_its_group_commit(tmp_path: Path) -> No
         assert store.catalog.study_record(study_uid(OTHER)) is None
     finally:
         store.close()
+
+
+def test_a_peer_cannot_multiply_its_words_in_our_log(
+        node: Node, caplog: pytest.LogCaptureFixture) -> None:
+    """Regression: each refused manifest of an Announce logged the sender's address as
+    sent: a 1 MB address with 4,096 two-byte manifests (one 1 MB message) wrote 4 GB of
+    log lines."""
+    garbage_batch = [b"\x08\x02"] * 200 + [b"\xff"] * 200  # refused, and undecodable
+    with caplog.at_level("WARNING"):
+        assert node.replicator.accept_manifests(garbage_batch, "x" * (1 << 20)) == 0
+    assert len(caplog.text) < 200 * 1024, f"{len(caplog.text) >> 20} MiB of log"
