@@ -94,7 +94,8 @@ class GossipWorker(Worker):
                     del refusals[next(iter(refusals))]
                 self.state.refusals = refusals
             elif isinstance(effect, RecordDropped | Refuted | LeftTimedOut):
-                LOGGER.warning("membership: %s", effect)
+                # a drop's reason quotes the bad field, as long as the sender made it
+                LOGGER.warning("membership: %.500s", effect)
         self.publish()
 
     def publish(self) -> None:

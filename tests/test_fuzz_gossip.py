@@ -14,6 +14,7 @@ import math
 import random
 from dataclasses import dataclass
 
+import pytest
 from google.protobuf.message import DecodeError
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -203,3 +204,15 @@ def test_refused_strangers_leave_a_bounded_trace() -> None:
         node.worker.on_gossip(pb)
     assert_sound(node)
     assert len(node.state.refusals) == REFUSALS_KEPT_MAX
+
+
+def test_malformed_records_cannot_flood_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """Regression: a dropped record's reason quotes its bad field, and the worker logged
+    each in full: 100 records with a 100 KB address each (one 10 MB push) wrote 10 MB."""
+    node = new_node()
+    bad = [valid_record(f"bad-{i}", 41.0, -87.0, 1) for i in range(100)]
+    for r in bad:
+        r.address = "x" * 100_000
+    with caplog.at_level("WARNING"):
+        node.worker.on_gossip(valid_message(*bad))
+    assert len(caplog.records) == 100 and len(caplog.text) < 100 * 1024
