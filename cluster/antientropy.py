@@ -120,6 +120,8 @@ class SyncRound(Generic[M]):
                     return (), None
                 return (), PartitionDigestsAsk()
             case PartitionDigestsGive(parts):
+                if len(parts) != len(self._mine):
+                    return (), None  # a peer with other settings; membership refuses it
                 differ = differing_partitions(self._mine, parts)
                 if differ:  # rotate, so a large difference is worked through over rounds
                     k = self.first_partition % len(differ)
