@@ -35,6 +35,7 @@ and aggregates never disagree with what they count.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import random
 import struct
@@ -46,9 +47,11 @@ import blake3
 
 from node import manifest as mf
 from node.errors import ConfigError, InvalidInstance
+from node.hashing import content_hash
 from node.study_index import StudyIndexes, indexed_values, split_key
 from proto import node_pb2
 
+LOGGER = logging.getLogger(__name__)
 SEP = b"\x00"
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
@@ -420,11 +423,18 @@ class Catalog:
             return out
 
     def get(self, manifest_id: bytes) -> tuple[bytes, node_pb2.Manifest] | None:
+        """A manifest exactly as it was stored, else None. Peers derive a manifest's id
+        from its bytes: a damaged one served would reach them as a new version."""
         with self.env.begin(db=self.manifests) as txn:
             raw = txn.get(manifest_id) if manifest_id else None
         if raw is None:
             return None
-        return bytes(raw), mf.decode(bytes(raw))
+        raw = bytes(raw)
+        if content_hash(raw) != manifest_id:  # LMDB keeps no checksums of its own
+            LOGGER.error("manifest %s is damaged in the catalog; not used",
+                         manifest_id.hex()[:16])
+            return None
+        return raw, mf.decode(raw)
 
     def has(self, manifest_id: bytes) -> bool:
         with self.env.begin(db=self.manifests) as txn:
