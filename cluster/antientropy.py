@@ -120,6 +120,8 @@ class SyncRound(Generic[M]):
                     return (), None
                 return (), PartitionDigestsAsk()
             case PartitionDigestsGive(parts):
+                if len(parts) != len(self._mine):
+                    return (), None  # a peer with other settings; membership refuses it
                 differ = differing_partitions(self._mine, parts)
                 if differ:  # rotate, so a large difference is worked through over rounds
                     k = self.first_partition % len(differ)
@@ -134,7 +136,8 @@ class SyncRound(Generic[M]):
                 mine = self.local.study_digests([s for s, _, _ in studies])
                 counts = {s: n for s, _, n in studies}
                 self._studies += [(s, counts[s]) for s in differing_studies(mine, studies)]
-                self._page_more = more
+                # a page that does not advance would be asked for again and again
+                self._page_more = more and bool(studies) and studies[-1][0] > self._page_after
                 self._page_after = studies[-1][0] if studies else ""
                 return (), self._next()
             case IdsGive(ids):
@@ -148,7 +151,8 @@ class SyncRound(Generic[M]):
             case PartitionManifestsGive(manifests, last, more):
                 self.pulled += len(manifests)
                 nxt: Request | None
-                if more and manifests:
+                if more and manifests and last > self._page_after:  # (advancing, as above)
+                    self._page_after = last
                     nxt = PartitionManifestsAsk(self._partition, last, BULK_PAGE_MANIFESTS)
                 else:
                     nxt = self._next_partition()
@@ -177,7 +181,7 @@ class SyncRound(Generic[M]):
     def _next_partition(self) -> Request | None:
         if not self._parts:
             return None
-        self._partition = self._parts.pop(0)
+        self._partition, self._page_after = self._parts.pop(0), ""
         if self._mine[self._partition][1] == 0:  # we know nothing here: take it whole
             return PartitionManifestsAsk(self._partition, "", BULK_PAGE_MANIFESTS)
         return StudyDigestsAsk(self._partition, "", STUDY_PAGE_MAX)

@@ -43,7 +43,11 @@ GOSSIP_TIMEOUT_S = 2.0  # one push-pull; a slower peer is as good as silent this
 CLOCK_SKEW_SHOWN_MAX_S = 10 * 365 * 86400.0
 # Refused peers shown in status, the most recent; addresses are the peers' own
 # claims, so a rogue inventing new ones must not grow the table without end.
-REFUSALS_SHOWN_MAX = 64
+# Refusals shown as alerts: the newest few, briefly; a sender picks its address and
+# any number of them, so neither their count nor their text may grow without bound.
+REFUSALS_KEPT_MAX = 32
+REFUSALS_SHOWN_MAX = REFUSALS_KEPT_MAX  # one bound, named twice for older callers
+REFUSAL_TEXT_MAX = 300
 
 
 class GossipWorker(Worker):
@@ -93,16 +97,20 @@ class GossipWorker(Worker):
                 LOGGER.log(level, "member %s: %s -> %s", effect.node_id,
                            effect.old or "unknown", effect.new)
             elif isinstance(effect, Refused):
-                LOGGER.error("refusing peer %s at %s: %s", effect.peer, effect.address,
-                             effect.reason)
+                address = effect.address[:REFUSAL_TEXT_MAX]
+                reason = effect.reason[:REFUSAL_TEXT_MAX]
+                LOGGER.error("refusing peer %s at %s: %s", effect.peer[:REFUSAL_TEXT_MAX],
+                             address, reason)
                 # copy on write: API threads iterate the published dict meanwhile
-                refusals = {a: r for a, r in self.state.refusals.items() if a != effect.address}
-                refusals[effect.address] = (time.time(), effect.reason)
-                while len(refusals) > REFUSALS_SHOWN_MAX:
-                    del refusals[next(iter(refusals))]  # the least recently refused
+                refusals = dict(self.state.refusals)
+                refusals.pop(address, None)  # re-inserted as the newest
+                refusals[address] = (time.time(), reason)
+                while len(refusals) > REFUSALS_KEPT_MAX:
+                    del refusals[next(iter(refusals))]
                 self.state.refusals = refusals
             elif isinstance(effect, RecordDropped | Refuted | LeftTimedOut):
-                LOGGER.warning("membership: %s", effect)
+                # a drop's reason quotes the bad field, as long as the sender made it
+                LOGGER.warning("membership: %.500s", effect)
         self.publish()
 
     def publish(self) -> None:

@@ -64,6 +64,7 @@ class HoldingsRound:
     _mine: Sequence[PartDigest] = ()
     _parts: list[int] = field(default_factory=list)
     _partition: int = -1
+    _after: str = ""  # the partition's page asked for: after this study
     _collected: list[StudyHeld] = field(default_factory=list)
     changed_partitions: list[int] = field(default_factory=list)
 
@@ -86,7 +87,10 @@ class HoldingsRound:
                 return None, self._next_partition()
             case HeldStudiesGive(studies, last, more):
                 self._collected += studies
+                if more and last <= self._after:  # a page that does not advance: would
+                    return None, self._next_partition()  # never end; keep the old cache
                 if more:
+                    self._after = last
                     return None, HeldStudiesAsk(self._partition, last, HELD_PAGE_MAX)
                 done = Replace(self.peer, self._partition, tuple(self._collected))
                 self.changed_partitions.append(self._partition)
@@ -97,5 +101,5 @@ class HoldingsRound:
         if not self._parts:
             return None
         self._partition = self._parts.pop(0)
-        self._collected = []
+        self._after, self._collected = "", []
         return HeldStudiesAsk(self._partition, "", HELD_PAGE_MAX)

@@ -20,11 +20,22 @@ from typing import Any
 from cluster.messages import PartDigest, StudyHeld
 from cluster.safety import Holding
 from node.catalog import DIGEST_LEN, EMPTY_DIGEST, mark_dirty
+from node.uids import uid_problem
 
 SEP = b"\x00"
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 ADHASH_MOD = 1 << 256
+# Instances of one study a peer may say it holds: far past any real study, and small
+# enough that a partition's sum of them cannot outgrow its 8 bytes.
+HELD_INSTANCES_MAX = 2**32 - 1
+
+
+def _storable(study: str, n: int, digest: bytes) -> bool:
+    """A holding from a peer that can be kept: a valid study UID (an LMDB key of at most
+    64 bytes, never empty), a bounded count, and a digest when something is held."""
+    return (uid_problem(study) is None and 0 <= n <= HELD_INSTANCES_MAX
+            and (n == 0 or len(digest) == DIGEST_LEN))
 
 
 def _digest_sum(digests: Iterable[bytes]) -> bytes:
@@ -58,7 +69,7 @@ class PeerHoldings:
         """Our cache of one partition of `peer` becomes `studies`; returns the studies
         whose holding changed (their safety must be judged again)."""
         prefix = peer.encode() + SEP + _U32.pack(partition)
-        new = {s: (n, d) for s, n, d in studies if n > 0}
+        new = {s: (n, d) for s, n, d in studies if n > 0 and _storable(s, n, d)}
         changed: set[str] = set()
         with self.env.begin(write=True) as txn:
             cur = txn.cursor(db=self.held)
@@ -97,6 +108,8 @@ class PeerHoldings:
         studies: list[str] = []
         with self.env.begin(write=True) as txn:
             for study, partition, n, d in deltas:
+                if not _storable(study, n, d):
+                    continue
                 key = peer.encode() + SEP + _U32.pack(partition) + study.encode()
                 raw = txn.get(key, db=self.held)
                 old_n, old_d = (_U64.unpack(raw[:8])[0], bytes(raw[8:])) if raw else (

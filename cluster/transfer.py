@@ -31,6 +31,7 @@ from cluster.announce import AnnounceQueue
 from cluster.antientropy import root_of
 from cluster.fetch import FETCH_SETTLE_ROUNDS, Candidate, FetchPlanner
 from cluster.holdings_cache import PeerHoldings
+from cluster.membership import ADDRESS_LENGTH_MAX
 from cluster.messages import HeldRootGive, PartDigest, StudyHeld
 from cluster.peers import CHUNK_BATCH_BYTES_MAX, RPC_TIMEOUT_S, Peers
 from cluster.safety import Holding, Position
@@ -217,6 +218,7 @@ class Replicator:
     def accept_manifests(self, raws: Sequence[bytes], source: str) -> int:
         """Manifests from a peer (worker thread): verify, record as known-not-held, and
         queue the ones this node should hold. Returns how many were new."""
+        source = source[:ADDRESS_LENGTH_MAX]  # the sender's words, logged per manifest
         futures = []
         for raw in raws:
             mid = content_hash(raw)

@@ -35,6 +35,7 @@ and aggregates never disagree with what they count.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import random
 import struct
@@ -45,10 +46,12 @@ from typing import Any
 import blake3
 
 from node import manifest as mf
-from node.errors import ConfigError
+from node.errors import ConfigError, InvalidInstance
+from node.hashing import content_hash
 from node.study_index import StudyIndexes, indexed_values, split_key
 from proto import node_pb2
 
+LOGGER = logging.getLogger(__name__)
 SEP = b"\x00"
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
@@ -139,13 +142,26 @@ class Catalog:
     def add(self, txn: Any, manifest_id: bytes, raw: bytes, m: node_pb2.Manifest,
             held_at_ms: int | None) -> bool:
         """Record a manifest; False if it was known already (a set: adding is idempotent).
-        `held_at_ms`: every chunk is durably here, verified at that time."""
+        `held_at_ms`: every chunk is durably here, verified at that time. Raises
+        InvalidInstance, leaving nothing written, for a version of a known instance in
+        another study or series."""
         if not txn.put(manifest_id, raw, db=self.manifests, overwrite=False):
             if held_at_ms is not None:
                 self.set_held(txn, manifest_id, m, held_at_ms)
             return False
         sop = m.sop_instance_uid.encode()
         previous = self.current_id(txn, m.sop_instance_uid)
+        if previous is not None:
+            # the aggregates count an instance in the study of its versions: one in two
+            # would be restored with both, and drive a study's counts below zero
+            old = self._manifest(txn, previous)
+            place = (m.study_instance_uid, m.series_instance_uid)
+            if (old.study_instance_uid, old.series_instance_uid) != place:
+                txn.delete(manifest_id, db=self.manifests)
+                raise InvalidInstance(
+                    f"instance {m.sop_instance_uid} is stored in study "
+                    f"{old.study_instance_uid} series {old.series_instance_uid}; a version in "
+                    f"study {place[0]} series {place[1]} is refused")
         txn.put(sop + SEP + _U64.pack(m.received_hlc) + manifest_id, b"", db=self.versions)
         txn.put(SEP.join((m.study_instance_uid.encode(), m.series_instance_uid.encode(), sop)),
                 b"", db=self.studies)
@@ -364,7 +380,9 @@ class Catalog:
                 db=self.partition_db)
 
     def _record(self, txn: Any, study_uid: str) -> node_pb2.StudyRecord | None:
-        raw = txn.get(study_uid.encode(), db=self.study_recs)
+        # lookups take keys from requests and peers: an empty one names nothing (LMDB
+        # would raise for it)
+        raw = txn.get(study_uid.encode(), db=self.study_recs) if study_uid else None
         if raw is None:
             return None
         rec = node_pb2.StudyRecord()
@@ -399,25 +417,32 @@ class Catalog:
         with self.env.begin() as txn:
             out = []
             for h in hashes:
-                mid = txn.get(h, db=self.files)
+                mid = txn.get(h, db=self.files) if h else None
                 if mid is not None and txn.get(bytes(mid), db=self.held) is not None:
                     out.append(h)
             return out
 
     def get(self, manifest_id: bytes) -> tuple[bytes, node_pb2.Manifest] | None:
+        """A manifest exactly as it was stored, else None. Peers derive a manifest's id
+        from its bytes: a damaged one served would reach them as a new version."""
         with self.env.begin(db=self.manifests) as txn:
-            raw = txn.get(manifest_id)
+            raw = txn.get(manifest_id) if manifest_id else None
         if raw is None:
             return None
-        return bytes(raw), mf.decode(bytes(raw))
+        raw = bytes(raw)
+        if content_hash(raw) != manifest_id:  # LMDB keeps no checksums of its own
+            LOGGER.error("manifest %s is damaged in the catalog; not used",
+                         manifest_id.hex()[:16])
+            return None
+        return raw, mf.decode(raw)
 
     def has(self, manifest_id: bytes) -> bool:
         with self.env.begin(db=self.manifests) as txn:
-            return txn.get(manifest_id) is not None
+            return bool(manifest_id) and txn.get(manifest_id) is not None
 
     def unknown(self, ids: list[bytes]) -> list[bytes]:
         with self.env.begin(db=self.manifests) as txn:
-            return [i for i in ids if txn.get(i) is None]
+            return [i for i in ids if not i or txn.get(i) is None]
 
     def is_held(self, manifest_id: bytes) -> bool:
         with self.env.begin(db=self.held) as txn:

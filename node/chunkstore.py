@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import lmdb
@@ -36,6 +36,8 @@ class ChunkLocation:
 
     @staticmethod
     def decode(raw: bytes) -> ChunkLocation:
+        if len(raw) != _LOC.size:
+            raise ChunkCorrupt(f"index entry is {len(raw)} bytes, not {_LOC.size}")
         return ChunkLocation(*_LOC.unpack(raw))
 
 
@@ -59,6 +61,11 @@ def _dctx() -> Any:
 
 def decompress(data: bytes, plain_len: int) -> bytes:
     try:
+        # the output is sized by the size a frame declares, max_output_size ignored then:
+        # a few bytes from anyone could make us allocate a terabyte
+        declared = zstandard.frame_content_size(data)
+        if declared > plain_len:
+            raise ChunkCorrupt(f"zstd frame declares {declared} bytes, not {plain_len}")
         return bytes(_dctx().decompress(data, max_output_size=plain_len))
     except zstandard.ZstdError as exc:
         raise ChunkCorrupt(f"does not decompress: {exc}") from exc
@@ -89,7 +96,7 @@ class ChunkStore:
         if loc is not None:
             return loc
         with self.env.begin(db=self.db, buffers=False) as txn:
-            raw = txn.get(key)
+            raw = txn.get(key) if key else None  # LMDB refuses an empty key with an error
         return ChunkLocation.decode(raw) if raw is not None else None
 
     def has(self, key: bytes) -> bool:
@@ -119,8 +126,19 @@ class ChunkStore:
         """Forget a damaged chunk (inside a write transaction)."""
         raw = txn.get(key, db=self.db)
         if raw is not None:
-            txn.delete(_loc_key(ChunkLocation.decode(bytes(raw))), db=self.locs_db)
+            self._unwalk(txn, key, bytes(raw))
             txn.delete(key, db=self.db)
+
+    def _unwalk(self, txn: Any, key: bytes, raw: bytes) -> None:
+        """Take `key`'s record out of the scrubber's walk. A damaged index entry may name
+        another chunk's record, whose walk entry must stay; an entry left behind is
+        harmless (the walk skips keys the index lacks)."""
+        try:
+            loc_key = _loc_key(ChunkLocation.decode(raw))
+        except ChunkCorrupt:
+            return
+        if txn.get(loc_key, db=self.locs_db) == key:
+            txn.delete(loc_key, db=self.locs_db)
 
     def walk(self, after: tuple[int, int], limit: int) -> list[tuple[ChunkLocation, bytes]]:
         """Indexed chunks in pack order, strictly after (pack, offset)."""
@@ -130,10 +148,10 @@ class ChunkStore:
             cur = txn.cursor(db=self.locs_db)
             if not cur.set_range(start):
                 return out
-            for _, key in cur:
+            for loc_key, key in cur:
                 raw = txn.get(bytes(key), db=self.db)
                 if raw is not None:
-                    out.append((ChunkLocation.decode(bytes(raw)), bytes(key)))
+                    out.append((_walked(bytes(loc_key), bytes(raw)), bytes(key)))
                 if len(out) >= limit:
                     break
         return out
@@ -148,7 +166,7 @@ class ChunkStore:
         for key, loc in snap.chunks.items():
             old = txn.get(key, db=self.db)
             if old is not None:  # a repaired chunk: its damaged record leaves the walk
-                txn.delete(_loc_key(ChunkLocation.decode(bytes(old))), db=self.locs_db)
+                self._unwalk(txn, key, bytes(old))
             txn.put(key, loc.encode(), db=self.db)
             txn.put(_loc_key(loc), key, db=self.locs_db)
         for no, length in snap.pack_lengths.items():
@@ -200,7 +218,7 @@ class ChunkStore:
         out = []
         with self.env.begin(db=self.db, buffers=True) as txn:
             for key in keys:
-                if key not in self._pending and txn.get(key) is None:
+                if key not in self._pending and (not key or txn.get(key) is None):
                     out.append(key)
         return out
 
@@ -211,6 +229,17 @@ class ChunkStore:
 
 def _loc_key(loc: ChunkLocation) -> bytes:
     return struct.pack(">IQ", loc.pack, loc.offset)
+
+
+def _walked(loc_key: bytes, raw: bytes) -> ChunkLocation:
+    """A chunk where the walk found it: the walk's own key is the position (a damaged
+    index entry must not move the scrubber back or past what it has yet to verify)."""
+    pack, offset = struct.unpack(">IQ", loc_key)
+    try:
+        loc = ChunkLocation.decode(raw)
+    except ChunkCorrupt:  # the scrubber's read fails the same way and drops it
+        return ChunkLocation(pack, offset, 0, 0, 0)
+    return replace(loc, pack=pack, offset=offset)
 
 
 def is_lmdb_full(exc: BaseException) -> bool:

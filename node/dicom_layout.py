@@ -3,13 +3,14 @@
 The walk reads only element headers and a few small identity values, and seeks
 over everything else, so it costs the same for a 500 KB slice and a 5 GB
 multi-frame: that is what lets both the CLI and the node validate every file
-before it is stored. pydicom would load what we skip; it is used only for the
-rare deflated transfer syntax, where the dataset is one zlib stream.
+before it is stored. pydicom would load what we skip.
 
 What the walk proves: a 'DICM' Part 10 file with a file meta group and a
 transfer syntax, whose every element (nested sequences included) fits in the
 file, ending exactly at the end of the file, with valid study, series and SOP
 instance UIDs. A truncated file fails here, with the offset where it breaks.
+A deflated dataset (one zlib stream) is inflated as the walk goes, and walked up
+to its Pixel Data.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # Pixel, Float, Do
 LONG_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 )
+INFLATE_READ = 64 << 10  # deflated bytes inflated per step of the walk
+# What a deflated dataset may inflate to before its Pixel Data (or its end, with none):
+# far past any real header, and well under a second of zlib.
+INFLATED_MAX = 256 << 20
 NESTING_DEPTH_MAX = 32  # real datasets nest a handful deep; more is malformed or hostile
 ELEMENTS_MAX = 10_000_000  # bounds the walk: ~50x the fragments of the largest real multi-frame
 VALUE_READ_MAX = 1024  # identity values are short; longer ones are skipped, not read
@@ -110,7 +115,11 @@ class _Walker:
         self.size = size
         self.elements = 0
         self.pixel_value_start: int | None = None
+        self.stop_at_pixels = False
         self.charset = ""
+
+    def more(self) -> bool:
+        return self.fp.tell() < self.size
 
     def read_exact(self, n: int, what: str) -> bytes:
         pos = self.fp.tell()
@@ -182,7 +191,7 @@ class _Walker:
         until_item_delim: bool = False,
         attrs: dict[str, str] | None = None,
     ) -> None:
-        while self.fp.tell() < self.size:
+        while self.more():
             tag, vr, length, pos = self.element_header(explicit, big)
             if tag == ITEM_DELIM:
                 if until_item_delim:
@@ -190,6 +199,8 @@ class _Walker:
                 raise InvalidInstance(f"stray item delimiter at byte {pos}")
             if depth == 0 and tag in PIXEL_TAGS and self.pixel_value_start is None:
                 self.pixel_value_start = self.fp.tell()
+                if self.stop_at_pixels:
+                    return
             if length == UNDEFINED_LEN:
                 # Undefined length: a sequence, encapsulated pixel data, or UN holding
                 # an implicit-VR sequence (PS3.5 6.2.2).
@@ -282,20 +293,89 @@ def _looks_explicit(fp: BinaryIO) -> bool:
 
 
 def _deflated_attrs(fp: BinaryIO, size: int) -> dict[str, str]:
-    """Deflated datasets are one zlib stream: let pydicom inflate and read them."""
-    import pydicom  # deferred: only this rare path needs it
-
+    """Deflated datasets are one raw deflate stream (PS3.5 A.5): walk it as it inflates,
+    up to the Pixel Data. Inflating it whole first would let a small file take any
+    amount of memory (deflate reaches ~1000:1)."""
     start = fp.tell()
-    fp.seek(0)
+    w = _InflatingWalker(_Inflating(fp, size - start))
+    w.stop_at_pixels = True
+    attrs: dict[str, str] = {}
     try:
-        ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=VALUE_READ_MAX)
-    except (zlib.error, EOFError, ValueError, OSError, struct.error) as exc:
-        raise InvalidInstance(f"deflated dataset does not inflate: {exc}") from exc
+        w.walk_dataset(explicit=True, big=False, depth=0, attrs=attrs)
     finally:
         fp.seek(start)
-    attrs: dict[str, str] = {}
-    for tag, name in WANTED.items():
-        elem = ds.get(tag)
-        if elem is not None and elem.value is not None:
-            attrs[name] = str(elem.value).strip()
     return attrs
+
+
+class _Inflating:
+    """A deflated stream read forward as its inflated bytes, holding one step at a time."""
+
+    def __init__(self, fp: BinaryIO, size: int) -> None:
+        self._fp, self._left = fp, size
+        self._z = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._buf, self._off = b"", 0  # inflated, not read yet: self._buf[self._off:]
+        self._pos = 0  # inflated bytes read
+
+    def tell(self) -> int:
+        return self._pos
+
+    def _fill(self, n: int) -> None:
+        while len(self._buf) - self._off < n and not self._z.eof:
+            data = self._z.unconsumed_tail
+            if not data:
+                data = self._fp.read(min(INFLATE_READ, self._left)) if self._left > 0 else b""
+                self._left -= len(data)
+                if not data:
+                    return
+            try:
+                more = self._z.decompress(data, max(n, INFLATE_READ))
+            except zlib.error as exc:
+                raise InvalidInstance(f"deflated dataset does not inflate: {exc}") from exc
+            self._buf, self._off = self._buf[self._off :] + more, 0
+            if self._pos + len(self._buf) > INFLATED_MAX:
+                raise InvalidInstance(
+                    f"deflated dataset inflates past {INFLATED_MAX} bytes before its Pixel Data")
+
+    def read(self, n: int = -1, /) -> bytes:
+        n = INFLATED_MAX if n < 0 else n
+        self._fill(n)
+        out = self._buf[self._off : self._off + n]
+        self._off += len(out)
+        self._pos += len(out)
+        return out
+
+    def seek(self, offset: int, whence: int = 0, /) -> int:
+        """Forward only (the walk never goes back); stops at the end of the stream."""
+        while self._pos < offset and self.read(min(offset - self._pos, INFLATE_READ)):
+            pass
+        return self._pos
+
+    def at_end(self) -> bool:
+        self._fill(1)
+        return self._off == len(self._buf)
+
+
+class _InflatingWalker(_Walker):
+    """The walk over an inflating stream, whose end is known only once it is reached."""
+
+    def __init__(self, stream: _Inflating) -> None:
+        super().__init__(stream, INFLATED_MAX)
+        self.stream = stream
+
+    def more(self) -> bool:
+        return not self.stream.at_end()
+
+    def read_exact(self, n: int, what: str) -> bytes:
+        pos = self.fp.tell()
+        data = self.fp.read(n)
+        if len(data) != n:
+            raise InvalidInstance(f"truncated: {what} at inflated byte {pos} needs {n} bytes, "
+                                  f"the deflated dataset ends at {self.fp.tell()}")
+        return data
+
+    def skip(self, n: int, tag: int, pos: int) -> None:
+        end = self.fp.tell() + n
+        if self.fp.seek(end) != end:
+            raise InvalidInstance(
+                f"truncated: element {_fmt_tag(tag)} at inflated byte {pos} has a value of "
+                f"{n} bytes ending at {end}, but the deflated dataset ends at {self.fp.tell()}")

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from node import hlc
 from node.chunking import CHUNK_SIZE
 from node.dicom_layout import Layout
 from node.hashing import HASH_ALGO, content_hash
 from proto import node_pb2
 
 MANIFEST_FORMAT = 1
+# No real clock is past the year 9999; a node's clock moves past every stamp it accepts,
+# and below this it still has ~2**60 steps left before a stamp outgrows uint64.
+RECEIVED_HLC_MAX = hlc.encode(253_402_300_800_000, hlc.LOGICAL_MAX)
 
 
 def build(
@@ -78,4 +82,6 @@ def problem(m: node_pb2.Manifest) -> str | None:
     # clock it may be is the receiver's check (HybridClock.too_far_ahead).
     if m.received_hlc == 0:
         return "received_hlc 0: never stamped by a clock"
+    if m.received_hlc > RECEIVED_HLC_MAX:
+        return f"received_hlc {m.received_hlc} is past the year 9999"
     return None

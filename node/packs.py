@@ -250,6 +250,11 @@ class PackSet:
                         # bytes die with the handle); look it up by name like a restart would.
                         self._reads.discard(pack_no, fd)
                         continue
+                    if offset + length > st.st_size:
+                        # cut short, or a damaged index entry: pread would allocate its
+                        # length (up to 4 GiB) or fail on an offset past 2**63 first
+                        self._notice(pack_no, st.st_size)
+                        return b""
                     raw = os.pread(fd, length, offset)
                     if len(raw) != length:
                         self._notice(pack_no, os.fstat(fd).st_size)

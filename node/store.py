@@ -30,7 +30,7 @@ import lmdb
 
 from node.catalog import Catalog
 from node.chunkstore import ChunkStore, is_lmdb_full
-from node.errors import DataDirLocked, StoreFull
+from node.errors import DataDirLocked, InvalidInstance, StoreFull
 from node.manifest import decode as manifest_decode
 from node.packs import PACK_SIZE_MAX, READ_FDS_MAX, PackSet
 from proto import node_pb2
@@ -153,11 +153,7 @@ class Store:
             self.packs.sync(sorted(snap.pack_lengths))
             with self.env.begin(write=True) as txn:
                 self.chunks.index_pending(txn, snap)
-                results = [
-                    self.catalog.add(txn, it.manifest_id, it.raw, it.manifest,
-                                     now_ms if it.held else None)
-                    for it in batch
-                ]
+                results = [self._add(txn, it, now_ms) for it in batch]
         except Exception as exc:
             self.chunks.restore_dirty(snap)
             err: Exception = exc
@@ -171,7 +167,18 @@ class Store:
         self.commits += 1
         self.committed_items += len(batch)
         for it, new in zip(batch, results, strict=True):
-            it.future.set_result(new)
+            if isinstance(new, InvalidInstance):
+                it.future.set_exception(new)
+            else:
+                it.future.set_result(new)
+
+    def _add(self, txn: Any, it: CommitItem, now_ms: int) -> bool | InvalidInstance:
+        """One manifest of a group commit; a refused one fails alone, not its batch."""
+        try:
+            return self.catalog.add(txn, it.manifest_id, it.raw, it.manifest,
+                                    now_ms if it.held else None)
+        except InvalidInstance as exc:
+            return exc
 
     def unhold(self, manifest_ids: list[bytes]) -> int:
         """Stop counting this node as a holder of these manifests (trimmed or found bad).

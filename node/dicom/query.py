@@ -18,7 +18,6 @@ already matched. Answers are streamed, and bounded by `MATCHES_MAX`.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,9 +87,27 @@ class Key:
         return not self.values or all(v in ("", "*") for v in self.values)
 
 
-def _wildcard(pattern: str, fold: bool) -> re.Pattern[str]:
-    parts = (".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
-    return re.compile("".join(parts), re.IGNORECASE | re.DOTALL if fold else re.DOTALL)
+def _wildcard_match(pattern: str, value: str, fold: bool) -> bool:
+    """`*` any run, `?` any one character, in O(len(pattern) * len(value)) steps. (A
+    regex of the pattern backtracks exponentially: `*a*a*a*a*a*a*a*a*b` against 60
+    a's took minutes, holding the GIL, so one C-FIND froze the whole node.)"""
+    if fold:
+        pattern, value = pattern.casefold(), value.casefold()
+    p = v = 0
+    star, resume = -1, 0  # the last `*` seen, and where its run would end next
+    while v < len(value):
+        if p < len(pattern) and pattern[p] == "*":
+            star, resume = p, v
+            p += 1
+        elif p < len(pattern) and pattern[p] in ("?", value[v]):
+            p += 1
+            v += 1
+        elif star >= 0:  # let the last `*` take one more character, and retry after it
+            p, resume = star + 1, resume + 1
+            v = resume
+        else:
+            return False
+    return all(c == "*" for c in pattern[p:])
 
 
 def _in_range(value: str, spec: str) -> bool:
@@ -112,7 +129,7 @@ def value_matches(key: Key, value: str) -> bool:
             if value and _in_range(value, want):
                 return True
         elif key.vr not in NO_WILDCARD_VRS and ("*" in want or "?" in want):
-            if _wildcard(want, fold).fullmatch(value):
+            if _wildcard_match(want, value, fold):
                 return True
         elif (want.casefold() == value.casefold()) if fold else (want == value):
             return True
