@@ -25,14 +25,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.common import OUT_DIR, append_results, machine_line
-from cluster.peers import Peers
-from cluster.state import ClusterState
-from cluster.transfer import Replicator
-from cluster.workers import AntiEntropyWorker
-from node import manifest as mf
-from node.hlc import HybridClock
-from node.store import Store
-from proto import node_pb2
+from pacsmesh.cluster.peers import Peers
+from pacsmesh.cluster.state import ClusterState
+from pacsmesh.cluster.transfer import Replicator
+from pacsmesh.cluster.workers import AntiEntropyWorker
+from pacsmesh.node import manifest as mf
+from pacsmesh.node.hlc import HybridClock
+from pacsmesh.node.store import Store
+from pacsmesh.proto import node_pb2
 from tests.nodeproc import NodeProc
 
 PARTITIONS = 1024

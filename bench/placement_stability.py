@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cluster.placement import Placement, PlacementNode, place_all
+from pacsmesh.cluster.placement import Placement, PlacementNode, place_all
 
 PARTITIONS = 1024
 COPIES = 3

@@ -81,9 +81,9 @@ from bench.scale_load import (
     placement_table,
     study_uid,
 )
+from pacsmesh.proto import node_pb2, node_pb2_grpc
 from pacsmesh.sample import StudySpec, write_study
 from pacsmesh.sample import study_uid as sample_study_uid
-from proto import node_pb2, node_pb2_grpc
 from tests.nodeproc import PYTHON, NodeProc, free_port
 
 T = TypeVar("T")

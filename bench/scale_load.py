@@ -35,13 +35,13 @@ from pathlib import Path
 
 from blake3 import blake3
 
-from cluster.placement import PlacementNode, PlacementTable, partition_of
-from node import manifest as mf
-from node.dicom_layout import Layout
-from node.hashing import content_hash
-from node.store import Store
+from pacsmesh.cluster.placement import PlacementNode, PlacementTable, partition_of
+from pacsmesh.node import manifest as mf
+from pacsmesh.node.dicom_layout import Layout
+from pacsmesh.node.hashing import content_hash
+from pacsmesh.node.store import Store
+from pacsmesh.proto import node_pb2
 from pacsmesh.sample import UID_ROOT
-from proto import node_pb2
 
 SCALE_UID_ROOT = f"{UID_ROOT}.8"  # apart from pacsmesh.sample's and bench.antientropy's UIDs
 HEADER_CHUNK_LEN = 256  # unique per instance: what a real header chunk is to dedup

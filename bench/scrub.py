@@ -44,10 +44,10 @@ import zstandard
 
 from bench.common import OUT_DIR, append_results, machine_line, mb_s
 from bench.limits import TRIALS, blake3_mb_s, zstd_decompress_mb_s
-from node.chunking import chunk_spans
-from node.dicom_layout import scan
+from pacsmesh.node.chunking import chunk_spans
+from pacsmesh.node.dicom_layout import scan
+from pacsmesh.proto import node_pb2, node_pb2_grpc
 from pacsmesh.sample import StudySpec, study_uid, write_study
-from proto import node_pb2, node_pb2_grpc
 from tests.nodeproc import NodeProc, cli_json
 
 UNTHROTTLED_MB_S = 1e6

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import OUT_DIR, append_results, machine_line
-from node import pki
-from node.audit import AuditLog, Event
+from pacsmesh.node import pki
+from pacsmesh.node.audit import AuditLog, Event
 from pacsmesh.sample import StudySpec, study_uid, write_study
 from tests.clusterproc import CITIES, cluster_settings
 from tests.nodeproc import NodeProc

@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 from typing import Generic
 
-from cluster.messages import M
+from pacsmesh.cluster.messages import M
 
 BATCH_MAX = 256  # manifests per Announce: ~300 KB
 QUEUE_MAX = 100_000  # beyond this, anti-entropy delivers the rest

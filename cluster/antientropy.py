@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol
 
-from cluster.messages import (
+from pacsmesh.cluster.messages import (
     IdsAsk,
     IdsGive,
     M,

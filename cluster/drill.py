@@ -20,17 +20,17 @@ from typing import Any
 
 import grpc
 
-from cluster.membership import Member
-from cluster.peers import CHUNK_BATCH_BYTES_MAX, RPC_TIMEOUT_S
-from cluster.safety import assess
-from cluster.transfer import Replicator
-from node.chunkstore import decompress
-from node.errors import ChunkCorrupt
-from node.hashing import FileHasher, content_hash
-from node.packs import FLAG_ZSTD
-from node.service import DRILL_COUNT_MAX
-from node.worker import Worker, WorkerState
-from proto import node_pb2, peer_pb2
+from pacsmesh.cluster.membership import Member
+from pacsmesh.cluster.peers import CHUNK_BATCH_BYTES_MAX, RPC_TIMEOUT_S
+from pacsmesh.cluster.safety import assess
+from pacsmesh.cluster.transfer import Replicator
+from pacsmesh.node.chunkstore import decompress
+from pacsmesh.node.errors import ChunkCorrupt
+from pacsmesh.node.hashing import FileHasher, content_hash
+from pacsmesh.node.packs import FLAG_ZSTD
+from pacsmesh.node.service import DRILL_COUNT_MAX
+from pacsmesh.node.worker import Worker, WorkerState
+from pacsmesh.proto import node_pb2, peer_pb2
 
 LOGGER = logging.getLogger(__name__)
 DRILL_RESULTS_KEPT = 50

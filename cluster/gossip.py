@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import grpc
 
-from cluster.membership import (
+from pacsmesh.cluster.membership import (
     ClusterSettings,
     Effect,
     LeftTimedOut,
@@ -30,11 +30,11 @@ from cluster.membership import (
     SendGossip,
     StateChanged,
 )
-from cluster.peers import Peers
-from cluster.state import ClusterState
-from cluster.wire import gossip_from_pb, gossip_to_pb
-from node.worker import Worker, WorkerState
-from proto import peer_pb2
+from pacsmesh.cluster.peers import Peers
+from pacsmesh.cluster.state import ClusterState
+from pacsmesh.cluster.wire import gossip_from_pb, gossip_to_pb
+from pacsmesh.node.worker import Worker, WorkerState
+from pacsmesh.proto import peer_pb2
 
 LOGGER = logging.getLogger(__name__)
 GOSSIP_TIMEOUT_S = 2.0  # one push-pull; a slower peer is as good as silent this round

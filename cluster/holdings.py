@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from cluster.antientropy import root_of
-from cluster.messages import (
+from pacsmesh.cluster.antientropy import root_of
+from pacsmesh.cluster.messages import (
     HeldPartitionsAsk,
     HeldPartitionsGive,
     HeldRootAsk,

@@ -17,10 +17,10 @@ import struct
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from cluster.messages import PartDigest, StudyHeld
-from cluster.safety import Holding
-from node.catalog import DIGEST_LEN, EMPTY_DIGEST, mark_dirty
-from node.uids import uid_problem
+from pacsmesh.cluster.messages import PartDigest, StudyHeld
+from pacsmesh.cluster.safety import Holding
+from pacsmesh.node.catalog import DIGEST_LEN, EMPTY_DIGEST, mark_dirty
+from pacsmesh.node.uids import uid_problem
 
 SEP = b"\x00"
 _U32 = struct.Struct(">I")

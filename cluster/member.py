@@ -12,16 +12,16 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from cluster.drill import Drills, DrillWorker
-from cluster.gossip import GossipWorker, me_as_member, new_membership
-from cluster.membership import ClusterSettings
-from cluster.peer_service import PeerService
-from cluster.peers import Peers
-from cluster.safetybook import SafetyWorker
-from cluster.state import ClusterState
-from cluster.transfer import Replicator
-from cluster.view import ClusterView
-from cluster.workers import (
+from pacsmesh.cluster.drill import Drills, DrillWorker
+from pacsmesh.cluster.gossip import GossipWorker, me_as_member, new_membership
+from pacsmesh.cluster.membership import ClusterSettings
+from pacsmesh.cluster.peer_service import PeerService
+from pacsmesh.cluster.peers import Peers
+from pacsmesh.cluster.safetybook import SafetyWorker
+from pacsmesh.cluster.state import ClusterState
+from pacsmesh.cluster.transfer import Replicator
+from pacsmesh.cluster.view import ClusterView
+from pacsmesh.cluster.workers import (
     AnnounceWorker,
     AntiEntropyWorker,
     FetchWorker,
@@ -30,9 +30,9 @@ from cluster.workers import (
     ProofAuditWorker,
     TrimWorker,
 )
-from node.config import Config
-from node.daemon import NodeDaemon
-from proto import peer_pb2, peer_pb2_grpc
+from pacsmesh.node.config import Config
+from pacsmesh.node.daemon import NodeDaemon
+from pacsmesh.proto import peer_pb2, peer_pb2_grpc
 
 LOGGER = logging.getLogger(__name__)
 

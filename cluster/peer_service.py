@@ -10,13 +10,13 @@ from typing import Any
 
 import grpc
 
-from cluster import antientropy, holdings
-from cluster.gossip import GossipWorker
-from cluster.transfer import GET_MANIFESTS_MAX, REPLY_BYTES_MAX, Replicator
-from node.catalog import partition_of
-from node.errors import ChunkCorrupt, ChunkMissing
-from node.tls import CALLER
-from proto import peer_pb2, peer_pb2_grpc
+from pacsmesh.cluster import antientropy, holdings
+from pacsmesh.cluster.gossip import GossipWorker
+from pacsmesh.cluster.transfer import GET_MANIFESTS_MAX, REPLY_BYTES_MAX, Replicator
+from pacsmesh.node.catalog import partition_of
+from pacsmesh.node.errors import ChunkCorrupt, ChunkMissing
+from pacsmesh.node.tls import CALLER
+from pacsmesh.proto import peer_pb2, peer_pb2_grpc
 
 LOGGER = logging.getLogger(__name__)
 FETCH_HASHES_MAX = 4096  # chunks per FetchChunks request

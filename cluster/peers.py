@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import grpc
 
-from node.tls import TlsFiles, channel_credentials
-from proto import peer_pb2_grpc
+from pacsmesh.node.tls import TlsFiles, channel_credentials
+from pacsmesh.proto import peer_pb2_grpc
 
 PEER_MESSAGE_MAX = 16 << 20
 CHANNEL_OPTIONS = [

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from cluster.safety import Holding, Position, assess
+from pacsmesh.cluster.safety import Holding, Position, assess
 
 
 def may_trim(me: str, origin: str, replicas: Sequence[str], instances: int,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from cluster.placement import max_pairwise_set_size
+from pacsmesh.cluster.placement import max_pairwise_set_size
 
 
 @dataclass(frozen=True, slots=True)

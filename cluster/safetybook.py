@@ -22,10 +22,10 @@ import json
 import logging
 import time
 
-from cluster.progress import RepairTracker
-from cluster.safety import Holding, Position, assess
-from cluster.transfer import Replicator
-from node.worker import Worker, WorkerState
+from pacsmesh.cluster.progress import RepairTracker
+from pacsmesh.cluster.safety import Holding, Position, assess
+from pacsmesh.cluster.transfer import Replicator
+from pacsmesh.node.worker import Worker, WorkerState
 
 LOGGER = logging.getLogger(__name__)
 STUDIES_PER_STEP_MAX = 2000  # judged per step: ~0.1 s of work

@@ -14,9 +14,9 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from cluster.membership import Member, MemberState
-from cluster.placement import Placement, PlacementNode, PlacementTable, partition_of
-from cluster.safety import Position
+from pacsmesh.cluster.membership import Member, MemberState
+from pacsmesh.cluster.placement import Placement, PlacementNode, PlacementTable, partition_of
+from pacsmesh.cluster.safety import Position
 
 LOGGER = logging.getLogger(__name__)
 # A placement weight is at most this many times the median weight of the placeable

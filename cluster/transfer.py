@@ -26,27 +26,27 @@ from typing import Any, TypeVar
 
 import grpc
 
-from cluster import fetch
-from cluster.announce import AnnounceQueue
-from cluster.antientropy import root_of
-from cluster.fetch import FETCH_SETTLE_ROUNDS, Candidate, FetchPlanner
-from cluster.holdings_cache import PeerHoldings
-from cluster.membership import ADDRESS_LENGTH_MAX
-from cluster.messages import HeldRootGive, PartDigest, StudyHeld
-from cluster.peers import CHUNK_BATCH_BYTES_MAX, RPC_TIMEOUT_S, Peers
-from cluster.safety import Holding, Position
-from cluster.state import ClusterState
-from cluster.trim import Challenge
-from node import manifest as mf
-from node.catalog import partition_of
-from node.chunking import CHUNK_PLAIN_MAX
-from node.chunkstore import decompress
-from node.errors import ChunkCorrupt, ChunkMissing, PacsmeshError
-from node.hashing import content_hash, possession_proof
-from node.hlc import HybridClock
-from node.packs import FLAG_ZSTD
-from node.store import Store
-from proto import node_pb2, peer_pb2
+from pacsmesh.cluster import fetch
+from pacsmesh.cluster.announce import AnnounceQueue
+from pacsmesh.cluster.antientropy import root_of
+from pacsmesh.cluster.fetch import FETCH_SETTLE_ROUNDS, Candidate, FetchPlanner
+from pacsmesh.cluster.holdings_cache import PeerHoldings
+from pacsmesh.cluster.membership import ADDRESS_LENGTH_MAX
+from pacsmesh.cluster.messages import HeldRootGive, PartDigest, StudyHeld
+from pacsmesh.cluster.peers import CHUNK_BATCH_BYTES_MAX, RPC_TIMEOUT_S, Peers
+from pacsmesh.cluster.safety import Holding, Position
+from pacsmesh.cluster.state import ClusterState
+from pacsmesh.cluster.trim import Challenge
+from pacsmesh.node import manifest as mf
+from pacsmesh.node.catalog import partition_of
+from pacsmesh.node.chunking import CHUNK_PLAIN_MAX
+from pacsmesh.node.chunkstore import decompress
+from pacsmesh.node.errors import ChunkCorrupt, ChunkMissing, PacsmeshError
+from pacsmesh.node.hashing import content_hash, possession_proof
+from pacsmesh.node.hlc import HybridClock
+from pacsmesh.node.packs import FLAG_ZSTD
+from pacsmesh.node.store import Store
+from pacsmesh.proto import node_pb2, peer_pb2
 
 LOGGER = logging.getLogger(__name__)
 GET_MANIFESTS_MAX = 1000  # per GetManifests request

@@ -32,9 +32,9 @@ import collections
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from cluster import repair
-from cluster.messages import StudyHoldingAsk, StudyHoldingGive
-from cluster.safety import Holding, Position
+from pacsmesh.cluster import repair
+from pacsmesh.cluster.messages import StudyHoldingAsk, StudyHoldingGive
+from pacsmesh.cluster.safety import Holding, Position
 
 RETRY_S = 30.0  # a partition whose trim was not decided is looked at again after this
 STUDIES_PER_STEP_MAX = 256  # studies of one partition examined per step

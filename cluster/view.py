@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import time
 
-from cluster.drill import Drills
-from cluster.membership import MemberState
-from cluster.safety import assess
-from cluster.safetybook import SafetyWorker
-from cluster.state import ClusterState
-from cluster.transfer import Replicator
-from proto import node_pb2
+from pacsmesh.cluster.drill import Drills
+from pacsmesh.cluster.membership import MemberState
+from pacsmesh.cluster.safety import assess
+from pacsmesh.cluster.safetybook import SafetyWorker
+from pacsmesh.cluster.state import ClusterState
+from pacsmesh.cluster.transfer import Replicator
+from pacsmesh.proto import node_pb2
 
 REFUSAL_SHOWN_S = 300.0  # a refusal stays an alert this long after the last one
 CLOCK_SKEW_ALERT_S = 30.0  # HLC copes with skew; operators should still fix clocks

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from cluster import messages as msg
-from cluster.membership import ClusterSettings, GossipMessage, Member, MemberState, NodeId
-from proto import peer_pb2, peer_pb2_grpc
+from pacsmesh.cluster import messages as msg
+from pacsmesh.cluster.membership import ClusterSettings, GossipMessage, Member, MemberState, NodeId
+from pacsmesh.proto import peer_pb2, peer_pb2_grpc
 
 
 def settings_to_pb(s: ClusterSettings) -> peer_pb2.Settings:

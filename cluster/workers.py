@@ -22,23 +22,23 @@ from typing import Any
 
 import grpc
 
-from cluster import wire
-from cluster.antientropy import SyncRound
-from cluster.holdings import HoldingsRound
-from cluster.messages import (
+from pacsmesh.cluster import wire
+from pacsmesh.cluster.antientropy import SyncRound
+from pacsmesh.cluster.holdings import HoldingsRound
+from pacsmesh.cluster.messages import (
     HeldRootGive,
     Request,
     StudyHoldingAsk,
     StudyHoldingGive,
     approx_size,
 )
-from cluster.peers import RPC_TIMEOUT_S
-from cluster.transfer import Replicator
-from cluster.trim import STUDIES_PER_STEP_MAX, TrimCase, TrimPlanner, TrimRound, eligible
-from node.alerts import DISK_REFUSE_REPLICAS_FRACTION
-from node.catalog import partition_of
-from node.worker import Worker, WorkerState
-from proto import node_pb2, peer_pb2
+from pacsmesh.cluster.peers import RPC_TIMEOUT_S
+from pacsmesh.cluster.transfer import Replicator
+from pacsmesh.cluster.trim import STUDIES_PER_STEP_MAX, TrimCase, TrimPlanner, TrimRound, eligible
+from pacsmesh.node.alerts import DISK_REFUSE_REPLICAS_FRACTION
+from pacsmesh.node.catalog import partition_of
+from pacsmesh.node.worker import Worker, WorkerState
+from pacsmesh.proto import node_pb2, peer_pb2
 
 LOGGER = logging.getLogger(__name__)
 HELD_DELTA_MAX = 1000  # studies per pushed delta (~80 KB)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import collections
 import time
 
-from proto import node_pb2
+from pacsmesh.proto import node_pb2
 
 DISK_WARN_FRACTION = 0.85
 DISK_HIGH_FRACTION = 0.90

@@ -45,11 +45,11 @@ from typing import Any
 
 import blake3
 
-from node import manifest as mf
-from node.errors import ConfigError, InvalidInstance
-from node.hashing import content_hash
-from node.study_index import StudyIndexes, indexed_values, split_key
-from proto import node_pb2
+from pacsmesh.node import manifest as mf
+from pacsmesh.node.errors import ConfigError, InvalidInstance
+from pacsmesh.node.hashing import content_hash
+from pacsmesh.node.study_index import StudyIndexes, indexed_values, split_key
+from pacsmesh.proto import node_pb2
 
 LOGGER = logging.getLogger(__name__)
 SEP = b"\x00"

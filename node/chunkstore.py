@@ -16,9 +16,9 @@ from typing import Any
 import lmdb
 import zstandard
 
-from node.errors import ChunkCorrupt, ChunkMissing
-from node.hashing import content_hash
-from node.packs import FLAG_ZSTD, PackSet
+from pacsmesh.node.errors import ChunkCorrupt, ChunkMissing
+from pacsmesh.node.hashing import content_hash
+from pacsmesh.node.packs import FLAG_ZSTD, PackSet
 
 _LOC = struct.Struct("<IQIIB")  # pack, record offset, record length, plain length, flags
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from node.errors import ConfigError
+from pacsmesh.node.errors import ConfigError
 
 # Peers bound how fast a relayed heartbeat may rise (cluster/membership.py
 # GOSSIP_INTERVAL_S_MIN): a node gossiping faster would be taken for a liar.
@@ -230,7 +230,7 @@ def parse(raw: dict[str, Any], path: Path | None = None) -> Config:
                           f"{', '.join(given)})")
     if (tls.crl or tls.revoked_serials) and not tls.enabled:
         raise ConfigError("[tls] crl and revoked_serials need ca_cert, cert and key")
-    from node.tls import is_loopback, parse_serials
+    from pacsmesh.node.tls import is_loopback, parse_serials
     parse_serials(tls.revoked_serials)
     if not tls.enabled and not tls.insecure and not is_loopback(node.listen):
         raise ConfigError(

@@ -23,14 +23,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from node.audit import AuditLog, Event
-from node.config import Config, node_id_for
-from node.dicom import DicomServer
-from node.errors import ConfigError, PacsmeshError
-from node.hlc import HybridClock
-from node.ingest import Prepared, prepare_local
-from node.scrubber import Scrubber
-from node.service import (
+from pacsmesh.node.audit import AuditLog, Event
+from pacsmesh.node.config import Config, node_id_for
+from pacsmesh.node.dicom import DicomServer
+from pacsmesh.node.errors import ConfigError, PacsmeshError
+from pacsmesh.node.hlc import HybridClock
+from pacsmesh.node.ingest import Prepared, prepare_local
+from pacsmesh.node.scrubber import Scrubber
+from pacsmesh.node.service import (
     ClusterView,
     Drill,
     LoneView,
@@ -38,8 +38,8 @@ from node.service import (
     RemoteChunks,
     StoredListener,
 )
-from node.store import Store
-from node.tls import (
+from pacsmesh.node.store import Store
+from pacsmesh.node.tls import (
     Caller,
     Gate,
     GateInterceptor,
@@ -49,8 +49,8 @@ from node.tls import (
     load_files,
     server_credentials,
 )
-from node.worker import Runner, Worker
-from proto import node_pb2, node_pb2_grpc
+from pacsmesh.node.worker import Runner, Worker
+from pacsmesh.proto import node_pb2, node_pb2_grpc
 
 LOGGER = logging.getLogger(__name__)
 GRPC_MESSAGE_MAX = 16 << 20  # chunks are <= 4 MiB; headroom for manifests of huge files

@@ -20,8 +20,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from node.errors import InvalidInstance
-from node.uids import uid_problem
+from pacsmesh.node.errors import InvalidInstance
+from pacsmesh.node.uids import uid_problem
 
 PREAMBLE_LEN = 128
 DEFLATED_TS = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95")

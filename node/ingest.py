@@ -19,16 +19,22 @@ from typing import Any
 
 import zstandard
 
-from node import manifest as mf
-from node.chunking import CHUNK_PLAIN_MAX, CHUNK_SIZE, chunk_spans
-from node.chunkstore import decompress
-from node.dicom_layout import Layout, scan
-from node.errors import ChunkCorrupt, ChunkMissing, InvalidInstance, PacsmeshError, StoreFull
-from node.hashing import HASH_LEN, FileHasher, content_hash
-from node.hlc import HybridClock
-from node.packs import FLAG_ZSTD
-from node.store import Store
-from proto import node_pb2
+from pacsmesh.node import manifest as mf
+from pacsmesh.node.chunking import CHUNK_PLAIN_MAX, CHUNK_SIZE, chunk_spans
+from pacsmesh.node.chunkstore import decompress
+from pacsmesh.node.dicom_layout import Layout, scan
+from pacsmesh.node.errors import (
+    ChunkCorrupt,
+    ChunkMissing,
+    InvalidInstance,
+    PacsmeshError,
+    StoreFull,
+)
+from pacsmesh.node.hashing import HASH_LEN, FileHasher, content_hash
+from pacsmesh.node.hlc import HybridClock
+from pacsmesh.node.packs import FLAG_ZSTD
+from pacsmesh.node.store import Store
+from pacsmesh.proto import node_pb2
 
 Outcome = node_pb2.IngestResult.Outcome
 CHUNKS_PER_INSTANCE_MAX = 1 << 20  # 1 TiB at 1 MiB chunks: far past any real instance

@@ -17,10 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from node.catalog import Catalog, Scanned
-from node.study_index import SEP, split_key, value_key
-from node.uids import uid_problem
-from proto import node_pb2
+from pacsmesh.node.catalog import Catalog, Scanned
+from pacsmesh.node.study_index import SEP, split_key, value_key
+from pacsmesh.node.uids import uid_problem
+from pacsmesh.proto import node_pb2
 
 T = TypeVar("T")
 

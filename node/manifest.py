@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from node import hlc
-from node.chunking import CHUNK_SIZE
-from node.dicom_layout import Layout
-from node.hashing import HASH_ALGO, content_hash
-from proto import node_pb2
+from pacsmesh.node import hlc
+from pacsmesh.node.chunking import CHUNK_SIZE
+from pacsmesh.node.dicom_layout import Layout
+from pacsmesh.node.hashing import HASH_ALGO, content_hash
+from pacsmesh.proto import node_pb2
 
 MANIFEST_FORMAT = 1
 # No real clock is past the year 9999; a node's clock moves past every stamp it accepts,
@@ -64,8 +64,8 @@ def version_key(m: node_pb2.Manifest, manifest_id: bytes) -> tuple[int, bytes]:
 
 def problem(m: node_pb2.Manifest) -> str | None:
     """Why a manifest received from a peer must not be accepted, or None."""
-    from node.chunking import CHUNK_PLAIN_MAX
-    from node.uids import uid_problem
+    from pacsmesh.node.chunking import CHUNK_PLAIN_MAX
+    from pacsmesh.node.uids import uid_problem
 
     if m.format != MANIFEST_FORMAT or m.hash_algo != HASH_ALGO:
         return f"unknown manifest format {m.format} / hash {m.hash_algo!r}"

@@ -26,9 +26,9 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.errors import ChunkCorrupt, StoreFull
-from node.hashing import HASH_ALGO_ID, HASH_LEN
-from node.readfds import ReadFds
+from pacsmesh.node.errors import ChunkCorrupt, StoreFull
+from pacsmesh.node.hashing import HASH_ALGO_ID, HASH_LEN
+from pacsmesh.node.readfds import ReadFds
 
 LOGGER = logging.getLogger(__name__)
 RECORD_MAGIC = b"PMCK"

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from node.errors import PacsmeshError
+from pacsmesh.node.errors import PacsmeshError
 
 # modality: DICOM TLS client only; it opens nothing on the gRPC API
 ROLES = ("node", "operator", "reader", "modality")

@@ -25,10 +25,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from node import manifest as mf
-from node.errors import ChunkCorrupt, ChunkMissing
-from node.store import Store
-from node.worker import Worker, WorkerState
+from pacsmesh.node import manifest as mf
+from pacsmesh.node.errors import ChunkCorrupt, ChunkMissing
+from pacsmesh.node.store import Store
+from pacsmesh.node.worker import Worker, WorkerState
 
 LOGGER = logging.getLogger(__name__)
 SCRUB_BATCH_CHUNKS = 64  # chunks verified between two progress saves (~64 MB at most)

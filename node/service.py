@@ -16,17 +16,17 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from node import alerts as alerts_mod
-from node import listing
-from node.audit import AuditLog, Event
-from node.errors import ChunkCorrupt, ChunkMissing, PacsmeshError
-from node.hlc import HybridClock
-from node.ingest import IngestSession, Prepared
-from node.scrubber import Scrubber
-from node.store import Store
-from node.tls import CALLER
-from node.uids import uid_problem
-from proto import node_pb2, node_pb2_grpc
+from pacsmesh.node import alerts as alerts_mod
+from pacsmesh.node import listing
+from pacsmesh.node.audit import AuditLog, Event
+from pacsmesh.node.errors import ChunkCorrupt, ChunkMissing, PacsmeshError
+from pacsmesh.node.hlc import HybridClock
+from pacsmesh.node.ingest import IngestSession, Prepared
+from pacsmesh.node.scrubber import Scrubber
+from pacsmesh.node.store import Store
+from pacsmesh.node.tls import CALLER
+from pacsmesh.node.uids import uid_problem
+from pacsmesh.proto import node_pb2, node_pb2_grpc
 
 LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")

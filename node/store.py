@@ -28,12 +28,12 @@ from typing import Any
 
 import lmdb
 
-from node.catalog import Catalog
-from node.chunkstore import ChunkStore, is_lmdb_full
-from node.errors import DataDirLocked, InvalidInstance, StoreFull
-from node.manifest import decode as manifest_decode
-from node.packs import PACK_SIZE_MAX, READ_FDS_MAX, PackSet
-from proto import node_pb2
+from pacsmesh.node.catalog import Catalog
+from pacsmesh.node.chunkstore import ChunkStore, is_lmdb_full
+from pacsmesh.node.errors import DataDirLocked, InvalidInstance, StoreFull
+from pacsmesh.node.manifest import decode as manifest_decode
+from pacsmesh.node.packs import PACK_SIZE_MAX, READ_FDS_MAX, PackSet
+from pacsmesh.proto import node_pb2
 
 LOGGER = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import logging
 import struct
 from typing import Any
 
-from proto import node_pb2
+from pacsmesh.proto import node_pb2
 
 LOGGER = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from typing import Any
 
 import grpc
 
-from node import pki
-from node.errors import ConfigError
+from pacsmesh.node import pki
+from pacsmesh.node.errors import ConfigError
 
 LOGGER = logging.getLogger(__name__)
 PEER_API = "/pacsmesh.peer.PeerApi/"

@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from proto import node_pb2, node_pb2_grpc
+from pacsmesh.proto import node_pb2, node_pb2_grpc
 
 DEFAULT_NODE = "127.0.0.1:7400"
 CHANNEL_OPTIONS = [
@@ -48,8 +48,8 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
     if len(given) != 3:
         raise Usage("TLS needs all of --ca, --cert and --key (or PACSMESH_CA, "
                     "PACSMESH_CERT and PACSMESH_KEY)")
-    from node.errors import ConfigError
-    from node.tls import channel_credentials, load_files
+    from pacsmesh.node.errors import ConfigError
+    from pacsmesh.node.tls import channel_credentials, load_files
     try:
         files = load_files(Path(args.ca), Path(args.cert), Path(args.key))
     except ConfigError as exc:
@@ -88,8 +88,8 @@ def _human_bytes(n: float) -> str:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    from node.config import load
-    from node.errors import ConfigError, PacsmeshError
+    from pacsmesh.node.config import load
+    from pacsmesh.node.errors import ConfigError, PacsmeshError
 
     logging.basicConfig(level=os.environ.get("PACSMESH_LOG", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -98,7 +98,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"pacsmesh node: bad config: {exc}", file=sys.stderr)
         return 2
-    from cluster.member import run_member
+    from pacsmesh.cluster.member import run_member
 
     try:
         return run_member(cfg)
@@ -166,7 +166,7 @@ def _wait_safe(ch: grpc.Channel, studies: list[str], timeout_s: float) -> dict[s
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    from node.uids import uid_problem
+    from pacsmesh.node.uids import uid_problem
     from pacsmesh.restore import get_study
 
     if problem := uid_problem(args.study_uid):
@@ -429,7 +429,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _date(text: str) -> str:
-    from node.listing import valid_date
+    from pacsmesh.node.listing import valid_date
 
     if not valid_date(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYYMMDD")
@@ -437,7 +437,7 @@ def _date(text: str) -> str:
 
 
 def _study_uid(text: str) -> str:
-    from node.uids import uid_problem
+    from pacsmesh.node.uids import uid_problem
 
     if problem := uid_problem(text):
         raise argparse.ArgumentTypeError(f"study UID {problem}")
@@ -471,7 +471,7 @@ def _client(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
 
 
 def cmd_ca(args: argparse.Namespace) -> int:
-    from node import pki
+    from pacsmesh.node import pki
     directory = Path(args.dir)
     try:
         if args.ca_command == "init":

@@ -102,7 +102,7 @@ class Cluster:
     def wait_ready(self) -> None:
         import grpc
 
-        from proto import node_pb2, node_pb2_grpc
+        from pacsmesh.proto import node_pb2, node_pb2_grpc
 
         deadline = time.monotonic() + READY_TIMEOUT_S
         for node_id, proc in self.procs.items():

@@ -16,10 +16,10 @@ from typing import Any
 
 import grpc
 
-from node import manifest as mf
-from node.hashing import FileHasher, content_hash
-from node.uids import uid_problem
-from proto import node_pb2, node_pb2_grpc
+from pacsmesh.node import manifest as mf
+from pacsmesh.node.hashing import FileHasher, content_hash
+from pacsmesh.node.uids import uid_problem
+from pacsmesh.proto import node_pb2, node_pb2_grpc
 
 
 @dataclass

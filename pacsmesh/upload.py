@@ -22,11 +22,11 @@ from typing import Any
 import grpc
 import zstandard
 
-from node.chunking import CHUNK_SIZE, chunk_spans
-from node.dicom_layout import scan
-from node.errors import InvalidInstance
-from node.hashing import FileHasher, content_hash
-from proto import node_pb2, node_pb2_grpc
+from pacsmesh.node.chunking import CHUNK_SIZE, chunk_spans
+from pacsmesh.node.dicom_layout import scan
+from pacsmesh.node.errors import InvalidInstance
+from pacsmesh.node.hashing import FileHasher, content_hash
+from pacsmesh.proto import node_pb2, node_pb2_grpc
 
 Outcome = node_pb2.IngestResult.Outcome
 BATCH_FILES_MAX = 16  # files per precheck round trip: small, so the node starts early

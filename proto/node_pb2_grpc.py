@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto import node_pb2 as proto_dot_node__pb2
+from pacsmesh.proto import node_pb2 as pacsmesh_dot_proto_dot_node__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in proto/node_pb2_grpc.py depends on'
+        + ' but the generated code in pacsmesh/proto/node_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,48 +36,48 @@ class NodeApiStub:
         """
         self.Precheck = channel.unary_unary(
                 '/pacsmesh.node.NodeApi/Precheck',
-                request_serializer=proto_dot_node__pb2.PrecheckRequest.SerializeToString,
-                response_deserializer=proto_dot_node__pb2.PrecheckReply.FromString,
+                request_serializer=pacsmesh_dot_proto_dot_node__pb2.PrecheckRequest.SerializeToString,
+                response_deserializer=pacsmesh_dot_proto_dot_node__pb2.PrecheckReply.FromString,
                 _registered_method=True)
         self.Ingest = channel.stream_stream(
                 '/pacsmesh.node.NodeApi/Ingest',
-                request_serializer=proto_dot_node__pb2.IngestMessage.SerializeToString,
-                response_deserializer=proto_dot_node__pb2.IngestResult.FromString,
+                request_serializer=pacsmesh_dot_proto_dot_node__pb2.IngestMessage.SerializeToString,
+                response_deserializer=pacsmesh_dot_proto_dot_node__pb2.IngestResult.FromString,
                 _registered_method=True)
         self.GetStudy = channel.unary_stream(
                 '/pacsmesh.node.NodeApi/GetStudy',
-                request_serializer=proto_dot_node__pb2.GetStudyRequest.SerializeToString,
-                response_deserializer=proto_dot_node__pb2.GetStudyMessage.FromString,
+                request_serializer=pacsmesh_dot_proto_dot_node__pb2.GetStudyRequest.SerializeToString,
+                response_deserializer=pacsmesh_dot_proto_dot_node__pb2.GetStudyMessage.FromString,
                 _registered_method=True)
         self.ListStudies = channel.unary_unary(
                 '/pacsmesh.node.NodeApi/ListStudies',
-                request_serializer=proto_dot_node__pb2.ListStudiesRequest.SerializeToString,
-                response_deserializer=proto_dot_node__pb2.ListStudiesReply.FromString,
+                request_serializer=pacsmesh_dot_proto_dot_node__pb2.ListStudiesRequest.SerializeToString,
+                response_deserializer=pacsmesh_dot_proto_dot_node__pb2.ListStudiesReply.FromString,
                 _registered_method=True)
         self.Locate = channel.unary_unary(
                 '/pacsmesh.node.NodeApi/Locate',
-                request_serializer=proto_dot_node__pb2.LocateRequest.SerializeToString,
-                response_deserializer=proto_dot_node__pb2.LocateReply.FromString,
+                request_serializer=pacsmesh_dot_proto_dot_node__pb2.LocateRequest.SerializeToString,
+                response_deserializer=pacsmesh_dot_proto_dot_node__pb2.LocateReply.FromString,
                 _registered_method=True)
         self.Status = channel.unary_unary(
                 '/pacsmesh.node.NodeApi/Status',
-                request_serializer=proto_dot_node__pb2.StatusRequest.SerializeToString,
-                response_deserializer=proto_dot_node__pb2.StatusReply.FromString,
+                request_serializer=pacsmesh_dot_proto_dot_node__pb2.StatusRequest.SerializeToString,
+                response_deserializer=pacsmesh_dot_proto_dot_node__pb2.StatusReply.FromString,
                 _registered_method=True)
         self.Scrub = channel.unary_unary(
                 '/pacsmesh.node.NodeApi/Scrub',
-                request_serializer=proto_dot_node__pb2.ScrubRequest.SerializeToString,
-                response_deserializer=proto_dot_node__pb2.ScrubStatus.FromString,
+                request_serializer=pacsmesh_dot_proto_dot_node__pb2.ScrubRequest.SerializeToString,
+                response_deserializer=pacsmesh_dot_proto_dot_node__pb2.ScrubStatus.FromString,
                 _registered_method=True)
         self.Drill = channel.unary_unary(
                 '/pacsmesh.node.NodeApi/Drill',
-                request_serializer=proto_dot_node__pb2.DrillRequest.SerializeToString,
-                response_deserializer=proto_dot_node__pb2.DrillReply.FromString,
+                request_serializer=pacsmesh_dot_proto_dot_node__pb2.DrillRequest.SerializeToString,
+                response_deserializer=pacsmesh_dot_proto_dot_node__pb2.DrillReply.FromString,
                 _registered_method=True)
         self.Audit = channel.unary_unary(
                 '/pacsmesh.node.NodeApi/Audit',
-                request_serializer=proto_dot_node__pb2.AuditRequest.SerializeToString,
-                response_deserializer=proto_dot_node__pb2.AuditReply.FromString,
+                request_serializer=pacsmesh_dot_proto_dot_node__pb2.AuditRequest.SerializeToString,
+                response_deserializer=pacsmesh_dot_proto_dot_node__pb2.AuditReply.FromString,
                 _registered_method=True)
 
 
@@ -143,48 +143,48 @@ def add_NodeApiServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Precheck': grpc.unary_unary_rpc_method_handler(
                     servicer.Precheck,
-                    request_deserializer=proto_dot_node__pb2.PrecheckRequest.FromString,
-                    response_serializer=proto_dot_node__pb2.PrecheckReply.SerializeToString,
+                    request_deserializer=pacsmesh_dot_proto_dot_node__pb2.PrecheckRequest.FromString,
+                    response_serializer=pacsmesh_dot_proto_dot_node__pb2.PrecheckReply.SerializeToString,
             ),
             'Ingest': grpc.stream_stream_rpc_method_handler(
                     servicer.Ingest,
-                    request_deserializer=proto_dot_node__pb2.IngestMessage.FromString,
-                    response_serializer=proto_dot_node__pb2.IngestResult.SerializeToString,
+                    request_deserializer=pacsmesh_dot_proto_dot_node__pb2.IngestMessage.FromString,
+                    response_serializer=pacsmesh_dot_proto_dot_node__pb2.IngestResult.SerializeToString,
             ),
             'GetStudy': grpc.unary_stream_rpc_method_handler(
                     servicer.GetStudy,
-                    request_deserializer=proto_dot_node__pb2.GetStudyRequest.FromString,
-                    response_serializer=proto_dot_node__pb2.GetStudyMessage.SerializeToString,
+                    request_deserializer=pacsmesh_dot_proto_dot_node__pb2.GetStudyRequest.FromString,
+                    response_serializer=pacsmesh_dot_proto_dot_node__pb2.GetStudyMessage.SerializeToString,
             ),
             'ListStudies': grpc.unary_unary_rpc_method_handler(
                     servicer.ListStudies,
-                    request_deserializer=proto_dot_node__pb2.ListStudiesRequest.FromString,
-                    response_serializer=proto_dot_node__pb2.ListStudiesReply.SerializeToString,
+                    request_deserializer=pacsmesh_dot_proto_dot_node__pb2.ListStudiesRequest.FromString,
+                    response_serializer=pacsmesh_dot_proto_dot_node__pb2.ListStudiesReply.SerializeToString,
             ),
             'Locate': grpc.unary_unary_rpc_method_handler(
                     servicer.Locate,
-                    request_deserializer=proto_dot_node__pb2.LocateRequest.FromString,
-                    response_serializer=proto_dot_node__pb2.LocateReply.SerializeToString,
+                    request_deserializer=pacsmesh_dot_proto_dot_node__pb2.LocateRequest.FromString,
+                    response_serializer=pacsmesh_dot_proto_dot_node__pb2.LocateReply.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
-                    request_deserializer=proto_dot_node__pb2.StatusRequest.FromString,
-                    response_serializer=proto_dot_node__pb2.StatusReply.SerializeToString,
+                    request_deserializer=pacsmesh_dot_proto_dot_node__pb2.StatusRequest.FromString,
+                    response_serializer=pacsmesh_dot_proto_dot_node__pb2.StatusReply.SerializeToString,
             ),
             'Scrub': grpc.unary_unary_rpc_method_handler(
                     servicer.Scrub,
-                    request_deserializer=proto_dot_node__pb2.ScrubRequest.FromString,
-                    response_serializer=proto_dot_node__pb2.ScrubStatus.SerializeToString,
+                    request_deserializer=pacsmesh_dot_proto_dot_node__pb2.ScrubRequest.FromString,
+                    response_serializer=pacsmesh_dot_proto_dot_node__pb2.ScrubStatus.SerializeToString,
             ),
             'Drill': grpc.unary_unary_rpc_method_handler(
                     servicer.Drill,
-                    request_deserializer=proto_dot_node__pb2.DrillRequest.FromString,
-                    response_serializer=proto_dot_node__pb2.DrillReply.SerializeToString,
+                    request_deserializer=pacsmesh_dot_proto_dot_node__pb2.DrillRequest.FromString,
+                    response_serializer=pacsmesh_dot_proto_dot_node__pb2.DrillReply.SerializeToString,
             ),
             'Audit': grpc.unary_unary_rpc_method_handler(
                     servicer.Audit,
-                    request_deserializer=proto_dot_node__pb2.AuditRequest.FromString,
-                    response_serializer=proto_dot_node__pb2.AuditReply.SerializeToString,
+                    request_deserializer=pacsmesh_dot_proto_dot_node__pb2.AuditRequest.FromString,
+                    response_serializer=pacsmesh_dot_proto_dot_node__pb2.AuditReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -212,8 +212,8 @@ class NodeApi:
             request,
             target,
             '/pacsmesh.node.NodeApi/Precheck',
-            proto_dot_node__pb2.PrecheckRequest.SerializeToString,
-            proto_dot_node__pb2.PrecheckReply.FromString,
+            pacsmesh_dot_proto_dot_node__pb2.PrecheckRequest.SerializeToString,
+            pacsmesh_dot_proto_dot_node__pb2.PrecheckReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -239,8 +239,8 @@ class NodeApi:
             request_iterator,
             target,
             '/pacsmesh.node.NodeApi/Ingest',
-            proto_dot_node__pb2.IngestMessage.SerializeToString,
-            proto_dot_node__pb2.IngestResult.FromString,
+            pacsmesh_dot_proto_dot_node__pb2.IngestMessage.SerializeToString,
+            pacsmesh_dot_proto_dot_node__pb2.IngestResult.FromString,
             options,
             channel_credentials,
             insecure,
@@ -266,8 +266,8 @@ class NodeApi:
             request,
             target,
             '/pacsmesh.node.NodeApi/GetStudy',
-            proto_dot_node__pb2.GetStudyRequest.SerializeToString,
-            proto_dot_node__pb2.GetStudyMessage.FromString,
+            pacsmesh_dot_proto_dot_node__pb2.GetStudyRequest.SerializeToString,
+            pacsmesh_dot_proto_dot_node__pb2.GetStudyMessage.FromString,
             options,
             channel_credentials,
             insecure,
@@ -293,8 +293,8 @@ class NodeApi:
             request,
             target,
             '/pacsmesh.node.NodeApi/ListStudies',
-            proto_dot_node__pb2.ListStudiesRequest.SerializeToString,
-            proto_dot_node__pb2.ListStudiesReply.FromString,
+            pacsmesh_dot_proto_dot_node__pb2.ListStudiesRequest.SerializeToString,
+            pacsmesh_dot_proto_dot_node__pb2.ListStudiesReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -320,8 +320,8 @@ class NodeApi:
             request,
             target,
             '/pacsmesh.node.NodeApi/Locate',
-            proto_dot_node__pb2.LocateRequest.SerializeToString,
-            proto_dot_node__pb2.LocateReply.FromString,
+            pacsmesh_dot_proto_dot_node__pb2.LocateRequest.SerializeToString,
+            pacsmesh_dot_proto_dot_node__pb2.LocateReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -347,8 +347,8 @@ class NodeApi:
             request,
             target,
             '/pacsmesh.node.NodeApi/Status',
-            proto_dot_node__pb2.StatusRequest.SerializeToString,
-            proto_dot_node__pb2.StatusReply.FromString,
+            pacsmesh_dot_proto_dot_node__pb2.StatusRequest.SerializeToString,
+            pacsmesh_dot_proto_dot_node__pb2.StatusReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -374,8 +374,8 @@ class NodeApi:
             request,
             target,
             '/pacsmesh.node.NodeApi/Scrub',
-            proto_dot_node__pb2.ScrubRequest.SerializeToString,
-            proto_dot_node__pb2.ScrubStatus.FromString,
+            pacsmesh_dot_proto_dot_node__pb2.ScrubRequest.SerializeToString,
+            pacsmesh_dot_proto_dot_node__pb2.ScrubStatus.FromString,
             options,
             channel_credentials,
             insecure,
@@ -401,8 +401,8 @@ class NodeApi:
             request,
             target,
             '/pacsmesh.node.NodeApi/Drill',
-            proto_dot_node__pb2.DrillRequest.SerializeToString,
-            proto_dot_node__pb2.DrillReply.FromString,
+            pacsmesh_dot_proto_dot_node__pb2.DrillRequest.SerializeToString,
+            pacsmesh_dot_proto_dot_node__pb2.DrillReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -428,8 +428,8 @@ class NodeApi:
             request,
             target,
             '/pacsmesh.node.NodeApi/Audit',
-            proto_dot_node__pb2.AuditRequest.SerializeToString,
-            proto_dot_node__pb2.AuditReply.FromString,
+            pacsmesh_dot_proto_dot_node__pb2.AuditRequest.SerializeToString,
+            pacsmesh_dot_proto_dot_node__pb2.AuditReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,7 +7,7 @@ Peer-to-peer messages live in their own file; this one is what the CLI speaks.
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from proto import node_pb2 as _node_pb2
+from pacsmesh.proto import node_pb2 as _node_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

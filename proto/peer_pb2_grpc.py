@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto import peer_pb2 as proto_dot_peer__pb2
+from pacsmesh.proto import peer_pb2 as pacsmesh_dot_proto_dot_peer__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in proto/peer_pb2_grpc.py depends on'
+        + ' but the generated code in pacsmesh/proto/peer_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,73 +36,73 @@ class PeerApiStub:
         """
         self.Gossip = channel.unary_unary(
                 '/pacsmesh.peer.PeerApi/Gossip',
-                request_serializer=proto_dot_peer__pb2.GossipMessage.SerializeToString,
-                response_deserializer=proto_dot_peer__pb2.GossipReply.FromString,
+                request_serializer=pacsmesh_dot_proto_dot_peer__pb2.GossipMessage.SerializeToString,
+                response_deserializer=pacsmesh_dot_proto_dot_peer__pb2.GossipReply.FromString,
                 _registered_method=True)
         self.Announce = channel.unary_unary(
                 '/pacsmesh.peer.PeerApi/Announce',
-                request_serializer=proto_dot_peer__pb2.ManifestBatch.SerializeToString,
-                response_deserializer=proto_dot_peer__pb2.AnnounceReply.FromString,
+                request_serializer=pacsmesh_dot_proto_dot_peer__pb2.ManifestBatch.SerializeToString,
+                response_deserializer=pacsmesh_dot_proto_dot_peer__pb2.AnnounceReply.FromString,
                 _registered_method=True)
         self.GetPartitionDigests = channel.unary_unary(
                 '/pacsmesh.peer.PeerApi/GetPartitionDigests',
-                request_serializer=proto_dot_peer__pb2.PartitionDigestsRequest.SerializeToString,
-                response_deserializer=proto_dot_peer__pb2.PartitionDigests.FromString,
+                request_serializer=pacsmesh_dot_proto_dot_peer__pb2.PartitionDigestsRequest.SerializeToString,
+                response_deserializer=pacsmesh_dot_proto_dot_peer__pb2.PartitionDigests.FromString,
                 _registered_method=True)
         self.GetStudyDigests = channel.unary_unary(
                 '/pacsmesh.peer.PeerApi/GetStudyDigests',
-                request_serializer=proto_dot_peer__pb2.StudyDigestsRequest.SerializeToString,
-                response_deserializer=proto_dot_peer__pb2.StudyDigests.FromString,
+                request_serializer=pacsmesh_dot_proto_dot_peer__pb2.StudyDigestsRequest.SerializeToString,
+                response_deserializer=pacsmesh_dot_proto_dot_peer__pb2.StudyDigests.FromString,
                 _registered_method=True)
         self.GetManifestIds = channel.unary_unary(
                 '/pacsmesh.peer.PeerApi/GetManifestIds',
-                request_serializer=proto_dot_peer__pb2.ManifestIdsRequest.SerializeToString,
-                response_deserializer=proto_dot_peer__pb2.ManifestIds.FromString,
+                request_serializer=pacsmesh_dot_proto_dot_peer__pb2.ManifestIdsRequest.SerializeToString,
+                response_deserializer=pacsmesh_dot_proto_dot_peer__pb2.ManifestIds.FromString,
                 _registered_method=True)
         self.GetManifests = channel.unary_unary(
                 '/pacsmesh.peer.PeerApi/GetManifests',
-                request_serializer=proto_dot_peer__pb2.GetManifestsRequest.SerializeToString,
-                response_deserializer=proto_dot_peer__pb2.ManifestBatch.FromString,
+                request_serializer=pacsmesh_dot_proto_dot_peer__pb2.GetManifestsRequest.SerializeToString,
+                response_deserializer=pacsmesh_dot_proto_dot_peer__pb2.ManifestBatch.FromString,
                 _registered_method=True)
         self.FetchChunks = channel.unary_stream(
                 '/pacsmesh.peer.PeerApi/FetchChunks',
-                request_serializer=proto_dot_peer__pb2.FetchChunksRequest.SerializeToString,
-                response_deserializer=proto_dot_peer__pb2.ChunkData.FromString,
+                request_serializer=pacsmesh_dot_proto_dot_peer__pb2.FetchChunksRequest.SerializeToString,
+                response_deserializer=pacsmesh_dot_proto_dot_peer__pb2.ChunkData.FromString,
                 _registered_method=True)
         self.GetHoldings = channel.unary_unary(
                 '/pacsmesh.peer.PeerApi/GetHoldings',
-                request_serializer=proto_dot_peer__pb2.HoldingsRequest.SerializeToString,
-                response_deserializer=proto_dot_peer__pb2.Holdings.FromString,
+                request_serializer=pacsmesh_dot_proto_dot_peer__pb2.HoldingsRequest.SerializeToString,
+                response_deserializer=pacsmesh_dot_proto_dot_peer__pb2.Holdings.FromString,
                 _registered_method=True)
         self.GetRoot = channel.unary_unary(
                 '/pacsmesh.peer.PeerApi/GetRoot',
-                request_serializer=proto_dot_peer__pb2.RootRequest.SerializeToString,
-                response_deserializer=proto_dot_peer__pb2.RootDigest.FromString,
+                request_serializer=pacsmesh_dot_proto_dot_peer__pb2.RootRequest.SerializeToString,
+                response_deserializer=pacsmesh_dot_proto_dot_peer__pb2.RootDigest.FromString,
                 _registered_method=True)
         self.GetPartitionManifests = channel.unary_unary(
                 '/pacsmesh.peer.PeerApi/GetPartitionManifests',
-                request_serializer=proto_dot_peer__pb2.PartitionManifestsRequest.SerializeToString,
-                response_deserializer=proto_dot_peer__pb2.PartitionManifests.FromString,
+                request_serializer=pacsmesh_dot_proto_dot_peer__pb2.PartitionManifestsRequest.SerializeToString,
+                response_deserializer=pacsmesh_dot_proto_dot_peer__pb2.PartitionManifests.FromString,
                 _registered_method=True)
         self.GetHeldRoot = channel.unary_unary(
                 '/pacsmesh.peer.PeerApi/GetHeldRoot',
-                request_serializer=proto_dot_peer__pb2.HeldRootRequest.SerializeToString,
-                response_deserializer=proto_dot_peer__pb2.HeldRoot.FromString,
+                request_serializer=pacsmesh_dot_proto_dot_peer__pb2.HeldRootRequest.SerializeToString,
+                response_deserializer=pacsmesh_dot_proto_dot_peer__pb2.HeldRoot.FromString,
                 _registered_method=True)
         self.GetHeldPartitions = channel.unary_unary(
                 '/pacsmesh.peer.PeerApi/GetHeldPartitions',
-                request_serializer=proto_dot_peer__pb2.HeldPartitionsRequest.SerializeToString,
-                response_deserializer=proto_dot_peer__pb2.HeldPartitions.FromString,
+                request_serializer=pacsmesh_dot_proto_dot_peer__pb2.HeldPartitionsRequest.SerializeToString,
+                response_deserializer=pacsmesh_dot_proto_dot_peer__pb2.HeldPartitions.FromString,
                 _registered_method=True)
         self.GetHeldStudies = channel.unary_unary(
                 '/pacsmesh.peer.PeerApi/GetHeldStudies',
-                request_serializer=proto_dot_peer__pb2.HeldStudiesRequest.SerializeToString,
-                response_deserializer=proto_dot_peer__pb2.HeldStudies.FromString,
+                request_serializer=pacsmesh_dot_proto_dot_peer__pb2.HeldStudiesRequest.SerializeToString,
+                response_deserializer=pacsmesh_dot_proto_dot_peer__pb2.HeldStudies.FromString,
                 _registered_method=True)
         self.PushHeld = channel.unary_unary(
                 '/pacsmesh.peer.PeerApi/PushHeld',
-                request_serializer=proto_dot_peer__pb2.HeldDelta.SerializeToString,
-                response_deserializer=proto_dot_peer__pb2.HeldDeltaReply.FromString,
+                request_serializer=pacsmesh_dot_proto_dot_peer__pb2.HeldDelta.SerializeToString,
+                response_deserializer=pacsmesh_dot_proto_dot_peer__pb2.HeldDeltaReply.FromString,
                 _registered_method=True)
 
 
@@ -198,73 +198,73 @@ def add_PeerApiServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Gossip': grpc.unary_unary_rpc_method_handler(
                     servicer.Gossip,
-                    request_deserializer=proto_dot_peer__pb2.GossipMessage.FromString,
-                    response_serializer=proto_dot_peer__pb2.GossipReply.SerializeToString,
+                    request_deserializer=pacsmesh_dot_proto_dot_peer__pb2.GossipMessage.FromString,
+                    response_serializer=pacsmesh_dot_proto_dot_peer__pb2.GossipReply.SerializeToString,
             ),
             'Announce': grpc.unary_unary_rpc_method_handler(
                     servicer.Announce,
-                    request_deserializer=proto_dot_peer__pb2.ManifestBatch.FromString,
-                    response_serializer=proto_dot_peer__pb2.AnnounceReply.SerializeToString,
+                    request_deserializer=pacsmesh_dot_proto_dot_peer__pb2.ManifestBatch.FromString,
+                    response_serializer=pacsmesh_dot_proto_dot_peer__pb2.AnnounceReply.SerializeToString,
             ),
             'GetPartitionDigests': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPartitionDigests,
-                    request_deserializer=proto_dot_peer__pb2.PartitionDigestsRequest.FromString,
-                    response_serializer=proto_dot_peer__pb2.PartitionDigests.SerializeToString,
+                    request_deserializer=pacsmesh_dot_proto_dot_peer__pb2.PartitionDigestsRequest.FromString,
+                    response_serializer=pacsmesh_dot_proto_dot_peer__pb2.PartitionDigests.SerializeToString,
             ),
             'GetStudyDigests': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStudyDigests,
-                    request_deserializer=proto_dot_peer__pb2.StudyDigestsRequest.FromString,
-                    response_serializer=proto_dot_peer__pb2.StudyDigests.SerializeToString,
+                    request_deserializer=pacsmesh_dot_proto_dot_peer__pb2.StudyDigestsRequest.FromString,
+                    response_serializer=pacsmesh_dot_proto_dot_peer__pb2.StudyDigests.SerializeToString,
             ),
             'GetManifestIds': grpc.unary_unary_rpc_method_handler(
                     servicer.GetManifestIds,
-                    request_deserializer=proto_dot_peer__pb2.ManifestIdsRequest.FromString,
-                    response_serializer=proto_dot_peer__pb2.ManifestIds.SerializeToString,
+                    request_deserializer=pacsmesh_dot_proto_dot_peer__pb2.ManifestIdsRequest.FromString,
+                    response_serializer=pacsmesh_dot_proto_dot_peer__pb2.ManifestIds.SerializeToString,
             ),
             'GetManifests': grpc.unary_unary_rpc_method_handler(
                     servicer.GetManifests,
-                    request_deserializer=proto_dot_peer__pb2.GetManifestsRequest.FromString,
-                    response_serializer=proto_dot_peer__pb2.ManifestBatch.SerializeToString,
+                    request_deserializer=pacsmesh_dot_proto_dot_peer__pb2.GetManifestsRequest.FromString,
+                    response_serializer=pacsmesh_dot_proto_dot_peer__pb2.ManifestBatch.SerializeToString,
             ),
             'FetchChunks': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchChunks,
-                    request_deserializer=proto_dot_peer__pb2.FetchChunksRequest.FromString,
-                    response_serializer=proto_dot_peer__pb2.ChunkData.SerializeToString,
+                    request_deserializer=pacsmesh_dot_proto_dot_peer__pb2.FetchChunksRequest.FromString,
+                    response_serializer=pacsmesh_dot_proto_dot_peer__pb2.ChunkData.SerializeToString,
             ),
             'GetHoldings': grpc.unary_unary_rpc_method_handler(
                     servicer.GetHoldings,
-                    request_deserializer=proto_dot_peer__pb2.HoldingsRequest.FromString,
-                    response_serializer=proto_dot_peer__pb2.Holdings.SerializeToString,
+                    request_deserializer=pacsmesh_dot_proto_dot_peer__pb2.HoldingsRequest.FromString,
+                    response_serializer=pacsmesh_dot_proto_dot_peer__pb2.Holdings.SerializeToString,
             ),
             'GetRoot': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRoot,
-                    request_deserializer=proto_dot_peer__pb2.RootRequest.FromString,
-                    response_serializer=proto_dot_peer__pb2.RootDigest.SerializeToString,
+                    request_deserializer=pacsmesh_dot_proto_dot_peer__pb2.RootRequest.FromString,
+                    response_serializer=pacsmesh_dot_proto_dot_peer__pb2.RootDigest.SerializeToString,
             ),
             'GetPartitionManifests': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPartitionManifests,
-                    request_deserializer=proto_dot_peer__pb2.PartitionManifestsRequest.FromString,
-                    response_serializer=proto_dot_peer__pb2.PartitionManifests.SerializeToString,
+                    request_deserializer=pacsmesh_dot_proto_dot_peer__pb2.PartitionManifestsRequest.FromString,
+                    response_serializer=pacsmesh_dot_proto_dot_peer__pb2.PartitionManifests.SerializeToString,
             ),
             'GetHeldRoot': grpc.unary_unary_rpc_method_handler(
                     servicer.GetHeldRoot,
-                    request_deserializer=proto_dot_peer__pb2.HeldRootRequest.FromString,
-                    response_serializer=proto_dot_peer__pb2.HeldRoot.SerializeToString,
+                    request_deserializer=pacsmesh_dot_proto_dot_peer__pb2.HeldRootRequest.FromString,
+                    response_serializer=pacsmesh_dot_proto_dot_peer__pb2.HeldRoot.SerializeToString,
             ),
             'GetHeldPartitions': grpc.unary_unary_rpc_method_handler(
                     servicer.GetHeldPartitions,
-                    request_deserializer=proto_dot_peer__pb2.HeldPartitionsRequest.FromString,
-                    response_serializer=proto_dot_peer__pb2.HeldPartitions.SerializeToString,
+                    request_deserializer=pacsmesh_dot_proto_dot_peer__pb2.HeldPartitionsRequest.FromString,
+                    response_serializer=pacsmesh_dot_proto_dot_peer__pb2.HeldPartitions.SerializeToString,
             ),
             'GetHeldStudies': grpc.unary_unary_rpc_method_handler(
                     servicer.GetHeldStudies,
-                    request_deserializer=proto_dot_peer__pb2.HeldStudiesRequest.FromString,
-                    response_serializer=proto_dot_peer__pb2.HeldStudies.SerializeToString,
+                    request_deserializer=pacsmesh_dot_proto_dot_peer__pb2.HeldStudiesRequest.FromString,
+                    response_serializer=pacsmesh_dot_proto_dot_peer__pb2.HeldStudies.SerializeToString,
             ),
             'PushHeld': grpc.unary_unary_rpc_method_handler(
                     servicer.PushHeld,
-                    request_deserializer=proto_dot_peer__pb2.HeldDelta.FromString,
-                    response_serializer=proto_dot_peer__pb2.HeldDeltaReply.SerializeToString,
+                    request_deserializer=pacsmesh_dot_proto_dot_peer__pb2.HeldDelta.FromString,
+                    response_serializer=pacsmesh_dot_proto_dot_peer__pb2.HeldDeltaReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -292,8 +292,8 @@ class PeerApi:
             request,
             target,
             '/pacsmesh.peer.PeerApi/Gossip',
-            proto_dot_peer__pb2.GossipMessage.SerializeToString,
-            proto_dot_peer__pb2.GossipReply.FromString,
+            pacsmesh_dot_proto_dot_peer__pb2.GossipMessage.SerializeToString,
+            pacsmesh_dot_proto_dot_peer__pb2.GossipReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -319,8 +319,8 @@ class PeerApi:
             request,
             target,
             '/pacsmesh.peer.PeerApi/Announce',
-            proto_dot_peer__pb2.ManifestBatch.SerializeToString,
-            proto_dot_peer__pb2.AnnounceReply.FromString,
+            pacsmesh_dot_proto_dot_peer__pb2.ManifestBatch.SerializeToString,
+            pacsmesh_dot_proto_dot_peer__pb2.AnnounceReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -346,8 +346,8 @@ class PeerApi:
             request,
             target,
             '/pacsmesh.peer.PeerApi/GetPartitionDigests',
-            proto_dot_peer__pb2.PartitionDigestsRequest.SerializeToString,
-            proto_dot_peer__pb2.PartitionDigests.FromString,
+            pacsmesh_dot_proto_dot_peer__pb2.PartitionDigestsRequest.SerializeToString,
+            pacsmesh_dot_proto_dot_peer__pb2.PartitionDigests.FromString,
             options,
             channel_credentials,
             insecure,
@@ -373,8 +373,8 @@ class PeerApi:
             request,
             target,
             '/pacsmesh.peer.PeerApi/GetStudyDigests',
-            proto_dot_peer__pb2.StudyDigestsRequest.SerializeToString,
-            proto_dot_peer__pb2.StudyDigests.FromString,
+            pacsmesh_dot_proto_dot_peer__pb2.StudyDigestsRequest.SerializeToString,
+            pacsmesh_dot_proto_dot_peer__pb2.StudyDigests.FromString,
             options,
             channel_credentials,
             insecure,
@@ -400,8 +400,8 @@ class PeerApi:
             request,
             target,
             '/pacsmesh.peer.PeerApi/GetManifestIds',
-            proto_dot_peer__pb2.ManifestIdsRequest.SerializeToString,
-            proto_dot_peer__pb2.ManifestIds.FromString,
+            pacsmesh_dot_proto_dot_peer__pb2.ManifestIdsRequest.SerializeToString,
+            pacsmesh_dot_proto_dot_peer__pb2.ManifestIds.FromString,
             options,
             channel_credentials,
             insecure,
@@ -427,8 +427,8 @@ class PeerApi:
             request,
             target,
             '/pacsmesh.peer.PeerApi/GetManifests',
-            proto_dot_peer__pb2.GetManifestsRequest.SerializeToString,
-            proto_dot_peer__pb2.ManifestBatch.FromString,
+            pacsmesh_dot_proto_dot_peer__pb2.GetManifestsRequest.SerializeToString,
+            pacsmesh_dot_proto_dot_peer__pb2.ManifestBatch.FromString,
             options,
             channel_credentials,
             insecure,
@@ -454,8 +454,8 @@ class PeerApi:
             request,
             target,
             '/pacsmesh.peer.PeerApi/FetchChunks',
-            proto_dot_peer__pb2.FetchChunksRequest.SerializeToString,
-            proto_dot_peer__pb2.ChunkData.FromString,
+            pacsmesh_dot_proto_dot_peer__pb2.FetchChunksRequest.SerializeToString,
+            pacsmesh_dot_proto_dot_peer__pb2.ChunkData.FromString,
             options,
             channel_credentials,
             insecure,
@@ -481,8 +481,8 @@ class PeerApi:
             request,
             target,
             '/pacsmesh.peer.PeerApi/GetHoldings',
-            proto_dot_peer__pb2.HoldingsRequest.SerializeToString,
-            proto_dot_peer__pb2.Holdings.FromString,
+            pacsmesh_dot_proto_dot_peer__pb2.HoldingsRequest.SerializeToString,
+            pacsmesh_dot_proto_dot_peer__pb2.Holdings.FromString,
             options,
             channel_credentials,
             insecure,
@@ -508,8 +508,8 @@ class PeerApi:
             request,
             target,
             '/pacsmesh.peer.PeerApi/GetRoot',
-            proto_dot_peer__pb2.RootRequest.SerializeToString,
-            proto_dot_peer__pb2.RootDigest.FromString,
+            pacsmesh_dot_proto_dot_peer__pb2.RootRequest.SerializeToString,
+            pacsmesh_dot_proto_dot_peer__pb2.RootDigest.FromString,
             options,
             channel_credentials,
             insecure,
@@ -535,8 +535,8 @@ class PeerApi:
             request,
             target,
             '/pacsmesh.peer.PeerApi/GetPartitionManifests',
-            proto_dot_peer__pb2.PartitionManifestsRequest.SerializeToString,
-            proto_dot_peer__pb2.PartitionManifests.FromString,
+            pacsmesh_dot_proto_dot_peer__pb2.PartitionManifestsRequest.SerializeToString,
+            pacsmesh_dot_proto_dot_peer__pb2.PartitionManifests.FromString,
             options,
             channel_credentials,
             insecure,
@@ -562,8 +562,8 @@ class PeerApi:
             request,
             target,
             '/pacsmesh.peer.PeerApi/GetHeldRoot',
-            proto_dot_peer__pb2.HeldRootRequest.SerializeToString,
-            proto_dot_peer__pb2.HeldRoot.FromString,
+            pacsmesh_dot_proto_dot_peer__pb2.HeldRootRequest.SerializeToString,
+            pacsmesh_dot_proto_dot_peer__pb2.HeldRoot.FromString,
             options,
             channel_credentials,
             insecure,
@@ -589,8 +589,8 @@ class PeerApi:
             request,
             target,
             '/pacsmesh.peer.PeerApi/GetHeldPartitions',
-            proto_dot_peer__pb2.HeldPartitionsRequest.SerializeToString,
-            proto_dot_peer__pb2.HeldPartitions.FromString,
+            pacsmesh_dot_proto_dot_peer__pb2.HeldPartitionsRequest.SerializeToString,
+            pacsmesh_dot_proto_dot_peer__pb2.HeldPartitions.FromString,
             options,
             channel_credentials,
             insecure,
@@ -616,8 +616,8 @@ class PeerApi:
             request,
             target,
             '/pacsmesh.peer.PeerApi/GetHeldStudies',
-            proto_dot_peer__pb2.HeldStudiesRequest.SerializeToString,
-            proto_dot_peer__pb2.HeldStudies.FromString,
+            pacsmesh_dot_proto_dot_peer__pb2.HeldStudiesRequest.SerializeToString,
+            pacsmesh_dot_proto_dot_peer__pb2.HeldStudies.FromString,
             options,
             channel_credentials,
             insecure,
@@ -643,8 +643,8 @@ class PeerApi:
             request,
             target,
             '/pacsmesh.peer.PeerApi/PushHeld',
-            proto_dot_peer__pb2.HeldDelta.SerializeToString,
-            proto_dot_peer__pb2.HeldDeltaReply.FromString,
+            pacsmesh_dot_proto_dot_peer__pb2.HeldDelta.SerializeToString,
+            pacsmesh_dot_proto_dot_peer__pb2.HeldDeltaReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,7 +8,7 @@ The CLI never speaks this; it is ours to change between versions.
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from proto import peer_pb2 as _peer_pb2
+from pacsmesh.proto import peer_pb2 as _peer_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

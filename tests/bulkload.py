@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from cluster.placement import PlacementNode, partition_of, place_all
-from node import manifest as mf
-from node.hashing import HASH_ALGO, content_hash
-from node.store import Store
-from proto import node_pb2
+from pacsmesh.cluster.placement import PlacementNode, partition_of, place_all
+from pacsmesh.node import manifest as mf
+from pacsmesh.node.hashing import HASH_ALGO, content_hash
+from pacsmesh.node.store import Store
+from pacsmesh.proto import node_pb2
 
 STUDY_ROOT = "1.2.826.0.1.3680043.10.543.5"
 

@@ -14,11 +14,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
-from node import manifest as mf
-from node.chunking import CHUNK_SIZE
-from node.hashing import HASH_ALGO, content_hash
-from node.store import Store
-from proto import node_pb2
+from pacsmesh.node import manifest as mf
+from pacsmesh.node.chunking import CHUNK_SIZE
+from pacsmesh.node.hashing import HASH_ALGO, content_hash
+from pacsmesh.node.store import Store
+from pacsmesh.proto import node_pb2
 
 UID_ROOT = "1.2.826.0.1.3680043.10.1455.9"
 MODALITIES = ("CT", "CT", "CT", "MR", "MR", "US", "CR", "MG")  # MG is the rare one

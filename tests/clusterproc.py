@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 import grpc
 import pydicom
 
+from pacsmesh.proto import node_pb2, node_pb2_grpc
 from pacsmesh.sample import StudySpec, study_uid, write_study
-from proto import node_pb2, node_pb2_grpc
 from tests.nodeproc import NodeProc
 
 T = TypeVar("T")

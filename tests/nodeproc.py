@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from proto import node_pb2, node_pb2_grpc
+from pacsmesh.proto import node_pb2, node_pb2_grpc
 
 PYTHON = sys.executable
 START_TIMEOUT_S = 30.0

@@ -15,13 +15,13 @@ from typing import Any
 
 import grpc
 
-from cluster.gossip import GossipWorker, me_as_member, new_membership
-from cluster.membership import ClusterSettings
-from cluster.peers import Peers
-from cluster.state import ClusterState
-from node.tls import TlsFiles, server_credentials
-from node.worker import Runner
-from proto import peer_pb2, peer_pb2_grpc
+from pacsmesh.cluster.gossip import GossipWorker, me_as_member, new_membership
+from pacsmesh.cluster.membership import ClusterSettings
+from pacsmesh.cluster.peers import Peers
+from pacsmesh.cluster.state import ClusterState
+from pacsmesh.node.tls import TlsFiles, server_credentials
+from pacsmesh.node.worker import Runner
+from pacsmesh.proto import peer_pb2, peer_pb2_grpc
 
 HUGE = 1 << 60
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from cluster import antientropy, repair
-from cluster.placement import partition_of as placement_partition_of
-from cluster.safety import Holding, Position, assess
-from node import alerts
-from node.catalog import EMPTY_DIGEST, digest_add
-from node.catalog import partition_of as catalog_partition_of
+from pacsmesh.cluster import antientropy, repair
+from pacsmesh.cluster.placement import partition_of as placement_partition_of
+from pacsmesh.cluster.safety import Holding, Position, assess
+from pacsmesh.node import alerts
+from pacsmesh.node.catalog import EMPTY_DIGEST, digest_add
+from pacsmesh.node.catalog import partition_of as catalog_partition_of
 
 BOSTON = Position("b", "Boston", 42.3601, -71.0589, True)
 NEW_YORK = Position("n", "New York", 40.7128, -74.0060, True)

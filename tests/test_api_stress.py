@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 
-from proto import node_pb2, node_pb2_grpc
+from pacsmesh.proto import node_pb2, node_pb2_grpc
 from tests.clusterproc import cluster_of, make_study, wait_for
 from tests.nodeproc import cli
 

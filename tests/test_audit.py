@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from node.audit import DETAIL_MAX, AuditLog, Event
+from pacsmesh.node.audit import DETAIL_MAX, AuditLog, Event
 from pacsmesh.sample import StudySpec, study_uid, write_study
 from tests.nodeproc import NodeProc, cli, cli_json
 
@@ -67,7 +67,7 @@ def test_since_filter_details_capped_and_torn_line_skipped(tmp_path: Path) -> No
 WRITER = """
 import sys, time
 from pathlib import Path
-from node.audit import AuditLog, Event
+from pacsmesh.node.audit import AuditLog, Event
 log = AuditLog(Path(sys.argv[1]))
 i = 0
 while True:
@@ -135,6 +135,6 @@ def test_cli_audit_shows_who_did_what_and_logs_carry_no_patient_data(tmp_path: P
 
 @pytest.mark.parametrize("who", ["rita"])
 def test_reader_cannot_read_the_audit(who: str) -> None:
-    from node.tls import roles_for
+    from pacsmesh.node.tls import roles_for
     assert "reader" not in roles_for("/pacsmesh.node.NodeApi/Audit")
     assert "operator" in roles_for("/pacsmesh.node.NodeApi/Audit")

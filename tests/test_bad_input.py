@@ -25,15 +25,15 @@ import pytest
 import zstandard
 from pydicom.uid import UID
 
-from node.chunking import CHUNK_SIZE, chunk_spans
-from node.dicom_layout import scan
-from node.errors import InvalidInstance
-from node.hashing import content_hash
-from node.hlc import HybridClock
-from node.ingest import IngestSession, Prepared
-from node.store import Store
+from pacsmesh.node.chunking import CHUNK_SIZE, chunk_spans
+from pacsmesh.node.dicom_layout import scan
+from pacsmesh.node.errors import InvalidInstance
+from pacsmesh.node.hashing import content_hash
+from pacsmesh.node.hlc import HybridClock
+from pacsmesh.node.ingest import IngestSession, Prepared
+from pacsmesh.node.store import Store
+from pacsmesh.proto import node_pb2, node_pb2_grpc
 from pacsmesh.sample import StudySpec, make_instance, study_uid, write_study
-from proto import node_pb2, node_pb2_grpc
 from tests.nodeproc import NodeProc, cli, cli_json
 
 Outcome = node_pb2.IngestResult.Outcome

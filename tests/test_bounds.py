@@ -27,14 +27,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cluster.gossip import (
+from pacsmesh.cluster.gossip import (
     CLOCK_SKEW_SHOWN_MAX_S,
     REFUSALS_SHOWN_MAX,
     GossipWorker,
     me_as_member,
     new_membership,
 )
-from cluster.membership import (
+from pacsmesh.cluster.membership import (
     COUNTER_MAX,
     INCARNATION_HEARSAY_STEP,
     ClusterSettings,
@@ -44,16 +44,16 @@ from cluster.membership import (
     NodeId,
     Refused,
 )
-from cluster.peers import Peers
-from cluster.state import ClusterState
-from cluster.transfer import Replicator
-from cluster.view import ClusterView
-from cluster.wire import gossip_from_pb, gossip_to_pb
-from node import manifest as mf
-from node.hashing import content_hash
-from node.hlc import HLC_MAX, HybridClock, encode
-from node.store import Store
-from proto import peer_pb2, peer_pb2_grpc
+from pacsmesh.cluster.peers import Peers
+from pacsmesh.cluster.state import ClusterState
+from pacsmesh.cluster.transfer import Replicator
+from pacsmesh.cluster.view import ClusterView
+from pacsmesh.cluster.wire import gossip_from_pb, gossip_to_pb
+from pacsmesh.node import manifest as mf
+from pacsmesh.node.hashing import content_hash
+from pacsmesh.node.hlc import HLC_MAX, HybridClock, encode
+from pacsmesh.node.store import Store
+from pacsmesh.proto import peer_pb2, peer_pb2_grpc
 from tests.catalogfill import Synth, manifest_of
 from tests.clusterproc import (
     PARTITIONS,

@@ -8,10 +8,10 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from cluster.antientropy import ADHASH_MOD
-from node import manifest as mf
-from node.catalog import DIGEST_LEN, EMPTY_DIGEST, partition_of
-from node.store import Store
+from pacsmesh.cluster.antientropy import ADHASH_MOD
+from pacsmesh.node import manifest as mf
+from pacsmesh.node.catalog import DIGEST_LEN, EMPTY_DIGEST, partition_of
+from pacsmesh.node.store import Store
 from tests import bulkload
 
 PARTITIONS = 16
@@ -97,7 +97,7 @@ def test_safety_marks_are_durable_and_a_new_change_is_never_cleared(tmp_path: Pa
 def test_pushed_deltas_keep_the_peer_cache_sums_exact(tmp_path: Path) -> None:
     """A peer's pushed holding changes update single studies and their partition sums,
     so the next digest comparison finds nothing to re-read."""
-    from cluster.holdings_cache import PeerHoldings
+    from pacsmesh.cluster.holdings_cache import PeerHoldings
 
     store = Store(tmp_path / "d", partitions=PARTITIONS)
     try:

@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import pytest
 
-from proto import node_pb2, node_pb2_grpc
+from pacsmesh.proto import node_pb2, node_pb2_grpc
 from tests.clusterproc import (
     DEAD_AFTER_S,
     Broken,

@@ -16,8 +16,8 @@ from typing import Any
 import pydicom
 import pytest
 
-from node.hashing import content_hash
-from node.store import Store
+from pacsmesh.node.hashing import content_hash
+from pacsmesh.node.store import Store
 from pacsmesh.sample import StudySpec, make_instance, study_uid, write_study
 from tests.nodeproc import NodeProc, cli, cli_json
 

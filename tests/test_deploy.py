@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from node.config import load
+from pacsmesh.node.config import load
 
 ROOT = Path(__file__).resolve().parent.parent
 

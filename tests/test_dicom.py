@@ -134,13 +134,13 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     ("CS", ("",), "CT", True),  # universal
 ])
 def test_value_matching(vr: str, wanted: tuple[str, ...], value: str, matches: bool) -> None:
-    from node.dicom.query import Key, value_matches
+    from pacsmesh.node.dicom.query import Key, value_matches
 
     assert value_matches(Key("X", vr, wanted), value) is matches
 
 
 def test_commitment_verdicts() -> None:
-    from node.dicom.commitment import (
+    from pacsmesh.node.dicom.commitment import (
         EVENT_ALL_SUCCESS,
         EVENT_FAILURES,
         Reference,

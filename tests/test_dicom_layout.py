@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.chunking import chunk_spans
-from node.dicom_layout import scan
-from node.errors import InvalidInstance
-from node.uids import uid_problem
+from pacsmesh.node.chunking import chunk_spans
+from pacsmesh.node.dicom_layout import scan
+from pacsmesh.node.errors import InvalidInstance
+from pacsmesh.node.uids import uid_problem
 from pacsmesh.sample import StudySpec, make_instance
 
 PYDICOM_FILES = sorted(

@@ -22,7 +22,7 @@ import pytest
 from pydicom.uid import UID, generate_uid
 from pynetdicom import AE, _config
 
-from node import pki
+from pacsmesh.node import pki
 from pacsmesh.sample import StudySpec, make_instance, study_uid, write_study
 from tests.conftest import require_tool
 from tests.dicomproc import CommitmentScu, dicom_node, find, storescp, tool, wait_listening
@@ -420,9 +420,9 @@ def test_dicom_tls_needs_a_client_certificate_from_the_ca(tls_site: TlsSite) -> 
 
 
 def test_dicom_tls_config_is_checked(tmp_path: Path) -> None:
-    from node.config import parse
-    from node.dicom.listener import tls_context
-    from node.errors import ConfigError
+    from pacsmesh.node.config import parse
+    from pacsmesh.node.dicom.listener import tls_context
+    from pacsmesh.node.errors import ConfigError
 
     base: dict[str, Any] = {"node": {"data_dir": "/tmp/x", "listen": "127.0.0.1:7400"}}
     with pytest.raises(ConfigError, match="tls_listen needs a certificate"):

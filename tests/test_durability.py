@@ -37,16 +37,16 @@ import grpc
 import pytest
 from pydicom import dcmread
 
-from node import manifest as mf
-from node.chunkstore import ChunkLocation
-from node.errors import PacsmeshError
-from node.hashing import HASH_LEN, content_hash
-from node.packs import pack_name
-from node.store import Store
 from pacsmesh.cli import CHANNEL_OPTIONS
+from pacsmesh.node import manifest as mf
+from pacsmesh.node.chunkstore import ChunkLocation
+from pacsmesh.node.errors import PacsmeshError
+from pacsmesh.node.hashing import HASH_LEN, content_hash
+from pacsmesh.node.packs import pack_name
+from pacsmesh.node.store import Store
+from pacsmesh.proto import node_pb2
 from pacsmesh.sample import StudySpec, study_uid, write_study
 from pacsmesh.upload import Outcome, Uploader
-from proto import node_pb2
 from tests.nodeproc import NodeProc, cli, cli_json
 
 INSTANCES = 200  # ~525 KB each: ~105 MB per study, a large put

@@ -8,11 +8,11 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from cluster.fetch import BATCH_MAX, Candidate, FetchPlanner
-from cluster.placement import partition_of
-from node import manifest as mf
-from node.catalog import EMPTY_DIGEST
-from node.store import Store
+from pacsmesh.cluster.fetch import BATCH_MAX, Candidate, FetchPlanner
+from pacsmesh.cluster.placement import partition_of
+from pacsmesh.node import manifest as mf
+from pacsmesh.node.catalog import EMPTY_DIGEST
+from pacsmesh.node.store import Store
 from tests import bulkload
 
 PARTITIONS = 64

@@ -23,11 +23,11 @@ from google.protobuf.message import DecodeError, Message
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from cluster.membership import ClusterSettings
-from cluster.wire import settings_to_pb
-from node.hashing import content_hash
+from pacsmesh.cluster.membership import ClusterSettings
+from pacsmesh.cluster.wire import settings_to_pb
+from pacsmesh.node.hashing import content_hash
+from pacsmesh.proto import node_pb2, peer_pb2
 from pacsmesh.sample import StudySpec, make_instance, study_uid
-from proto import node_pb2, peer_pb2
 from tests.clusterproc import PARTITIONS, cluster_settings
 from tests.fuzz import blobs, fuzz, garbage, texts, u32s, u64s
 from tests.nodeproc import NodeProc

@@ -18,13 +18,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cluster.peers import Peers
-from cluster.state import ClusterState
-from cluster.transfer import Replicator
-from node.catalog import partition_of
-from node.hlc import HybridClock
-from node.ingest import Prepared, prepare_local
-from node.store import Store
+from pacsmesh.cluster.peers import Peers
+from pacsmesh.cluster.state import ClusterState
+from pacsmesh.cluster.transfer import Replicator
+from pacsmesh.node.catalog import partition_of
+from pacsmesh.node.hlc import HybridClock
+from pacsmesh.node.ingest import Prepared, prepare_local
+from pacsmesh.node.store import Store
 from pacsmesh.sample import StudySpec, make_instance, study_uid
 from tests.fuzz import fuzz, mutated
 

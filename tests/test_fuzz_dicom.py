@@ -36,18 +36,18 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
 )
 
-from node.chunking import CHUNK_SIZE, chunk_spans
-from node.dicom.query import Key, value_matches
-from node.dicom.store_scp import PREAMBLE, mismatch
-from node.dicom_layout import Layout, scan
-from node.errors import InvalidInstance, StoreFull
-from node.hashing import content_hash
-from node.hlc import HybridClock
-from node.ingest import IngestSession, Prepared, prepare_local
-from node.store import Store
-from node.uids import uid_problem
+from pacsmesh.node.chunking import CHUNK_SIZE, chunk_spans
+from pacsmesh.node.dicom.query import Key, value_matches
+from pacsmesh.node.dicom.store_scp import PREAMBLE, mismatch
+from pacsmesh.node.dicom_layout import Layout, scan
+from pacsmesh.node.errors import InvalidInstance, StoreFull
+from pacsmesh.node.hashing import content_hash
+from pacsmesh.node.hlc import HybridClock
+from pacsmesh.node.ingest import IngestSession, Prepared, prepare_local
+from pacsmesh.node.store import Store
+from pacsmesh.node.uids import uid_problem
+from pacsmesh.proto import node_pb2
 from pacsmesh.sample import StudySpec, make_instance
-from proto import node_pb2
 from tests.fuzz import fuzz, garbage, texts
 
 Outcome = node_pb2.IngestResult.Outcome

@@ -19,8 +19,8 @@ from google.protobuf.message import DecodeError
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from cluster.gossip import REFUSAL_TEXT_MAX, REFUSALS_KEPT_MAX, GossipWorker, me_as_member
-from cluster.membership import (
+from pacsmesh.cluster.gossip import REFUSAL_TEXT_MAX, REFUSALS_KEPT_MAX, GossipWorker, me_as_member
+from pacsmesh.cluster.membership import (
     MEMBERS_MAX,
     ClusterSettings,
     Effect,
@@ -34,10 +34,10 @@ from cluster.membership import (
     StateChanged,
     member_problem,
 )
-from cluster.peers import Peers
-from cluster.state import ClusterState
-from cluster.wire import gossip_from_pb, member_from_pb, settings_to_pb
-from proto import peer_pb2
+from pacsmesh.cluster.peers import Peers
+from pacsmesh.cluster.state import ClusterState
+from pacsmesh.cluster.wire import gossip_from_pb, member_from_pb, settings_to_pb
+from pacsmesh.proto import peer_pb2
 from tests.fuzz import doubles, fuzz, garbage, texts, u32s, u64s
 
 SETTINGS = ClusterSettings(copies=3, min_distance_miles=250.0, partitions=16)

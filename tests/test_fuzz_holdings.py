@@ -17,10 +17,10 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from cluster.holdings_cache import ADHASH_MOD, HELD_INSTANCES_MAX, SEP, PeerHoldings
-from node.catalog import DIGEST_LEN, EMPTY_DIGEST, partition_of
-from node.store import Store
-from node.uids import uid_problem
+from pacsmesh.cluster.holdings_cache import ADHASH_MOD, HELD_INSTANCES_MAX, SEP, PeerHoldings
+from pacsmesh.node.catalog import DIGEST_LEN, EMPTY_DIGEST, partition_of
+from pacsmesh.node.store import Store
+from pacsmesh.node.uids import uid_problem
 from tests.fuzz import blobs, fuzz, texts, u64s
 
 PARTITIONS = 16

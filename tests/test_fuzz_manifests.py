@@ -21,20 +21,20 @@ from google.protobuf.message import DecodeError
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from cluster.peers import Peers
-from cluster.state import ClusterState
-from cluster.transfer import Replicator
-from node import manifest as mf
-from node.chunking import CHUNK_PLAIN_MAX, CHUNK_SIZE, chunk_spans
-from node.dicom_layout import scan
-from node.errors import InvalidInstance
-from node.hashing import content_hash
-from node.hlc import HybridClock
-from node.ingest import Prepared, prepare_local
-from node.store import CommitItem, Store
-from node.uids import uid_problem
+from pacsmesh.cluster.peers import Peers
+from pacsmesh.cluster.state import ClusterState
+from pacsmesh.cluster.transfer import Replicator
+from pacsmesh.node import manifest as mf
+from pacsmesh.node.chunking import CHUNK_PLAIN_MAX, CHUNK_SIZE, chunk_spans
+from pacsmesh.node.dicom_layout import scan
+from pacsmesh.node.errors import InvalidInstance
+from pacsmesh.node.hashing import content_hash
+from pacsmesh.node.hlc import HybridClock
+from pacsmesh.node.ingest import Prepared, prepare_local
+from pacsmesh.node.store import CommitItem, Store
+from pacsmesh.node.uids import uid_problem
+from pacsmesh.proto import node_pb2
 from pacsmesh.sample import StudySpec, make_instance, study_uid
-from proto import node_pb2
 from tests.fuzz import fuzz, garbage, u32s, u64s
 
 SPEC = StudySpec(study_index=61, seed=29, rows=16, columns=16, patient_id="PMFUZZ01")

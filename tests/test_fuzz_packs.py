@@ -23,14 +23,14 @@ import zstandard
 from hypothesis import given
 from hypothesis import strategies as st
 
-from node.chunkstore import decompress
-from node.errors import ChunkCorrupt, ChunkMissing
-from node.hashing import content_hash
-from node.hlc import HybridClock
-from node.ingest import Prepared, prepare_local
-from node.packs import FLAG_ZSTD, pack_name
-from node.scrubber import Scrubber
-from node.store import Store
+from pacsmesh.node.chunkstore import decompress
+from pacsmesh.node.errors import ChunkCorrupt, ChunkMissing
+from pacsmesh.node.hashing import content_hash
+from pacsmesh.node.hlc import HybridClock
+from pacsmesh.node.ingest import Prepared, prepare_local
+from pacsmesh.node.packs import FLAG_ZSTD, pack_name
+from pacsmesh.node.scrubber import Scrubber
+from pacsmesh.node.store import Store
 from pacsmesh.sample import StudySpec, make_instance
 from tests.fuzz import fuzz, garbage, mutated
 

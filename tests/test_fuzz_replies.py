@@ -18,15 +18,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cluster import messages as msg
-from cluster.antientropy import SyncRound
-from cluster.holdings import HoldingsRound
-from cluster.peers import Peers
-from cluster.state import ClusterState
-from cluster.transfer import Replicator
-from node.hlc import HybridClock
-from node.ingest import Prepared, prepare_local
-from node.store import Store
+from pacsmesh.cluster import messages as msg
+from pacsmesh.cluster.antientropy import SyncRound
+from pacsmesh.cluster.holdings import HoldingsRound
+from pacsmesh.cluster.peers import Peers
+from pacsmesh.cluster.state import ClusterState
+from pacsmesh.cluster.transfer import Replicator
+from pacsmesh.node.hlc import HybridClock
+from pacsmesh.node.ingest import Prepared, prepare_local
+from pacsmesh.node.store import Store
 from pacsmesh.sample import StudySpec, make_instance, study_uid
 from tests.fuzz import blobs, fuzz, garbage, u32s, u64s
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from cluster import fetch
-from cluster.membership import Member, MemberState, NodeId
-from cluster.placement import PlacementNode
-from cluster.state import quantized_capacity
+from pacsmesh.cluster import fetch
+from pacsmesh.cluster.membership import Member, MemberState, NodeId
+from pacsmesh.cluster.placement import PlacementNode
+from pacsmesh.cluster.state import quantized_capacity
 from tests import bulkload
 from tests.clusterproc import CITIES, PARTITIONS, Cluster, api_status, started, states, wait_for
 

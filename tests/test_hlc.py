@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from node import hlc
-from node.config import parse
-from node.errors import ConfigError
-from node.hlc import HLC_MAX, LOGICAL_MAX, MS_MAX, HybridClock, decode, encode
+from pacsmesh.node import hlc
+from pacsmesh.node.config import parse
+from pacsmesh.node.errors import ConfigError
+from pacsmesh.node.hlc import HLC_MAX, LOGICAL_MAX, MS_MAX, HybridClock, decode, encode
 
 WALL_MS = 1_700_000_000_000
 AHEAD_MS = 300_000

@@ -28,11 +28,11 @@ import pydicom
 import pytest
 import zstandard
 
-from node.chunking import CHUNK_SIZE, chunk_spans
-from node.dicom_layout import scan
-from node.hashing import content_hash
+from pacsmesh.node.chunking import CHUNK_SIZE, chunk_spans
+from pacsmesh.node.dicom_layout import scan
+from pacsmesh.node.hashing import content_hash
+from pacsmesh.proto import node_pb2, node_pb2_grpc
 from pacsmesh.sample import StudySpec, make_instance, study_uid, write_study
-from proto import node_pb2, node_pb2_grpc
 from tests.nodeproc import PYTHON, NodeProc, cli, cli_json, free_port
 
 MiB = 1 << 20

@@ -13,14 +13,14 @@ import lmdb
 import pytest
 from pydicom.dataset import Dataset
 
-from node import manifest as mf
-from node.catalog import Catalog
-from node.dicom import candidates
-from node.dicom.query import find, parse_keys, select_instances
-from node.hashing import content_hash
-from node.listing import BadQuery, StudyFilter, list_page
-from node.store import Store
-from node.study_index import FORMAT_KEY, INDEXED_FIELDS, split_key
+from pacsmesh.node import manifest as mf
+from pacsmesh.node.catalog import Catalog
+from pacsmesh.node.dicom import candidates
+from pacsmesh.node.dicom.query import find, parse_keys, select_instances
+from pacsmesh.node.hashing import content_hash
+from pacsmesh.node.listing import BadQuery, StudyFilter, list_page
+from pacsmesh.node.store import Store
+from pacsmesh.node.study_index import FORMAT_KEY, INDEXED_FIELDS, split_key
 from tests.catalogfill import Synth, fill, manifest_of, synth_studies
 
 STUDIES = 25_000

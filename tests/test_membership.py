@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import pytest
 
-from cluster.membership import (
+from pacsmesh.cluster.membership import (
     COUNTER_MAX,
     GOSSIP_INTERVAL_S_MIN,
     HEARSAY_JITTER_S,
@@ -713,7 +713,7 @@ def test_a_pumping_rogue_needs_a_message_per_step() -> None:
 
 
 def test_the_gossip_interval_floor_matches_the_config_check() -> None:
-    from node import config
+    from pacsmesh.node import config
 
     assert config.GOSSIP_INTERVAL_S_MIN == GOSSIP_INTERVAL_S_MIN
     with pytest.raises(ValueError, match="gossip_interval_s"):
@@ -721,7 +721,7 @@ def test_the_gossip_interval_floor_matches_the_config_check() -> None:
 
 
 def test_capacity_claims_are_capped_and_placement_agrees_across_nodes() -> None:
-    from cluster.state import ClusterState, placement_weights
+    from pacsmesh.cluster.state import ClusterState, placement_weights
 
     assert placement_weights({"a": 1, "b": 1, "c": 1 << 62}) == {"a": 1, "b": 1, "c": 4}
     assert placement_weights({"a": 8, "b": 1 << 62}) == {"a": 8, "b": 32}

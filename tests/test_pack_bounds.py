@@ -26,12 +26,12 @@ from pathlib import Path
 
 import pytest
 
-from node.errors import ChunkCorrupt
-from node.hashing import content_hash
-from node.packs import RECORD_HEADER_LEN, pack_name
-from node.readfds import ReadFds
-from node.scrubber import Scrubber
-from node.store import Store
+from pacsmesh.node.errors import ChunkCorrupt
+from pacsmesh.node.hashing import content_hash
+from pacsmesh.node.packs import RECORD_HEADER_LEN, pack_name
+from pacsmesh.node.readfds import ReadFds
+from pacsmesh.node.scrubber import Scrubber
+from pacsmesh.node.store import Store
 
 PACK_SIZE_MAX = 4096
 CHUNK_LEN = 1200  # 3 records of 1,252 bytes per 4 KiB pack

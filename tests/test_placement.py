@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster import placement
-from cluster.placement import (
+from pacsmesh.cluster import placement
+from pacsmesh.cluster.placement import (
     Placement,
     PlacementNode,
     PlacementTable,

@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_generated_modules_are_fresh(tmp_path: Path) -> None:
     pytest.importorskip("grpc_tools")
     pytest.importorskip("mypy_protobuf")
-    work = tmp_path / "proto"
-    work.mkdir()
+    work = tmp_path / "pacsmesh" / "proto"
+    work.mkdir(parents=True)
     for proto in (ROOT / "proto").glob("*.proto"):
         shutil.copy(proto, work / proto.name)
     protoc_gen_mypy = Path(sys.executable).parent / "protoc-gen-mypy"

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from cluster import antientropy
-from cluster.antientropy import SyncRound, root_of
-from cluster.holdings import HELD_PAGE_MAX, HoldingsRound
-from cluster.messages import (
+from pacsmesh.cluster import antientropy
+from pacsmesh.cluster.antientropy import SyncRound, root_of
+from pacsmesh.cluster.holdings import HELD_PAGE_MAX, HoldingsRound
+from pacsmesh.cluster.messages import (
     HeldPartitionsAsk,
     HeldPartitionsGive,
     HeldRootAsk,
@@ -30,8 +30,8 @@ from cluster.messages import (
     StudyDigestsGive,
     approx_size,
 )
-from cluster.trim import RETRY_S, TrimPlanner
-from node.catalog import EMPTY_DIGEST, digest_add
+from pacsmesh.cluster.trim import RETRY_S, TrimPlanner
+from pacsmesh.node.catalog import EMPTY_DIGEST, digest_add
 
 P = 8
 

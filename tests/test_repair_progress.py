@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cluster.placement import PlacementNode
-from cluster.progress import SAMPLE_EVERY_S, RepairTracker
+from pacsmesh.cluster.placement import PlacementNode
+from pacsmesh.cluster.progress import SAMPLE_EVERY_S, RepairTracker
 from tests import bulkload
 from tests.clusterproc import (
     CITIES,
@@ -165,13 +165,13 @@ def test_a_node_counts_its_own_copies_while_it_shuts_down(tmp_path: Path) -> Non
     safety worker may still store verdicts; those must still count our copies."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from cluster.membership import Member, MemberState, NodeId
-    from cluster.peers import Peers
-    from cluster.safetybook import SafetyWorker
-    from cluster.state import ClusterState
-    from cluster.transfer import Replicator
-    from node.hlc import HybridClock
-    from node.store import Store
+    from pacsmesh.cluster.membership import Member, MemberState, NodeId
+    from pacsmesh.cluster.peers import Peers
+    from pacsmesh.cluster.safetybook import SafetyWorker
+    from pacsmesh.cluster.state import ClusterState
+    from pacsmesh.cluster.transfer import Replicator
+    from pacsmesh.node.hlc import HybridClock
+    from pacsmesh.node.store import Store
 
     store = Store(tmp_path / "d", partitions=PARTITIONS)
     pool = ThreadPoolExecutor(1)

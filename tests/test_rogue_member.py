@@ -15,10 +15,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cluster.membership import ClusterSettings
-from node import pki
-from node.tls import load_files
-from proto import node_pb2, node_pb2_grpc
+from pacsmesh.cluster.membership import ClusterSettings
+from pacsmesh.node import pki
+from pacsmesh.node.tls import load_files
+from pacsmesh.proto import node_pb2, node_pb2_grpc
 from tests.clusterproc import CITIES, cluster_settings, make_study, wait_for
 from tests.nodeproc import NodeProc, cli, free_port
 from tests.rogue import Rogue

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from node import manifest as mf
-from node.errors import ChunkCorrupt, DataDirLocked
-from node.hashing import content_hash
-from node.packs import FLAG_ZSTD, RECORD_HEADER_LEN, pack_name
-from node.store import Store
-from proto import node_pb2
+from pacsmesh.node import manifest as mf
+from pacsmesh.node.errors import ChunkCorrupt, DataDirLocked
+from pacsmesh.node.hashing import content_hash
+from pacsmesh.node.packs import FLAG_ZSTD, RECORD_HEADER_LEN, pack_name
+from pacsmesh.node.store import Store
+from pacsmesh.proto import node_pb2
 
 
 def _manifest(i: int, chunk: bytes) -> tuple[bytes, bytes, node_pb2.Manifest]:

@@ -16,10 +16,10 @@ from typing import Any
 import grpc
 import pytest
 
-from node import pki
-from node.config import parse
-from node.errors import ConfigError
-from proto import node_pb2, node_pb2_grpc, peer_pb2, peer_pb2_grpc
+from pacsmesh.node import pki
+from pacsmesh.node.config import parse
+from pacsmesh.node.errors import ConfigError
+from pacsmesh.proto import node_pb2, node_pb2_grpc, peer_pb2, peer_pb2_grpc
 from tests.clusterproc import CITIES, cluster_settings, make_study, wait_for
 from tests.nodeproc import NodeProc, cli
 
@@ -273,8 +273,8 @@ def test_a_member_cannot_speak_for_another(fed: Federation) -> None:
 def test_a_dialled_peer_must_be_the_member_it_claims(fed: Federation) -> None:
     """A channel to member X verifies that the far end's certificate names X: a TLS
     server holding mallory's certificate cannot answer for boston."""
-    from cluster.peers import Peers
-    from node.tls import load_files
+    from pacsmesh.cluster.peers import Peers
+    from pacsmesh.node.tls import load_files
     files = load_files(fed.pki / "ca.pem", fed.pki / "seattle.pem", fed.pki / "seattle.key")
     boston = fed.nodes[0].address
     right = Peers(files, lambda address: "boston")

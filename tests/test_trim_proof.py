@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from cluster.messages import StudyHoldingAsk, StudyHoldingGive
-from cluster.safety import Position
-from cluster.trim import Challenge, TrimCase, TrimRound
-from node.hashing import possession_proof
+from pacsmesh.cluster.messages import StudyHoldingAsk, StudyHoldingGive
+from pacsmesh.cluster.safety import Position
+from pacsmesh.cluster.trim import Challenge, TrimCase, TrimRound
+from pacsmesh.node.hashing import possession_proof
 
 CHUNK = b"the bytes of one chunk" * 100
 CASE = TrimCase("1.2.3", instances=2, current_digest=b"d" * 32, all_digest=b"a" * 32,

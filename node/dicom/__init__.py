@@ -15,6 +15,6 @@ pynetdicom runs every association in its own threads; the handlers here call the
 node's thread-safe entry points directly and block until the answer is final.
 """
 
-from node.dicom.server import DicomServer
+from pacsmesh.node.dicom.server import DicomServer
 
 __all__ = ["DicomServer"]

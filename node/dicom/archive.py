@@ -22,11 +22,11 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
-from node.audit import AuditLog
-from node.errors import ChunkCorrupt, ChunkMissing
-from node.service import RemoteChunks
-from node.store import Store
-from proto import node_pb2
+from pacsmesh.node.audit import AuditLog
+from pacsmesh.node.errors import ChunkCorrupt, ChunkMissing
+from pacsmesh.node.service import RemoteChunks
+from pacsmesh.node.store import Store
+from pacsmesh.proto import node_pb2
 
 LOGGER = logging.getLogger(__name__)
 # Instances up to this size are spooled in memory (memfd); larger ones go to a

@@ -15,9 +15,9 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from node.catalog import Catalog
-from node.study_index import SEP, split_key, value_key
-from proto import node_pb2
+from pacsmesh.node.catalog import Catalog
+from pacsmesh.node.study_index import SEP, split_key, value_key
+from pacsmesh.proto import node_pb2
 
 LOGGER = logging.getLogger(__name__)
 

@@ -38,9 +38,9 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pynetdicom import AE, build_context, build_role
 
-from node.audit import Event
-from node.dicom.archive import Archive
-from node.dicom.trail import ROLE, Trail
+from pacsmesh.node.audit import Event
+from pacsmesh.node.dicom.archive import Archive
+from pacsmesh.node.dicom.trail import ROLE, Trail
 
 LOGGER = logging.getLogger(__name__)
 

@@ -33,9 +33,9 @@ from typing import Any
 from cryptography import x509
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from node import pki
-from node.dicom.admission import Admission, Connection
-from node.errors import ConfigError
+from pacsmesh.node import pki
+from pacsmesh.node.dicom.admission import Admission, Connection
+from pacsmesh.node.errors import ConfigError
 
 LOGGER = logging.getLogger(__name__)
 

@@ -25,11 +25,11 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from node.catalog import Catalog
-from node.dicom.candidates import candidate_records
-from node.dicom.status import CANCEL, PENDING, SUCCESS, status
-from node.dicom.trail import Trail
-from proto import node_pb2
+from pacsmesh.node.catalog import Catalog
+from pacsmesh.node.dicom.candidates import candidate_records
+from pacsmesh.node.dicom.status import CANCEL, PENDING, SUCCESS, status
+from pacsmesh.node.dicom.trail import Trail
+from pacsmesh.proto import node_pb2
 
 LOGGER = logging.getLogger(__name__)
 

@@ -31,11 +31,11 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom import build_context, evt
 
-from node.dicom.archive import Archive, Spooled, spool
-from node.dicom.query import QueryError, select_instances
-from node.dicom.status import CANCEL, PENDING, status
-from node.dicom.trail import Trail
-from proto import node_pb2
+from pacsmesh.node.dicom.archive import Archive, Spooled, spool
+from pacsmesh.node.dicom.query import QueryError, select_instances
+from pacsmesh.node.dicom.status import CANCEL, PENDING, status
+from pacsmesh.node.dicom.trail import Trail
+from pacsmesh.proto import node_pb2
 
 LOGGER = logging.getLogger(__name__)
 

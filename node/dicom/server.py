@@ -50,16 +50,16 @@ from pynetdicom import (
 )
 from pynetdicom.association import Association
 
-from node.config import DicomSection
-from node.dicom.admission import PENDING_PER_ASSOCIATION, Admission
-from node.dicom.archive import Archive
-from node.dicom.commitment import STORAGE_COMMITMENT_PUSH, Commitment
-from node.dicom.listener import Guard, GuardedServer, tls_context
-from node.dicom.query import FindScp
-from node.dicom.retrieve import RetrieveScp
-from node.dicom.store_scp import StoreScp
-from node.dicom.trail import Trail
-from node.errors import PacsmeshError
+from pacsmesh.node.config import DicomSection
+from pacsmesh.node.dicom.admission import PENDING_PER_ASSOCIATION, Admission
+from pacsmesh.node.dicom.archive import Archive
+from pacsmesh.node.dicom.commitment import STORAGE_COMMITMENT_PUSH, Commitment
+from pacsmesh.node.dicom.listener import Guard, GuardedServer, tls_context
+from pacsmesh.node.dicom.query import FindScp
+from pacsmesh.node.dicom.retrieve import RetrieveScp
+from pacsmesh.node.dicom.store_scp import StoreScp
+from pacsmesh.node.dicom.trail import Trail
+from pacsmesh.node.errors import PacsmeshError
 
 LOGGER = logging.getLogger(__name__)
 

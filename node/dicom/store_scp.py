@@ -27,12 +27,12 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom.dsutils import encode_file_meta
 
-from node.dicom.archive import Archive
-from node.dicom.status import SUCCESS, status
-from node.dicom.trail import Trail
-from node.dicom_layout import scan
-from node.errors import PacsmeshError
-from proto import node_pb2
+from pacsmesh.node.dicom.archive import Archive
+from pacsmesh.node.dicom.status import SUCCESS, status
+from pacsmesh.node.dicom.trail import Trail
+from pacsmesh.node.dicom_layout import scan
+from pacsmesh.node.errors import PacsmeshError
+from pacsmesh.proto import node_pb2
 
 LOGGER = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from node.audit import AuditLog, Event
-from node.dicom.admission import Admission, Connection
+from pacsmesh.node.audit import AuditLog, Event
+from pacsmesh.node.dicom.admission import Admission, Connection
 
 LOGGER = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import hashlib
 
-from cluster.placement import PlacementNode, partition_of, place_all
-from cluster.state import placement_weights
-from node.catalog import EMPTY_DIGEST, element_hash
+from pacsmesh.cluster.placement import PlacementNode, partition_of, place_all
+from pacsmesh.cluster.state import placement_weights
+from pacsmesh.node.catalog import EMPTY_DIGEST, element_hash
 from tests.sim.simnode import Disk, SimManifest
 from tests.sim.world import COPIES, MIN_DISTANCE_MILES, PARTITIONS, World
 

@@ -19,11 +19,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeAlias
 
-from cluster.announce import AnnounceQueue
-from cluster.antientropy import SyncRound, root_of
-from cluster.fetch import FETCH_SETTLE_ROUNDS, Candidate, FetchPlanner, source_order
-from cluster.holdings import HoldingsRound
-from cluster.membership import (
+from pacsmesh.cluster.announce import AnnounceQueue
+from pacsmesh.cluster.antientropy import SyncRound, root_of
+from pacsmesh.cluster.fetch import FETCH_SETTLE_ROUNDS, Candidate, FetchPlanner, source_order
+from pacsmesh.cluster.holdings import HoldingsRound
+from pacsmesh.cluster.membership import (
     ClusterSettings,
     Effect,
     GossipMessage,
@@ -34,7 +34,7 @@ from cluster.membership import (
     SendGossip,
     StateChanged,
 )
-from cluster.messages import (
+from pacsmesh.cluster.messages import (
     HeldPartitionsAsk,
     HeldPartitionsGive,
     HeldPush,
@@ -59,12 +59,12 @@ from cluster.messages import (
     StudyHoldingAsk,
     StudyHoldingGive,
 )
-from cluster.messages import Request as ProtocolRequest
-from cluster.peers import RPC_TIMEOUT_S
-from cluster.state import ClusterState
-from cluster.trim import STUDIES_PER_STEP_MAX as STUDIES_PER_TRIM_STEP
-from cluster.trim import TrimCase, TrimPlanner, TrimRound, eligible
-from node.catalog import EMPTY_DIGEST, digest_add
+from pacsmesh.cluster.messages import Request as ProtocolRequest
+from pacsmesh.cluster.peers import RPC_TIMEOUT_S
+from pacsmesh.cluster.state import ClusterState
+from pacsmesh.cluster.trim import STUDIES_PER_STEP_MAX as STUDIES_PER_TRIM_STEP
+from pacsmesh.cluster.trim import TrimCase, TrimPlanner, TrimRound, eligible
+from pacsmesh.node.catalog import EMPTY_DIGEST, digest_add
 
 # FetchWorker.idle_s: how often an idle fetch worker looks again.
 FETCH_INTERVAL_S = 1.0

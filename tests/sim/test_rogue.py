@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import replace
 from functools import partial
 
-from cluster.membership import (
+from pacsmesh.cluster.membership import (
     COUNTER_MAX,
     INCARNATION_HEARSAY_STEP,
     GossipMessage,

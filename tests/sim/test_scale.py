@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from cluster import fetch
+from pacsmesh.cluster import fetch
 from tests.sim import archive
 from tests.sim.world import SITES, SimConfig, Site, World
 

@@ -27,9 +27,9 @@ from typing import Any, cast
 
 import pytest
 
-from cluster import antientropy, fetch, repair
-from cluster.membership import GossipMessage
-from cluster.placement import PlacementNode, max_pairwise_set_size, partition_of, place
+from pacsmesh.cluster import antientropy, fetch, repair
+from pacsmesh.cluster.membership import GossipMessage
+from pacsmesh.cluster.placement import PlacementNode, max_pairwise_set_size, partition_of, place
 from tests.sim.simnode import HoldingsAsk, HoldingsGive, OnReply, OnTimeout, Process, Reply, Request
 from tests.sim.world import (
     COPIES,

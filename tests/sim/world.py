@@ -29,9 +29,9 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import NoReturn
 
-from cluster.membership import ClusterSettings, Member, MemberState, NodeId
-from cluster.messages import approx_size
-from cluster.placement import max_pairwise_set_size, partition_of
+from pacsmesh.cluster.membership import ClusterSettings, Member, MemberState, NodeId
+from pacsmesh.cluster.messages import approx_size
+from pacsmesh.cluster.placement import max_pairwise_set_size, partition_of
 from tests.sim.simnode import (
     Disk,
     OnReply,
