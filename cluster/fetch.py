@@ -23,6 +23,7 @@ those would copy data only to trim it again seconds later.
 from __future__ import annotations
 
 import collections
+import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -132,3 +133,19 @@ def source_order(origin: str, holders: Sequence[str], alive: Sequence[str]) -> l
     alive_set = set(alive)
     order = [*holders, origin, *sorted(alive)]
     return [n for n in dict.fromkeys(order) if n in alive_set]
+
+
+def relay_for(me: str, feeders: Sequence[str], chunk: bytes) -> str | None:
+    """Who brings this chunk across the source's link, when several replicas need it
+    from one source: the feeder ranked first for the chunk (rendezvous hashing, so all
+    replicas agree without talking). None: this node fetches it from the source itself;
+    otherwise it takes the chunk from that feeder, which is fetching it at the same time.
+
+    Each of k feeders draws 1/k of the chunks over the source's uplink and passes them
+    on to the others, so the source sends every chunk once instead of k times: the
+    slow WAN link is crossed once, the far sites feed each other."""
+    if me not in feeders or len(feeders) < 2:
+        return None
+    best = max(feeders, key=lambda n: hashlib.blake2b(chunk + n.encode(), digest_size=8)
+               .digest())
+    return None if best == me else best

@@ -12,6 +12,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+from pacsmesh.cluster.bandwidth import Shaper, limits_from_config
 from pacsmesh.cluster.drill import Drills, DrillWorker
 from pacsmesh.cluster.gossip import GossipWorker, me_as_member, new_membership
 from pacsmesh.cluster.membership import ClusterSettings
@@ -81,6 +82,10 @@ def build(cfg: Config) -> NodeDaemon:
     replicator = Replicator(store, state, peers, daemon.node_id, cfg.advertise, daemon.clock,
                             daemon.pool)
     replicator.proof_identity = daemon.node_id if daemon.tls is not None else ""
+    t = cfg.transfer
+    replicator.fresh_s = t.fresh_s
+    replicator.shaper = Shaper(limits_from_config(t.rate_mb_s, t.bulk_rate_mb_s, t.bulk_window,
+                                                  t.peers), daemon.node_id)
     background = max(1.0, 5 * c.gossip_interval_s)
     trim = TrimWorker(replicator, background)
     safety = SafetyWorker(replicator, c.repair_stalled_after_s, c.gossip_interval_s)
@@ -113,6 +118,7 @@ def build(cfg: Config) -> NodeDaemon:
         daemon.add_worker(DrillWorker(drills, cfg.drill.interval_s, cfg.drill.count))
     daemon.on_stop(gossip.leave)
     daemon.after_stop(peers.close)
+    daemon.after_stop(replicator.close)
     return daemon
 
 

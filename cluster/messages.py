@@ -110,6 +110,9 @@ class HeldRootGive:
     backlog_instances: int  # placed here, not held yet
     backlog_bytes: int
     scrub_started_ms: int  # start of the last complete scrub pass; 0 = none
+    backlog_oldest_ms: int = 0  # first received ms of the oldest waiting manifest
+    receive_bytes_per_s: float = 0.0  # plain bytes it has been receiving lately
+    waiting: str = ""  # why its backlog is not moving, as its senders said
 
 
 @dataclass(frozen=True, slots=True)

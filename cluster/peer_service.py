@@ -12,7 +12,9 @@ import grpc
 
 from pacsmesh.cluster import antientropy, holdings
 from pacsmesh.cluster.gossip import GossipWorker
-from pacsmesh.cluster.transfer import GET_MANIFESTS_MAX, REPLY_BYTES_MAX, Replicator
+from pacsmesh.cluster.membership import ADDRESS_LENGTH_MAX
+from pacsmesh.cluster.relay import RELAY_GRACE_S, RELAY_WAIT_MAX_S
+from pacsmesh.cluster.transfer import DEFERRED, GET_MANIFESTS_MAX, REPLY_BYTES_MAX, Replicator
 from pacsmesh.node.catalog import partition_of
 from pacsmesh.node.errors import ChunkCorrupt, ChunkMissing
 from pacsmesh.node.tls import CALLER
@@ -26,6 +28,8 @@ IDS_STUDIES_MAX = 256  # studies per GetManifestIds
 HOLDINGS_STUDIES_MAX = 1000  # studies per GetHoldings
 HELD_DELTA_STUDIES_MAX = 4096  # studies per pushed holdings delta
 CHALLENGE_CHUNKS_MAX = 4  # chunks read to answer one proof-of-possession challenge
+NOT_HELD = "not held"
+SEND_MARGIN_S = 5.0  # a paced stream stops this long before the asker's deadline
 
 
 async def _speaks_for(node_id: str, context: Any) -> None:
@@ -167,17 +171,48 @@ class PeerService(peer_pb2_grpc.PeerApiServicer):
 
     async def FetchChunks(self, request: peer_pb2.FetchChunksRequest, context: Any
                           ) -> AsyncIterator[peer_pb2.ChunkData]:
+        """Chunks as stored (compressed), each verified before it leaves, paced by our
+        [transfer] limits. A relay request (wait_ms) also gets the chunks we are
+        fetching ourselves right now, as they arrive."""
         if len(request.hashes) > FETCH_HASHES_MAX:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "too many chunks asked")
+        caller = CALLER.get()
+        peer = caller.name if caller.role == "node" else request.requester[:ADDRESS_LENGTH_MAX]
+        shaper, arrivals = self.r.shaper, self.r.arrivals
+        if why := shaper.deferral(request.purpose):
+            for key in request.hashes:
+                yield peer_pb2.ChunkData(hash=key, missing=True, reason=why)
+            return
         loop = asyncio.get_running_loop()
-        keys = list(request.hashes)
-        for start in range(0, len(keys), FETCH_READ_BATCH):
-            # one thread hop per batch of chunks, not per chunk: this is the hot path of
-            # replication, and each chunk is verified before it leaves
-            batch = await loop.run_in_executor(self.r.pool, self._read_batch,
-                                               keys[start : start + FETCH_READ_BATCH])
-            for msg in batch:
-                yield msg
+        started = loop.time()
+        wait_s = min(request.wait_ms / 1000, RELAY_WAIT_MAX_S)
+        pending = list(request.hashes)
+        while pending:
+            later: list[bytes] = []
+            for start in range(0, len(pending), FETCH_READ_BATCH):
+                # one thread hop per batch of chunks, not per chunk: this is the hot
+                # path of replication
+                batch = await loop.run_in_executor(self.r.pool, self._read_batch,
+                                                   pending[start : start + FETCH_READ_BATCH])
+                for msg in batch:
+                    waited = loop.time() - started
+                    if (msg.missing and msg.reason == NOT_HELD and waited < wait_s
+                            and (arrivals.expected(msg.hash) or waited < RELAY_GRACE_S)):
+                        later.append(msg.hash)  # on its way here: send it when it lands
+                        continue
+                    remaining = context.time_remaining()
+                    if msg.missing:
+                        yield msg
+                    elif remaining is not None and remaining < SEND_MARGIN_S:
+                        yield peer_pb2.ChunkData(hash=msg.hash, missing=True,
+                                                 reason=f"{DEFERRED}: rate-limited; ask again")
+                    else:
+                        await shaper.send(peer, request.purpose, len(msg.data))
+                        self.r.links.on_sent(peer, len(msg.data))
+                        yield msg
+            pending = later
+            if pending:
+                await arrivals.changed(timeout_s=0.25)
 
     def _read_batch(self, keys: list[bytes]) -> list[peer_pb2.ChunkData]:
         out = []
@@ -185,7 +220,7 @@ class PeerService(peer_pb2_grpc.PeerApiServicer):
             try:
                 loc, stored = self.r.store.chunks.read_for_peer(key)
             except ChunkMissing:
-                out.append(peer_pb2.ChunkData(hash=key, missing=True, reason="not held"))
+                out.append(peer_pb2.ChunkData(hash=key, missing=True, reason=NOT_HELD))
                 continue
             except ChunkCorrupt as exc:  # never serve a bad chunk; the scrubber repairs it
                 LOGGER.error("a peer asked for a damaged chunk: %s", exc)

@@ -29,11 +29,13 @@ import grpc
 from pacsmesh.cluster import fetch
 from pacsmesh.cluster.announce import AnnounceQueue
 from pacsmesh.cluster.antientropy import root_of
+from pacsmesh.cluster.bandwidth import Limits, Shaper
 from pacsmesh.cluster.fetch import FETCH_SETTLE_ROUNDS, Candidate, FetchPlanner
 from pacsmesh.cluster.holdings_cache import PeerHoldings
 from pacsmesh.cluster.membership import ADDRESS_LENGTH_MAX
 from pacsmesh.cluster.messages import HeldRootGive, PartDigest, StudyHeld
 from pacsmesh.cluster.peers import CHUNK_BATCH_BYTES_MAX, RPC_TIMEOUT_S, Peers
+from pacsmesh.cluster.relay import RELAY_WAIT_MAX_S, Arrivals, LinkCounter, LinkStats
 from pacsmesh.cluster.safety import Holding, Position
 from pacsmesh.cluster.state import ClusterState
 from pacsmesh.cluster.trim import Challenge
@@ -43,7 +45,7 @@ from pacsmesh.node.chunking import CHUNK_PLAIN_MAX
 from pacsmesh.node.chunkstore import decompress
 from pacsmesh.node.errors import ChunkCorrupt, ChunkMissing, PacsmeshError
 from pacsmesh.node.hashing import content_hash, possession_proof
-from pacsmesh.node.hlc import HybridClock
+from pacsmesh.node.hlc import HybridClock, to_seconds
 from pacsmesh.node.packs import FLAG_ZSTD
 from pacsmesh.node.store import Store
 from pacsmesh.proto import node_pb2, peer_pb2
@@ -57,6 +59,13 @@ CHALLENGE_NONCE_BYTES = 16
 # once per manifest; sources are whatever peers call themselves, so keep a few.
 FUTURE_LOG_REPEAT_S = 60.0
 FUTURE_SOURCES_TRACKED_MAX = 64
+FETCH_TIMEOUT_S = 120.0  # one FetchChunks stream (a sender ends it early when limited)
+BATCH_THREADS = 3  # fetch batches in flight: one commits while the next is on the wire
+FETCH_STREAMS_MAX = 8  # relay streams (batches in flight x other feeders)
+FRESH_S_DEFAULT = 3600.0  # manifests younger than this are fresh ingest
+DEFERRED = "deferred"  # a ChunkData.reason prefix: the sender's limits, try later
+WAITING_MEMORY_S = 60.0  # a sender's deferral explains our backlog this long
+UNFETCHED_TRACKED_MAX = 100_000
 T = TypeVar("T")
 
 
@@ -101,6 +110,26 @@ class Replicator:
         # source -> refusals; replaced, never mutated (API threads read it)
         self.future_refusals: dict[str, FutureRefusals] = {}
         self._future_lock = threading.Lock()
+        self.arrivals = Arrivals()
+        self.links = LinkStats()
+        # fetch batches and their relay streams run here, not in the shared IO pool
+        # (which serves our peers and clients): they wait on the network
+        self.batch_pool = ThreadPoolExecutor(BATCH_THREADS, thread_name_prefix="fetch")
+        self.streams = ThreadPoolExecutor(FETCH_STREAMS_MAX, thread_name_prefix="relay")
+        self.fresh_s = FRESH_S_DEFAULT
+        self.shaper = Shaper(Limits(), node_id)  # what we send; set from [transfer]
+        # peer -> (why it deferred our request, when): shown in status and put --wait-safe
+        self.deferred_by: dict[str, tuple[str, float]] = {}
+        self.inflight: set[bytes] = set()  # manifests a fetch batch is working on
+        # manifest -> first received ms, for the age of our backlog: being fetched now,
+        # and tried but not fetched yet (bounded; the pass finds the rest again)
+        self.inflight_since: dict[bytes, int] = {}
+        self.unfetched: dict[bytes, int] = {}
+        self.plain_in = LinkCounter()  # plain bytes of chunks received: the drain rate
+
+    async def close(self) -> None:
+        self.batch_pool.shutdown(wait=False, cancel_futures=True)
+        self.streams.shutdown(wait=False, cancel_futures=True)
 
     # ---- hooks ----------------------------------------------------------------------
 
@@ -151,6 +180,8 @@ class Replicator:
         return self.store.catalog.need_page(partition, after, limit)
 
     def candidate(self, mid: bytes) -> Candidate | None:
+        if mid in self.inflight:  # a batch in flight is fetching it already
+            return None
         got = self.store.catalog.get(mid)
         if got is None or self.store.catalog.is_held(mid):
             return None
@@ -183,7 +214,22 @@ class Replicator:
         backlog, backlog_bytes = self.planner.backlog(self)
         return peer_pb2.HeldRoot(node_id=self.node_id, digest=digest, count=count,
                                  backlog_instances=backlog, backlog_bytes=backlog_bytes,
-                                 last_scrub_started_ms=self.last_scrub_started_ms())
+                                 last_scrub_started_ms=self.last_scrub_started_ms(),
+                                 backlog_oldest_ms=self.backlog_oldest_ms() if backlog else 0,
+                                 fetch_bytes_per_s=self.plain_in.rate(time.monotonic()),
+                                 waiting=self.waiting() if backlog else "")
+
+    def backlog_oldest_ms(self) -> int:
+        """First received ms of the oldest manifest we tried and could not fetch yet, or
+        are fetching now (0: none known; a pass reaches the rest)."""
+        times = list(self.unfetched.values()) + list(self.inflight_since.values())
+        return min(times, default=0)
+
+    def waiting(self) -> str:
+        """Why our backlog is not moving, as senders told us in the last minute."""
+        now = time.time()
+        return "; ".join(f"{why} ({peer})" for peer, (why, at) in sorted(self.deferred_by.items())
+                         if now - at < WAITING_MEMORY_S)
 
     def held_studies(self, partition: int, after: str, limit: int
                      ) -> tuple[list[StudyHeld], str, bool]:
@@ -273,14 +319,44 @@ class Replicator:
 
     def _sources(self, m: node_pb2.Manifest) -> list[str]:
         """Addresses to ask, best first: peers holding the study, its origin, anyone."""
+        return [a for _, a in self._source_ids(m)]
+
+    def _source_ids(self, m: node_pb2.Manifest) -> list[tuple[str, str]]:
+        """(node id, address) to ask, best first: peers holding the study (fastest
+        link first, ties shuffled to spread the load), its origin, then anyone."""
         snap = self.state.snapshot
-        alive: dict[str, str] = {p.node_id: p.address for p in snap.alive_peers(self.node_id)}
+        failed = self.failed_proofs
+        alive: dict[str, str] = {p.node_id: p.address for p in snap.alive_peers(self.node_id)
+                                 if p.node_id not in failed}
         partition = partition_of(m.study_instance_uid, self.store.catalog.partitions)
         holders = [h.node_id for h in self.holdings.for_study(m.study_instance_uid, partition,
                                                                 sorted(alive))
                    if h.held_instances > 0]
-        random.shuffle(holders)  # spread the load over the holders
-        return [alive[n] for n in fetch.source_order(m.origin_node, holders, sorted(alive))]
+        random.shuffle(holders)
+        rates = self.links.snapshot()
+        holders.sort(key=lambda n: -rates.get(n, (0, 0.0, 0, 0.0))[3])  # stable: ties stay
+        return [(n, alive[n]) for n in fetch.source_order(m.origin_node, holders, sorted(alive))]
+
+    def _feeders(self, m: node_pb2.Manifest) -> list[str]:
+        """The alive replicas of the study other than its origin: they all need the new
+        chunks from the origin and can feed each other (cluster/fetch.py relay_for)."""
+        placement = self.state.placement(m.study_instance_uid)
+        if placement is None:
+            return []
+        alive: set[str] = {p.node_id for p in self.state.snapshot.alive_peers(self.node_id)}
+        alive.add(self.node_id)
+        return [n for n in placement.replicas
+                if n in alive and n != m.origin_node and n not in self.failed_proofs]
+
+    def purpose_of(self, m: node_pb2.Manifest) -> int:
+        """Fresh ingest, repair of a study short of copies, or rebalance (the sender's
+        bandwidth limits and bulk window act on this)."""
+        age_s = time.time() - to_seconds(m.received_hlc)
+        if age_s < self.fresh_s:
+            return peer_pb2.FRESH
+        if self.store.catalog.study_unsafe(m.study_instance_uid):
+            return peer_pb2.REPAIR
+        return peer_pb2.REBALANCE
 
     # ---- fetching chunks -------------------------------------------------------------------
 
@@ -288,26 +364,31 @@ class Replicator:
         """Pull the chunks of several manifests and commit them as held (worker thread).
         Returns how many manifests are now held."""
         started = time.monotonic()
-        sizes: dict[bytes, int] = {}
-        for _, _, m in wanted:
-            for c in m.chunks:
-                sizes[c.hash] = c.size
-        need = set(self.store.chunks.missing(list(sizes)))
-        tried: set[str] = set()
-        for _, _, m in wanted:
-            for address in self._sources(m):
-                if not need:
-                    break
-                if address in tried:
-                    continue
-                tried.add(address)
-                need -= self._fetch_from(address, need, sizes)
+        for mid, _, m in wanted:
+            self.inflight_since[mid] = int(to_seconds(m.received_hlc) * 1000)
+        try:
+            return self._fetch_and_commit(wanted, started)
+        finally:
+            for mid, _, _ in wanted:
+                self.inflight_since.pop(mid, None)
+
+    def _fetch_and_commit(self, wanted: list[tuple[bytes, bytes, node_pb2.Manifest]],
+                          started: float) -> int:
+        by_purpose: dict[int, list[tuple[bytes, bytes, node_pb2.Manifest]]] = {}
+        for item in wanted:
+            by_purpose.setdefault(self.purpose_of(item[2]), []).append(item)
+        missing: set[bytes] = set()
+        for purpose in sorted(by_purpose):
+            missing |= self._fetch_chunks(by_purpose[purpose], purpose)
         fetched_at = time.monotonic()
         held = 0
         futures = []
         for mid, raw, m in wanted:
-            if not any(c.hash in need for c in m.chunks):
+            if not any(c.hash in missing for c in m.chunks):
                 futures.append(self.store.submit(mid, raw, m, held=True))
+                self.unfetched.pop(mid, None)
+            elif len(self.unfetched) < UNFETCHED_TRACKED_MAX:
+                self.unfetched[mid] = int(to_seconds(m.received_hlc) * 1000)
         for fut in futures:
             try:
                 fut.result()
@@ -316,17 +397,77 @@ class Replicator:
                 LOGGER.error("could not commit a replica: %s", exc)
         self.fetched_manifests += held
         self.held_changed({m.study_instance_uid for _, _, m in wanted})
-        LOGGER.debug("replicated %d of %d instances (%d chunks fetched) in %.2f s + commit "
-                     "%.2f s", held, len(wanted), len(sizes) - len(need),
-                     fetched_at - started, time.monotonic() - fetched_at)
-        if need:
+        LOGGER.debug("replicated %d of %d instances in %.2f s + commit %.2f s", held,
+                     len(wanted), fetched_at - started, time.monotonic() - fetched_at)
+        if missing:
             LOGGER.info("%d chunks of %d manifests not found on any reachable peer yet",
-                        len(need), len(wanted) - held)
+                        len(missing), len(wanted) - held)
         return held
 
-    def _fetch_from(self, address: str, need: set[bytes], sizes: dict[bytes, int]) -> set[bytes]:
+    def _fetch_chunks(self, wanted: list[tuple[bytes, bytes, node_pb2.Manifest]],
+                      purpose: int) -> set[bytes]:
+        """Fetch what these manifests lack; returns the chunks still missing.
+
+        Chunks this node draws from the source itself are fetched while, at the same
+        time, the other feeders are asked for their shares (they are drawing them from
+        the source now and pass them on as they arrive). Whatever a feeder cannot give
+        in time is then fetched from the sources after all."""
+        sizes: dict[bytes, int] = {}  # in manifest order: feeders fetch in the same order
+        relay_of: dict[bytes, str | None] = {}
+        for _, _, m in wanted:
+            feeders = self._feeders(m)
+            for c in m.chunks:
+                if c.hash not in sizes:
+                    sizes[c.hash] = c.size
+                    relay_of[c.hash] = fetch.relay_for(self.node_id, feeders, c.hash)
+        need = set(self.store.chunks.missing(list(sizes)))
+        direct = [k for k in sizes if k in need and relay_of[k] is None]
+        relayed: dict[str, list[bytes]] = {}
+        for k in sizes:
+            feeder = relay_of[k]
+            if k in need and feeder is not None:
+                relayed.setdefault(feeder, []).append(k)
+        addresses: dict[str, str] = {m.node_id: m.address for m in self.state.snapshot.members}
+        self.arrivals.expect(direct)
+        try:
+            jobs = [self.streams.submit(self._fetch_from, addresses[f], keys, sizes,
+                                        purpose, True)
+                    for f, keys in relayed.items() if f in addresses]
+            need -= self._fetch_from_sources(wanted, direct, sizes, purpose)
+        finally:
+            self.arrivals.settle(direct)
+        for job in jobs:
+            need -= job.result()
+        if need:  # a feeder's share it could not give: draw it from the sources
+            need -= self._fetch_from_sources(wanted, [k for k in sizes if k in need], sizes,
+                                             purpose)
+        return need
+
+    def _fetch_from_sources(self, wanted: list[tuple[bytes, bytes, node_pb2.Manifest]],
+                            keys: list[bytes], sizes: dict[bytes, int], purpose: int
+                            ) -> set[bytes]:
+        left = list(keys)
         got: set[bytes] = set()
-        keys = sorted(need)
+        tried: set[str] = set()
+        for _, _, m in wanted:
+            for _, address in self._source_ids(m):
+                if not left:
+                    return got
+                if address in tried:
+                    continue
+                tried.add(address)
+                new = self._fetch_from(address, left, sizes, purpose)
+                got |= new
+                left = [k for k in left if k not in new]
+        return got
+
+    def _fetch_from(self, address: str, keys: Sequence[bytes] | set[bytes],
+                    sizes: dict[bytes, int], purpose: int = peer_pb2.FRESH,
+                    relay: bool = False) -> set[bytes]:
+        """Ask one peer for chunks, in batches; returns the ones stored. `relay`: the
+        peer is fetching them itself now and sends them as they arrive."""
+        got: set[bytes] = set()
+        need = set(keys)
         batches: list[list[bytes]] = [[]]
         batch_bytes = 0
         for key in keys:
@@ -336,12 +477,21 @@ class Replicator:
             batches[-1].append(key)
             batch_bytes += sizes[key]
         stub = self.peers.blocking_stub(address)
+        peer = self.state.id_at(address) or address
+        wait_ms = int(RELAY_WAIT_MAX_S * 1000) if relay else 0
         for batch in batches:
+            request = peer_pb2.FetchChunksRequest(
+                hashes=batch, wait_ms=wait_ms, requester=self.node_id,
+                purpose=peer_pb2.TransferPurpose.ValueType(purpose))
             try:
-                for chunk in stub.FetchChunks(peer_pb2.FetchChunksRequest(hashes=batch),
-                                              timeout=RPC_TIMEOUT_S * 6):
-                    if chunk.missing or chunk.hash not in need:
+                for chunk in stub.FetchChunks(request, timeout=FETCH_TIMEOUT_S):
+                    if chunk.missing:
+                        if chunk.reason.startswith(DEFERRED):
+                            self.deferred_by[peer] = (chunk.reason, time.time())
                         continue
+                    if chunk.hash not in need:
+                        continue
+                    self.links.on_received(peer, len(chunk.data))
                     if self._store_chunk(chunk, sizes[chunk.hash], address):
                         got.add(chunk.hash)
             except grpc.RpcError as exc:
@@ -364,6 +514,8 @@ class Replicator:
             return False
         self.fetched_bytes += self.store.chunks.put(chunk.hash, size, chunk.data,
                                                     chunk.flags & FLAG_ZSTD)
+        self.plain_in.add(size, time.monotonic())
+        self.arrivals.arrived()  # a relay stream may be waiting for it
         return True
 
     def repair_chunk(self, key: bytes, users: list[bytes]) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+from pacsmesh.cluster.bandwidth import FRESH, MB, REBALANCE, REPAIR
 from pacsmesh.cluster.drill import Drills
 from pacsmesh.cluster.membership import MemberState
 from pacsmesh.cluster.safety import assess
@@ -45,15 +46,40 @@ class ClusterView:
                 if self.r.store.capacity_bytes:  # free is cached; never claim past capacity
                     free = min(free, max(0, self.r.store.capacity_bytes - used))
             if m.node_id == self.state.me:
-                backlog = self.r.planner.backlog(self.r)
+                n, b = self.r.planner.backlog(self.r)
+                oldest_ms = self.r.backlog_oldest_ms() if n else 0
+                rate = self.r.plain_in.rate(time.monotonic())
+                waiting = self.r.waiting() if n else ""
             else:
                 report = self.r.reports.get(m.node_id)
-                backlog = (report.backlog_instances, report.backlog_bytes) if report else (0, 0)
+                n, b = (report.backlog_instances, report.backlog_bytes) if report else (0, 0)
+                oldest_ms = report.backlog_oldest_ms if report else 0
+                rate = report.receive_bytes_per_s if report else 0.0
+                waiting = report.waiting if report else ""
+            now_s = time.time()
             out.append(node_pb2.NodeStatus(
                 id=m.node_id, site=m.site, address=m.address, lat=m.lat, lon=m.lon,
                 state=str(m.state), used_bytes=used, free_bytes=free, capacity_bytes=cap,
-                backlog_instances=backlog[0], backlog_bytes=backlog[1]))
+                backlog_instances=n, backlog_bytes=b,
+                backlog_oldest_age_s=max(0.0, now_s - oldest_ms / 1000) if oldest_ms else 0.0,
+                receive_bytes_per_s=rate,
+                drain_s=0.0 if b == 0 else (b / rate if rate > 0 else -1.0), waiting=waiting))
         return out
+
+    def links(self) -> list[node_pb2.LinkStatus]:
+        return [node_pb2.LinkStatus(peer=p, sent_bytes=s, sent_bytes_per_s=sr,
+                                    received_bytes=r, received_bytes_per_s=rr)
+                for p, (s, sr, r, rr) in self.r.links.snapshot().items()]
+
+    def transfer(self) -> node_pb2.TransferStatus:
+        shaper = self.r.shaper
+        lim = shaper.limits
+        return node_pb2.TransferStatus(
+            rate_mb_s=lim.rate_bps / MB, bulk_rate_mb_s=lim.bulk_rate_bps / MB,
+            bulk_window=str(lim.bulk_window or ""),
+            bulk_window_open=not shaper.deferral(REPAIR),
+            sent_fresh_bytes=shaper.sent[FRESH], sent_repair_bytes=shaper.sent[REPAIR],
+            sent_rebalance_bytes=shaper.sent[REBALANCE])
 
     def repair(self) -> node_pb2.RepairStatus:
         _, unsafe, oldest_ms = self.r.store.catalog.safety_counts()

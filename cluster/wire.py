@@ -102,6 +102,10 @@ async def call(stub: peer_pb2_grpc.PeerApiAsyncStub, request: msg.Request,
     raise TypeError(f"no RPC for {request!r}")
 
 
+WAITING_CHARS_MAX = 1000  # a peer's explanation, shown to operators
+
+
 def held_root_from_pb(h: peer_pb2.HeldRoot) -> msg.HeldRootGive:
     return msg.HeldRootGive(h.digest, h.count, h.backlog_instances, h.backlog_bytes,
-                            h.last_scrub_started_ms)
+                            h.last_scrub_started_ms, h.backlog_oldest_ms, h.fetch_bytes_per_s,
+                            h.waiting[:WAITING_CHARS_MAX])

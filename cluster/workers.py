@@ -33,7 +33,7 @@ from pacsmesh.cluster.messages import (
     approx_size,
 )
 from pacsmesh.cluster.peers import RPC_TIMEOUT_S
-from pacsmesh.cluster.transfer import Replicator
+from pacsmesh.cluster.transfer import BATCH_THREADS, Replicator
 from pacsmesh.cluster.trim import STUDIES_PER_STEP_MAX, TrimCase, TrimPlanner, TrimRound, eligible
 from pacsmesh.node.alerts import DISK_REFUSE_REPLICAS_FRACTION
 from pacsmesh.node.catalog import partition_of
@@ -43,6 +43,7 @@ from pacsmesh.proto import node_pb2, peer_pb2
 LOGGER = logging.getLogger(__name__)
 HELD_DELTA_MAX = 1000  # studies per pushed delta (~80 KB)
 AUDIT_CANDIDATES = 32  # claimed studies looked at per proof audit
+FETCH_BATCHES_IN_FLIGHT = BATCH_THREADS
 
 
 class AnnounceWorker(Worker):
@@ -76,15 +77,30 @@ class AnnounceWorker(Worker):
 
 
 class FetchWorker(Worker):
+    """Keeps up to FETCH_BATCHES_IN_FLIGHT fetch batches going: while one commits or
+    waits on a slow link, the next is already on the wire (and a feeder is always
+    drawing the batch its partners are asking it for)."""
+
     name = "fetch"
     idle_s = 1.0
 
     def __init__(self, r: Replicator) -> None:
         self.r = r
         self._refusing = False
+        self._tasks: set[asyncio.Task[tuple[int, int]]] = set()
+        self._short = False  # a finished batch left chunks nowhere to be found
 
     async def step(self) -> WorkerState:
+        try:
+            return await self._step()
+        except asyncio.CancelledError:
+            for task in self._tasks:
+                task.cancel()
+            raise
+
+    async def _step(self) -> WorkerState:
         r = self.r
+        self._reap()
         full = await r._run(r.store.used_fraction)
         if full >= DISK_REFUSE_REPLICAS_FRACTION:  # local ingest keeps the rest of the disk
             if not self._refusing:
@@ -92,16 +108,51 @@ class FetchWorker(Worker):
             self._refusing = True
             return WorkerState.THROTTLED
         self._refusing = False
+        if len(self._tasks) >= FETCH_BATCHES_IN_FLIGHT:
+            await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+            return self._after_reap()
         wanted = await r._run(self._plan)
         if not wanted:
+            if self._tasks:
+                await asyncio.wait(self._tasks, timeout=self.idle_s,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                return self._after_reap()
             r.wakeup.clear()
             with contextlib.suppress(TimeoutError):  # announcements wake us early
                 await asyncio.wait_for(r.wakeup.wait(), timeout=self.idle_s)
-            return WorkerState.BUSY if r.planner.fresh else WorkerState.IDLE
-        held = await r._run(r.fetch_batch, wanted)
-        if held < len(wanted) and not r.planner.busy():
-            return WorkerState.THROTTLED  # some chunks are nowhere yet: back off
+            return WorkerState.BUSY if r.planner.fresh else self._after_reap(idle=True)
+        task = asyncio.create_task(self._fetch(wanted))
+        self._tasks.add(task)
         return WorkerState.BUSY
+
+    def _reap(self) -> None:
+        for task in [t for t in self._tasks if t.done()]:
+            self._tasks.discard(task)
+            if task.cancelled():
+                continue
+            if task.exception() is not None:
+                LOGGER.error("a fetch batch failed: %r", task.exception())
+                self._short = True
+                continue
+            held, asked = task.result()
+            self._short |= held < asked
+
+    def _after_reap(self, idle: bool = False) -> WorkerState:
+        self._reap()
+        short, self._short = self._short, False
+        if short and not self.r.planner.busy() and not self._tasks:
+            return WorkerState.THROTTLED  # some chunks are nowhere yet: back off
+        return WorkerState.IDLE if idle else WorkerState.BUSY
+
+    async def _fetch(self, wanted: list[tuple[bytes, bytes, node_pb2.Manifest]]
+                     ) -> tuple[int, int]:
+        mids = [mid for mid, _, _ in wanted]
+        try:
+            held = await asyncio.get_running_loop().run_in_executor(
+                self.r.batch_pool, self.r.fetch_batch, wanted)
+        finally:
+            self.r.inflight.difference_update(mids)
+        return held, len(wanted)
 
     def _plan(self) -> list[tuple[bytes, bytes, node_pb2.Manifest]]:
         out = []
@@ -109,6 +160,7 @@ class FetchWorker(Worker):
             got = self.r.store.catalog.get(c.mid)
             if got is not None:
                 out.append((c.mid, got[0], got[1]))
+        self.r.inflight.update(mid for mid, _, _ in out)
         return out
 
 

@@ -310,6 +310,11 @@ class Catalog:
 
     # ---- safety, as judged by the cluster ------------------------------------------
 
+    def study_unsafe(self, study_uid: str) -> bool:
+        """As the cluster last judged it (a study not judged yet is unsafe)."""
+        with self.env.begin() as txn:
+            return self._safety(txn, study_uid)[1]
+
     def _safety(self, txn: Any, study_uid: str) -> tuple[int, bool]:
         raw = txn.get(study_uid.encode(), db=self.safety)
         return (raw[0], bool(raw[1])) if raw is not None else (0, True)

@@ -70,6 +70,17 @@ class DicomSection:
 
 
 @dataclass(frozen=True)
+class TransferSection:
+    """What this node sends its peers (cluster/bandwidth.py). MB = 10^6 bytes."""
+
+    rate_mb_s: float = 0.0  # all outbound replication; 0 = unlimited
+    bulk_rate_mb_s: float = 0.0  # repair of older data and rebalance; 0 = up to rate_mb_s
+    bulk_window: str = ""  # local "HH:MM-HH:MM" when bulk may flow; "" = always
+    fresh_s: float = 3600.0  # data ingested this recently is fresh (never held back)
+    peers: dict[str, float] = field(default_factory=dict)  # node id -> MB/s to that peer
+
+
+@dataclass(frozen=True)
 class ScrubSection:
     rate_mb_s: float = 50.0
     interval_s: float = 604800.0
@@ -103,6 +114,7 @@ class Config:
     scrub: ScrubSection = field(default_factory=ScrubSection)
     drill: DrillSection = field(default_factory=DrillSection)
     tls: TlsSection = field(default_factory=TlsSection)
+    transfer: TransferSection = field(default_factory=TransferSection)
     path: Path | None = None
 
     @property
@@ -180,7 +192,7 @@ def _dicom_tls(dicom: DicomSection, tls: TlsSection) -> DicomSection:
 
 def parse(raw: dict[str, Any], path: Path | None = None) -> Config:
     for section in raw:
-        if section not in ("node", "cluster", "dicom", "scrub", "drill", "tls"):
+        if section not in ("node", "cluster", "dicom", "scrub", "drill", "tls", "transfer"):
             raise ConfigError(f"unknown section [{section}]")
     node_raw = dict(raw.get("node", {}))
     if "data_dir" not in node_raw:
@@ -238,7 +250,29 @@ def parse(raw: dict[str, Any], path: Path | None = None) -> Config:
             "[tls] ca_cert, cert and key (see README, Securing a federation), listen on "
             "127.0.0.1, or set [tls] insecure = true to accept the risk (an alert)")
     return Config(node=node, cluster=cluster, dicom=dicom, scrub=scrub, drill=drill, tls=tls,
-                  path=path)
+                  transfer=_transfer(raw.get("transfer", {})), path=path)
+
+
+def _transfer(raw: Any) -> TransferSection:
+    if not isinstance(raw, dict):
+        raise ConfigError("[transfer] must be a table")
+    raw = dict(raw)
+    peers = raw.pop("peers", {})
+    if not isinstance(peers, dict) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+            for v in peers.values()):
+        raise ConfigError("[transfer.peers] must map node ids to MB/s > 0, e.g. seattle = 2.5")
+    t: TransferSection = _section(TransferSection, raw, "transfer",
+                                  peers={k: float(v) for k, v in peers.items()})
+    if t.rate_mb_s < 0 or t.bulk_rate_mb_s < 0 or t.fresh_s < 0:
+        raise ConfigError("[transfer] rate_mb_s, bulk_rate_mb_s and fresh_s must be >= 0 "
+                          "(0 rate = unlimited)")
+    from pacsmesh.cluster.bandwidth import parse_window
+    try:
+        parse_window(t.bulk_window)
+    except ValueError as exc:
+        raise ConfigError(f"[transfer] bulk_window: {exc}") from exc
+    return t
 
 
 def load(path: Path) -> Config:

@@ -48,6 +48,8 @@ class ClusterView(Protocol):
     def alerts(self) -> list[node_pb2.Alert]: ...
     def last_drill(self) -> list[node_pb2.DrillResult]: ...
     def repair(self) -> node_pb2.RepairStatus: ...
+    def links(self) -> list[node_pb2.LinkStatus]: ...
+    def transfer(self) -> node_pb2.TransferStatus: ...
 
 
 class LoneView:
@@ -84,6 +86,12 @@ class LoneView:
 
     def repair(self) -> node_pb2.RepairStatus:
         return node_pb2.RepairStatus(eta_s=-1.0)
+
+    def links(self) -> list[node_pb2.LinkStatus]:
+        return []
+
+    def transfer(self) -> node_pb2.TransferStatus:
+        return node_pb2.TransferStatus()
 
     def alerts(self) -> list[node_pb2.Alert]:
         if self._copies <= 1:
@@ -372,7 +380,8 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
             studies=studies, instances=instances, safe_studies=safe_studies,
             unsafe_studies=studies - safe_studies, oldest_unsafe_age_s=oldest_age,
             alerts=alerts, answered_by=self.node_id, chunk_bytes=chunk_bytes,
-            last_drill=self.view.last_drill(), days_until_full=self._days_until_full())
+            last_drill=self.view.last_drill(), days_until_full=self._days_until_full(),
+            links=self.view.links(), transfer=self.view.transfer())
 
     def _days_until_full(self) -> float:
         used = self.store.used_bytes()

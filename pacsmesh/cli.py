@@ -131,9 +131,12 @@ def cmd_put(args: argparse.Namespace) -> int:
         doc["seconds"] = round(seconds, 3)
         ok = not report.rejected
         if args.wait_safe is not None and report.studies:
-            safe = _wait_safe(ch, sorted(report.studies), args.wait_safe)
+            safe = _wait_safe(ch, sorted(report.studies), args.wait_safe,
+                              say=None if args.json else _say_waiting)
             doc["safe"] = safe
             ok = ok and all(safe.values())
+            if not all(safe.values()):
+                doc["waiting"] = _why_waiting(node_pb2_grpc.NodeApiStub(ch))
 
     def human() -> None:
         mb = report.bytes_in / 1e6
@@ -145,14 +148,21 @@ def cmd_put(args: argparse.Namespace) -> int:
             print(f"  rejected {r['path']}: {r['reason']}")
         for study, is_safe in doc.get("safe", {}).items():
             print(f"  {study}: {'safe' if is_safe else 'NOT safe yet'}")
+        for why in doc.get("waiting", []):
+            print(f"  waiting: {why}")
 
     _emit(args, doc, human)
     return 0 if ok else 1
 
 
-def _wait_safe(ch: grpc.Channel, studies: list[str], timeout_s: float) -> dict[str, bool]:
+def _wait_safe(ch: grpc.Channel, studies: list[str], timeout_s: float,
+               say: Callable[[list[str]], None] | None = None) -> dict[str, bool]:
+    """Poll until every study is safe or the time is up; every WHY_EVERY_S, `say`
+    why it is still waiting (the nodes' own explanations)."""
     stub = node_pb2_grpc.NodeApiStub(ch)
-    deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
+    deadline = started + timeout_s
+    said_at = started
     safe = dict.fromkeys(studies, False)
     while True:
         for study in [s for s, ok in safe.items() if not ok]:
@@ -160,9 +170,47 @@ def _wait_safe(ch: grpc.Channel, studies: list[str], timeout_s: float) -> dict[s
                 safe[study] = stub.Locate(node_pb2.LocateRequest(study_uid=study)).safe
             except grpc.RpcError:
                 safe[study] = False
-        if all(safe.values()) or time.monotonic() >= deadline:
+        now = time.monotonic()
+        if all(safe.values()) or now >= deadline:
             return safe
+        if say is not None and now - said_at >= WHY_EVERY_S:
+            said_at = now
+            say(_why_waiting(stub))
         time.sleep(0.5)
+
+
+WHY_EVERY_S = 5.0
+
+
+def _say_waiting(reasons: list[str]) -> None:
+    for why in reasons or ["copying"]:
+        print(f"waiting for safe copies: {why}", file=sys.stderr, flush=True)
+
+
+def _why_waiting(stub: node_pb2_grpc.NodeApiStub) -> list[str]:
+    """Why copies are not all there yet, as the cluster sees it: too few sites, and
+    per node its backlog, its rate, and what a sender said (e.g. a bulk window)."""
+    try:
+        st = stub.Status(node_pb2.StatusRequest(), timeout=10)
+    except grpc.RpcError as exc:
+        return [f"cannot ask the node why: {exc.code().name}"]
+    out = []
+    alive = [n for n in st.nodes if n.state == "alive"]
+    if len(alive) < st.copies:
+        out.append(f"only {len(alive)} sites are alive; {st.copies} copies need {st.copies} "
+                   f"sites at least {st.min_distance_miles:.0f} miles apart")
+    for n in st.nodes:
+        if not n.backlog_instances:
+            continue
+        what = (f"{n.id}: {n.backlog_instances} instances "
+                f"({_human_bytes(n.backlog_bytes)}) to copy")
+        if n.waiting:
+            what += f"; {n.waiting}"
+        elif n.drain_s > 0:
+            what += (f", about {n.drain_s:.0f} s at "
+                     f"{_human_bytes(int(n.receive_bytes_per_s))}/s")
+        out.append(what)
+    return out
 
 
 def cmd_get(args: argparse.Namespace) -> int:

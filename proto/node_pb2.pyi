@@ -762,6 +762,10 @@ class NodeStatus(_message.Message):
     CAPACITY_BYTES_FIELD_NUMBER: _builtins.int
     BACKLOG_INSTANCES_FIELD_NUMBER: _builtins.int
     BACKLOG_BYTES_FIELD_NUMBER: _builtins.int
+    BACKLOG_OLDEST_AGE_S_FIELD_NUMBER: _builtins.int
+    RECEIVE_BYTES_PER_S_FIELD_NUMBER: _builtins.int
+    DRAIN_S_FIELD_NUMBER: _builtins.int
+    WAITING_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     site: _builtins.str
     address: _builtins.str
@@ -774,6 +778,14 @@ class NodeStatus(_message.Message):
     backlog_instances: _builtins.int
     """placed on this node, not held yet (as last reported)"""
     backlog_bytes: _builtins.int
+    backlog_oldest_age_s: _builtins.float
+    """age of the oldest instance waiting (0: none)"""
+    receive_bytes_per_s: _builtins.float
+    """chunk bytes it has been receiving lately"""
+    drain_s: _builtins.float
+    """backlog at that rate; -1: not moving"""
+    waiting: _builtins.str
+    """why not, if a sender deferred it (bulk window...)"""
     def __init__(
         self,
         *,
@@ -788,14 +800,93 @@ class NodeStatus(_message.Message):
         capacity_bytes: _builtins.int = ...,
         backlog_instances: _builtins.int = ...,
         backlog_bytes: _builtins.int = ...,
+        backlog_oldest_age_s: _builtins.float = ...,
+        receive_bytes_per_s: _builtins.float = ...,
+        drain_s: _builtins.float = ...,
+        waiting: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backlog_bytes", b"backlog_bytes", "backlog_instances", b"backlog_instances", "capacity_bytes", b"capacity_bytes", "free_bytes", b"free_bytes", "id", b"id", "lat", b"lat", "lon", b"lon", "site", b"site", "state", b"state", "used_bytes", b"used_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backlog_bytes", b"backlog_bytes", "backlog_instances", b"backlog_instances", "backlog_oldest_age_s", b"backlog_oldest_age_s", "capacity_bytes", b"capacity_bytes", "drain_s", b"drain_s", "free_bytes", b"free_bytes", "id", b"id", "lat", b"lat", "lon", b"lon", "receive_bytes_per_s", b"receive_bytes_per_s", "site", b"site", "state", b"state", "used_bytes", b"used_bytes", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NodeStatus: _TypeAlias = NodeStatus  # noqa: Y015
+
+@_typing.final
+class LinkStatus(_message.Message):
+    """Chunk bytes this node sent to and received from one peer (since it started)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEER_FIELD_NUMBER: _builtins.int
+    SENT_BYTES_FIELD_NUMBER: _builtins.int
+    SENT_BYTES_PER_S_FIELD_NUMBER: _builtins.int
+    RECEIVED_BYTES_FIELD_NUMBER: _builtins.int
+    RECEIVED_BYTES_PER_S_FIELD_NUMBER: _builtins.int
+    peer: _builtins.str
+    sent_bytes: _builtins.int
+    sent_bytes_per_s: _builtins.float
+    """over the last 10 s"""
+    received_bytes: _builtins.int
+    received_bytes_per_s: _builtins.float
+    def __init__(
+        self,
+        *,
+        peer: _builtins.str = ...,
+        sent_bytes: _builtins.int = ...,
+        sent_bytes_per_s: _builtins.float = ...,
+        received_bytes: _builtins.int = ...,
+        received_bytes_per_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["peer", b"peer", "received_bytes", b"received_bytes", "received_bytes_per_s", b"received_bytes_per_s", "sent_bytes", b"sent_bytes", "sent_bytes_per_s", b"sent_bytes_per_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinkStatus: _TypeAlias = LinkStatus  # noqa: Y015
+
+@_typing.final
+class TransferStatus(_message.Message):
+    """This node's outbound limits ([transfer]) and what it sent, by purpose."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RATE_MB_S_FIELD_NUMBER: _builtins.int
+    BULK_RATE_MB_S_FIELD_NUMBER: _builtins.int
+    BULK_WINDOW_FIELD_NUMBER: _builtins.int
+    BULK_WINDOW_OPEN_FIELD_NUMBER: _builtins.int
+    SENT_FRESH_BYTES_FIELD_NUMBER: _builtins.int
+    SENT_REPAIR_BYTES_FIELD_NUMBER: _builtins.int
+    SENT_REBALANCE_BYTES_FIELD_NUMBER: _builtins.int
+    rate_mb_s: _builtins.float
+    """0: unlimited"""
+    bulk_rate_mb_s: _builtins.float
+    bulk_window: _builtins.str
+    """"" = always"""
+    bulk_window_open: _builtins.bool
+    sent_fresh_bytes: _builtins.int
+    sent_repair_bytes: _builtins.int
+    sent_rebalance_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        rate_mb_s: _builtins.float = ...,
+        bulk_rate_mb_s: _builtins.float = ...,
+        bulk_window: _builtins.str = ...,
+        bulk_window_open: _builtins.bool = ...,
+        sent_fresh_bytes: _builtins.int = ...,
+        sent_repair_bytes: _builtins.int = ...,
+        sent_rebalance_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bulk_rate_mb_s", b"bulk_rate_mb_s", "bulk_window", b"bulk_window", "bulk_window_open", b"bulk_window_open", "rate_mb_s", b"rate_mb_s", "sent_fresh_bytes", b"sent_fresh_bytes", "sent_rebalance_bytes", b"sent_rebalance_bytes", "sent_repair_bytes", b"sent_repair_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransferStatus: _TypeAlias = TransferStatus  # noqa: Y015
 
 @_typing.final
 class RepairStatus(_message.Message):
@@ -890,6 +981,8 @@ class StatusReply(_message.Message):
     LAST_DRILL_FIELD_NUMBER: _builtins.int
     DAYS_UNTIL_FULL_FIELD_NUMBER: _builtins.int
     REPAIR_FIELD_NUMBER: _builtins.int
+    LINKS_FIELD_NUMBER: _builtins.int
+    TRANSFER_FIELD_NUMBER: _builtins.int
     copies: _builtins.int
     """(fields 13+ are additions to the CONTRACT's minimum)"""
     min_distance_miles: _builtins.float
@@ -913,6 +1006,10 @@ class StatusReply(_message.Message):
     def last_drill(self) -> _containers.RepeatedCompositeFieldContainer[Global___DrillResult]: ...
     @_builtins.property
     def repair(self) -> Global___RepairStatus: ...
+    @_builtins.property
+    def links(self) -> _containers.RepeatedCompositeFieldContainer[Global___LinkStatus]: ...
+    @_builtins.property
+    def transfer(self) -> Global___TransferStatus: ...
     def __init__(
         self,
         *,
@@ -931,10 +1028,12 @@ class StatusReply(_message.Message):
         last_drill: _abc.Iterable[Global___DrillResult] | None = ...,
         days_until_full: _builtins.float = ...,
         repair: Global___RepairStatus | None = ...,
+        links: _abc.Iterable[Global___LinkStatus] | None = ...,
+        transfer: Global___TransferStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["repair", b"repair"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["repair", b"repair", "transfer", b"transfer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "answered_by", b"answered_by", "chunk_bytes", b"chunk_bytes", "copies", b"copies", "days_until_full", b"days_until_full", "instances", b"instances", "last_drill", b"last_drill", "min_distance_miles", b"min_distance_miles", "nodes", b"nodes", "oldest_unsafe_age_s", b"oldest_unsafe_age_s", "repair", b"repair", "safe_studies", b"safe_studies", "stored_bytes", b"stored_bytes", "studies", b"studies", "unsafe_studies", b"unsafe_studies"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "answered_by", b"answered_by", "chunk_bytes", b"chunk_bytes", "copies", b"copies", "days_until_full", b"days_until_full", "instances", b"instances", "last_drill", b"last_drill", "links", b"links", "min_distance_miles", b"min_distance_miles", "nodes", b"nodes", "oldest_unsafe_age_s", b"oldest_unsafe_age_s", "repair", b"repair", "safe_studies", b"safe_studies", "stored_bytes", b"stored_bytes", "studies", b"studies", "transfer", b"transfer", "unsafe_studies", b"unsafe_studies"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -10,6 +10,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -20,6 +21,29 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _TransferPurpose:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TransferPurposeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TransferPurpose.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FRESH: _TransferPurpose.ValueType  # 0
+    """ingested recently: always up to [transfer] rate_mb_s"""
+    REPAIR: _TransferPurpose.ValueType  # 1
+    """older data of a study short of copies: bulk, before rebalance"""
+    REBALANCE: _TransferPurpose.ValueType  # 2
+    """older data of a safe study (placement moved): bulk, last"""
+
+class TransferPurpose(_TransferPurpose, metaclass=_TransferPurposeEnumTypeWrapper): ...
+
+FRESH: TransferPurpose.ValueType  # 0
+"""ingested recently: always up to [transfer] rate_mb_s"""
+REPAIR: TransferPurpose.ValueType  # 1
+"""older data of a study short of copies: bulk, before rebalance"""
+REBALANCE: TransferPurpose.ValueType  # 2
+"""older data of a safe study (placement moved): bulk, last"""
+Global___TransferPurpose: _TypeAlias = TransferPurpose  # noqa: Y015
 
 @_typing.final
 class Settings(_message.Message):
@@ -485,16 +509,30 @@ class FetchChunksRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HASHES_FIELD_NUMBER: _builtins.int
+    WAIT_MS_FIELD_NUMBER: _builtins.int
+    PURPOSE_FIELD_NUMBER: _builtins.int
+    REQUESTER_FIELD_NUMBER: _builtins.int
+    wait_ms: _builtins.int
+    """Relay: chunks the answering node is itself fetching now are sent as they arrive,
+    waiting up to this long (0: answer at once with what is held).
+    """
+    purpose: Global___TransferPurpose.ValueType
+    """Why the asker wants them, for the sender's bandwidth limits and priorities."""
+    requester: _builtins.str
+    """the asker's node id (its certificate's under TLS)"""
     @_builtins.property
     def hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
     def __init__(
         self,
         *,
         hashes: _abc.Iterable[_builtins.bytes] | None = ...,
+        wait_ms: _builtins.int = ...,
+        purpose: Global___TransferPurpose.ValueType = ...,
+        requester: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hashes", b"hashes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hashes", b"hashes", "purpose", b"purpose", "requester", b"requester", "wait_ms", b"wait_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -659,6 +697,9 @@ class HeldRoot(_message.Message):
     BACKLOG_INSTANCES_FIELD_NUMBER: _builtins.int
     BACKLOG_BYTES_FIELD_NUMBER: _builtins.int
     LAST_SCRUB_STARTED_MS_FIELD_NUMBER: _builtins.int
+    BACKLOG_OLDEST_MS_FIELD_NUMBER: _builtins.int
+    FETCH_BYTES_PER_S_FIELD_NUMBER: _builtins.int
+    WAITING_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     digest: _builtins.bytes
     """AdHash of every current version held here, verified"""
@@ -667,6 +708,12 @@ class HeldRoot(_message.Message):
     """placed here, not held yet"""
     backlog_bytes: _builtins.int
     last_scrub_started_ms: _builtins.int
+    backlog_oldest_ms: _builtins.int
+    """first received ms of the oldest manifest waiting (0: none)"""
+    fetch_bytes_per_s: _builtins.float
+    """wire bytes this node has been receiving lately"""
+    waiting: _builtins.str
+    """why the backlog is not moving, if a sender said ("" if it is)"""
     def __init__(
         self,
         *,
@@ -676,10 +723,13 @@ class HeldRoot(_message.Message):
         backlog_instances: _builtins.int = ...,
         backlog_bytes: _builtins.int = ...,
         last_scrub_started_ms: _builtins.int = ...,
+        backlog_oldest_ms: _builtins.int = ...,
+        fetch_bytes_per_s: _builtins.float = ...,
+        waiting: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog_bytes", b"backlog_bytes", "backlog_instances", b"backlog_instances", "count", b"count", "digest", b"digest", "last_scrub_started_ms", b"last_scrub_started_ms", "node_id", b"node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog_bytes", b"backlog_bytes", "backlog_instances", b"backlog_instances", "backlog_oldest_ms", b"backlog_oldest_ms", "count", b"count", "digest", b"digest", "fetch_bytes_per_s", b"fetch_bytes_per_s", "last_scrub_started_ms", b"last_scrub_started_ms", "node_id", b"node_id", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,153 @@
+"""Replication over links that cost: real node processes on loopback.
+
+- Each chunk leaves the ingest site once: the far replicas split the new chunks
+  between them and feed each other (cluster/fetch.py relay_for), measured with the
+  nodes' own per-link byte counters.
+- Outbound limits hold within 10 %: the node's rate and a per-peer override.
+- Bulk data waits for the sender's bulk window, and the operator is told why
+  (status per-link backlog, put --wait-safe).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+from typing import Any
+
+from pacsmesh.proto import node_pb2
+from pacsmesh.sample import StudySpec, study_uid, write_study
+from tests.clusterproc import Cluster, api_locate, api_status, wait_for
+from tests.nodeproc import cli, cli_json
+
+MB = 1_000_000
+
+
+def three_sites(tmp_path: Path, boston_transfer: dict[str, Any] | None = None,
+                **cluster: Any) -> Cluster:
+    c = Cluster(tmp_path / "c")
+    c.add("boston", "Boston", **cluster)
+    c.members[0].extra["transfer"] = boston_transfer or {}
+    c.add("seattle", "Seattle", **cluster)
+    c.add("denver", "Denver", **cluster)
+    c.start()
+    c.wait_converged()
+    return c
+
+
+def links(status: node_pb2.StatusReply) -> dict[str, node_pb2.LinkStatus]:
+    return {link.peer: link for link in status.links}
+
+
+def test_each_chunk_crosses_the_ingest_sites_link_once(tmp_path: Path) -> None:
+    spec = StudySpec(study_index=1, instances=120, rows=256, columns=256, seed=11)
+    write_study(tmp_path / "study", spec)
+    c = three_sites(tmp_path)
+    try:
+        boston, seattle, denver = c.members
+        put = cli_json("put", str(tmp_path / "study"), "--wait-safe", "120",
+                       node=boston.address)
+        assert put["safe"] == {study_uid(spec): True}
+        stored = api_status(boston.address).chunk_bytes
+        out = links(api_status(boston.address))
+        sent = out["seattle"].sent_bytes + out["denver"].sent_bytes
+        # every chunk left Boston once (a few may go twice when a feeder is late)
+        assert stored * 0.99 <= sent <= stored * 1.15, (sent, stored)
+        for far, other in ((seattle, "denver"), (denver, "seattle")):
+            got = links(api_status(far.address))
+            received = got["boston"].received_bytes + got[other].received_bytes
+            assert received >= stored * 0.99, (far.node_id, received, stored)
+            # the far sites fed each other a real share, not a token
+            assert got[other].received_bytes > stored * 0.2, (far.node_id, got)
+    finally:
+        for m in c.members:
+            m.stop()
+
+
+def _sent_rate(address: str, peers: tuple[str, ...], span_s: float = 5.0
+               ) -> dict[str, float]:
+    """Bytes per second the node at `address` sends each peer, measured over `span_s`
+    once replication is under way (the steady state, not the start)."""
+    wait_for(lambda: sum(x.sent_bytes for x in api_status(address).links) > 2 * MB,
+             30, "replication to start")
+    t0, first = time.monotonic(), links(api_status(address))
+    time.sleep(span_s)
+    t1, last = time.monotonic(), links(api_status(address))
+    return {p: (last[p].sent_bytes - first[p].sent_bytes) / (t1 - t0) for p in peers}
+
+
+def test_outbound_rate_holds_within_ten_percent(tmp_path: Path) -> None:
+    spec = StudySpec(study_index=2, instances=110, seed=12)  # 512x512: ~17 MB compressed
+    write_study(tmp_path / "study", spec)
+    c = three_sites(tmp_path, {"rate_mb_s": 2.0})
+    try:
+        boston = c.members[0]
+        cli_json("put", str(tmp_path / "study"), node=boston.address)
+        rates = _sent_rate(boston.address, ("seattle", "denver"))
+        assert abs(sum(rates.values()) - 2 * MB) <= 0.1 * 2 * MB, rates
+        transfer = api_status(boston.address).transfer
+        assert transfer.rate_mb_s == 2.0 and transfer.sent_fresh_bytes > 0
+        assert transfer.sent_repair_bytes == transfer.sent_rebalance_bytes == 0
+        uid = study_uid(spec)
+        wait_for(lambda: api_locate(boston.address, uid).safe, 60, "the study to be safe")
+    finally:
+        for m in c.members:
+            m.stop()
+
+
+def test_per_peer_override_holds_within_ten_percent(tmp_path: Path) -> None:
+    spec = StudySpec(study_index=4, instances=120, seed=14)  # ~18 MB compressed
+    write_study(tmp_path / "study", spec)
+    c = Cluster(tmp_path / "c")
+    c.add("boston", "Boston", copies=2).extra["transfer"] = {"peers": {"seattle": 1.5}}
+    c.add("seattle", "Seattle", copies=2)
+    c.start()
+    c.wait_converged()
+    try:
+        boston = c.members[0]
+        cli_json("put", str(tmp_path / "study"), node=boston.address)
+        rate = _sent_rate(boston.address, ("seattle",))["seattle"]
+        assert abs(rate - 1.5 * MB) <= 0.1 * 1.5 * MB, rate
+    finally:
+        for m in c.members:
+            m.stop()
+
+
+def _closed_window_now() -> str:
+    """A bulk window that opens two hours from now (local time) for an hour."""
+    start = dt.datetime.now() + dt.timedelta(hours=2)
+    end = start + dt.timedelta(hours=1)
+    return f"{start:%H:%M}-{end:%H:%M}"
+
+
+def test_bulk_waits_for_the_senders_window_and_says_why(tmp_path: Path) -> None:
+    spec = StudySpec(study_index=3, instances=6, rows=128, columns=128, seed=13)
+    write_study(tmp_path / "study", spec)
+    # fresh_s = 0: everything counts as old data (a backfill), so it is bulk
+    transfer = {"bulk_window": _closed_window_now(), "fresh_s": 0.0}
+    c = Cluster(tmp_path / "c")
+    for node_id, city in (("boston", "Boston"), ("seattle", "Seattle"), ("denver", "Denver")):
+        c.add(node_id, city).extra["transfer"] = transfer
+    c.start()
+    c.wait_converged()
+    try:
+        boston, seattle, _ = c.members
+        uid = study_uid(spec)
+        res = cli("put", str(tmp_path / "study"), "--wait-safe", "6", node=boston.address)
+        assert res.returncode == 1, res.stdout  # not safe: nobody may send bulk now
+        assert "bulk window" in res.stdout + res.stderr, (res.stdout, res.stderr)
+
+        def explained() -> node_pb2.NodeStatus | None:
+            me = next(n for n in api_status(seattle.address).nodes if n.id == "seattle")
+            return me if "bulk window" in me.waiting and me.backlog_instances else None
+
+        me = wait_for(explained, 20, "seattle to say why it waits")
+        assert me.backlog_instances == 6 and me.drain_s == -1.0, me
+        assert me.backlog_oldest_age_s > 0
+        assert not api_locate(boston.address, uid).safe
+        assert not api_status(boston.address).transfer.bulk_window_open
+        doc = cli_json("status", node=seattle.address)
+        assert any("bulk window" in n.get("waiting", "") for n in doc["nodes"]), doc["nodes"]
+    finally:
+        for m in c.members:
+            m.stop()
