@@ -83,7 +83,7 @@ def build(cfg: Config) -> NodeDaemon:
                             daemon.pool)
     replicator.proof_identity = daemon.node_id if daemon.tls is not None else ""
     t = cfg.transfer
-    replicator.fresh_s = t.fresh_s
+    replicator.fresh_s, replicator.wire_zstd_level = t.fresh_s, t.wire_zstd_level
     replicator.shaper = Shaper(limits_from_config(t.rate_mb_s, t.bulk_rate_mb_s, t.bulk_window,
                                                   t.peers), daemon.node_id)
     background = max(1.0, 5 * c.gossip_interval_s)

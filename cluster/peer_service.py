@@ -193,7 +193,8 @@ class PeerService(peer_pb2_grpc.PeerApiServicer):
                 # one thread hop per batch of chunks, not per chunk: this is the hot
                 # path of replication
                 batch = await loop.run_in_executor(self.r.pool, self._read_batch,
-                                                   pending[start : start + FETCH_READ_BATCH])
+                                                   pending[start : start + FETCH_READ_BATCH],
+                                                   request.zstd_level)
                 for msg in batch:
                     waited = loop.time() - started
                     if (msg.missing and msg.reason == NOT_HELD and waited < wait_s
@@ -214,11 +215,11 @@ class PeerService(peer_pb2_grpc.PeerApiServicer):
             if pending:
                 await arrivals.changed(timeout_s=0.25)
 
-    def _read_batch(self, keys: list[bytes]) -> list[peer_pb2.ChunkData]:
+    def _read_batch(self, keys: list[bytes], zstd_level: int = 0) -> list[peer_pb2.ChunkData]:
         out = []
         for key in keys:
             try:
-                loc, stored = self.r.store.chunks.read_for_peer(key)
+                plain_len, flags, data = self.r.store.chunks.for_peer(key, zstd_level)
             except ChunkMissing:
                 out.append(peer_pb2.ChunkData(hash=key, missing=True, reason=NOT_HELD))
                 continue
@@ -226,8 +227,7 @@ class PeerService(peer_pb2_grpc.PeerApiServicer):
                 LOGGER.error("a peer asked for a damaged chunk: %s", exc)
                 out.append(peer_pb2.ChunkData(hash=key, missing=True, reason="damaged here"))
                 continue
-            out.append(peer_pb2.ChunkData(hash=key, plain_len=loc.plain_len, flags=loc.flags,
-                                          data=stored))
+            out.append(peer_pb2.ChunkData(hash=key, plain_len=plain_len, flags=flags, data=data))
         return out
 
     async def GetHoldings(self, request: peer_pb2.HoldingsRequest, context: Any

@@ -20,6 +20,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -64,8 +65,16 @@ BATCH_THREADS = 3  # fetch batches in flight: one commits while the next is on t
 FETCH_STREAMS_MAX = 8  # relay streams (batches in flight x other feeders)
 FRESH_S_DEFAULT = 3600.0  # manifests younger than this are fresh ingest
 DEFERRED = "deferred"  # a ChunkData.reason prefix: the sender's limits, try later
+WIRE_ZSTD_LEVEL_DEFAULT = 3  # on slow links: ~7 % fewer bytes than level 1 on noisy CT
+SLOW_LINK_BYTES_PER_S = 40e6  # below this a link is worth compressing harder for
 WAITING_MEMORY_S = 60.0  # a sender's deferral explains our backlog this long
 UNFETCHED_TRACKED_MAX = 100_000
+# When our own share is in, a feeder's stream gets this long (at least the minimum, else
+# that fraction of the time our share took) before we take the rest of its share from
+# the sources: equal links finish together, a slower feeder is overtaken.
+STEAL_GRACE_MIN_S = 1.0
+STEAL_GRACE_FRACTION = 0.25
+STEAL_BATCH_BYTES = 4 << 20
 T = TypeVar("T")
 
 
@@ -117,10 +126,12 @@ class Replicator:
         self.batch_pool = ThreadPoolExecutor(BATCH_THREADS, thread_name_prefix="fetch")
         self.streams = ThreadPoolExecutor(FETCH_STREAMS_MAX, thread_name_prefix="relay")
         self.fresh_s = FRESH_S_DEFAULT
+        self.wire_zstd_level = WIRE_ZSTD_LEVEL_DEFAULT
         self.shaper = Shaper(Limits(), node_id)  # what we send; set from [transfer]
         # peer -> (why it deferred our request, when): shown in status and put --wait-safe
         self.deferred_by: dict[str, tuple[str, float]] = {}
         self.inflight: set[bytes] = set()  # manifests a fetch batch is working on
+        self.stolen_chunks = 0  # relayed chunks we took from the sources after all
         # manifest -> first received ms, for the age of our backlog: being fetched now,
         # and tried but not fetched yet (bounded; the pass finds the rest again)
         self.inflight_since: dict[bytes, int] = {}
@@ -358,6 +369,14 @@ class Replicator:
             return peer_pb2.REPAIR
         return peer_pb2.REBALANCE
 
+    def wire_level(self, peer: str) -> int:
+        """The zstd level to ask `peer` for: higher than stored only on a link that has
+        been slow lately (a busy WAN link), never on a fast one (CPU would be the wall)."""
+        if not self.wire_zstd_level:
+            return 0
+        rate = self.links.snapshot().get(peer, (0, 0.0, 0, 0.0))[3]
+        return self.wire_zstd_level if 0 < rate < SLOW_LINK_BYTES_PER_S else 0
+
     # ---- fetching chunks -------------------------------------------------------------------
 
     def fetch_batch(self, wanted: list[tuple[bytes, bytes, node_pb2.Manifest]]) -> int:
@@ -410,8 +429,10 @@ class Replicator:
 
         Chunks this node draws from the source itself are fetched while, at the same
         time, the other feeders are asked for their shares (they are drawing them from
-        the source now and pass them on as they arrive). Whatever a feeder cannot give
-        in time is then fetched from the sources after all."""
+        the source now and pass them on as they arrive). A feeder on a slower link must
+        not hold us back: once our own share is in and a grace has passed, we take the
+        rest of its share from the sources too, from the tail (its stream serves the
+        head), until the two meet. Whatever is still missing is fetched after all."""
         sizes: dict[bytes, int] = {}  # in manifest order: feeders fetch in the same order
         relay_of: dict[bytes, str | None] = {}
         for _, _, m in wanted:
@@ -429,13 +450,23 @@ class Replicator:
                 relayed.setdefault(feeder, []).append(k)
         addresses: dict[str, str] = {m.node_id: m.address for m in self.state.snapshot.members}
         self.arrivals.expect(direct)
+        all_in = threading.Event()  # every relayed chunk is here: end the relay streams
+        started = time.monotonic()
         try:
             jobs = [self.streams.submit(self._fetch_from, addresses[f], keys, sizes,
-                                        purpose, True)
+                                        purpose, True, all_in)
                     for f, keys in relayed.items() if f in addresses]
             need -= self._fetch_from_sources(wanted, direct, sizes, purpose)
         finally:
             self.arrivals.settle(direct)
+        if jobs:
+            own_s = time.monotonic() - started
+            grace = max(STEAL_GRACE_MIN_S, STEAL_GRACE_FRACTION * own_s)
+            futures.wait(jobs, timeout=grace)
+            tail = [k for f, keys in relayed.items() for k in keys]
+            slow = {addresses[f] for f in relayed if f in addresses}
+            need -= self._steal(wanted, tail, sizes, purpose, jobs, slow)
+            all_in.set()
         for job in jobs:
             need -= job.result()
         if need:  # a feeder's share it could not give: draw it from the sources
@@ -443,12 +474,35 @@ class Replicator:
                                              purpose)
         return need
 
+    def _steal(self, wanted: list[tuple[bytes, bytes, node_pb2.Manifest]],
+               relayed: list[bytes], sizes: dict[bytes, int], purpose: int,
+               jobs: list[futures.Future[set[bytes]]], feeders: set[str]) -> set[bytes]:
+        """Take relayed chunks still missing from the sources, last first, a small
+        batch at a time, until the relay streams are done or everything is here."""
+        got: set[bytes] = set()
+        left = list(reversed(relayed))
+        while left and not all(j.done() for j in jobs):
+            left = self.store.chunks.missing(left)
+            batch: list[bytes] = []
+            size = 0
+            while left and size < STEAL_BATCH_BYTES:
+                batch.append(left.pop(0))
+                size += sizes[batch[-1]]
+            if not batch:
+                break
+            new = self._fetch_from_sources(wanted, batch, sizes, purpose, avoid=feeders)
+            if not new:
+                break  # the sources do not have them either: leave it to the feeders
+            got |= new
+            self.stolen_chunks += len(new)
+        return got
+
     def _fetch_from_sources(self, wanted: list[tuple[bytes, bytes, node_pb2.Manifest]],
-                            keys: list[bytes], sizes: dict[bytes, int], purpose: int
-                            ) -> set[bytes]:
+                            keys: list[bytes], sizes: dict[bytes, int], purpose: int,
+                            avoid: set[str] | None = None) -> set[bytes]:
         left = list(keys)
         got: set[bytes] = set()
-        tried: set[str] = set()
+        tried: set[str] = set(avoid or ())
         for _, _, m in wanted:
             for _, address in self._source_ids(m):
                 if not left:
@@ -463,9 +517,11 @@ class Replicator:
 
     def _fetch_from(self, address: str, keys: Sequence[bytes] | set[bytes],
                     sizes: dict[bytes, int], purpose: int = peer_pb2.FRESH,
-                    relay: bool = False) -> set[bytes]:
+                    relay: bool = False, enough: threading.Event | None = None
+                    ) -> set[bytes]:
         """Ask one peer for chunks, in batches; returns the ones stored. `relay`: the
-        peer is fetching them itself now and sends them as they arrive."""
+        peer is fetching them itself now and sends them as they arrive. `enough`: stop
+        early when it is set (what we asked for arrived another way)."""
         got: set[bytes] = set()
         need = set(keys)
         batches: list[list[bytes]] = [[]]
@@ -479,12 +535,17 @@ class Replicator:
         stub = self.peers.blocking_stub(address)
         peer = self.state.id_at(address) or address
         wait_ms = int(RELAY_WAIT_MAX_S * 1000) if relay else 0
+        level = self.wire_level(peer)
         for batch in batches:
             request = peer_pb2.FetchChunksRequest(
-                hashes=batch, wait_ms=wait_ms, requester=self.node_id,
+                hashes=batch, wait_ms=wait_ms, requester=self.node_id, zstd_level=level,
                 purpose=peer_pb2.TransferPurpose.ValueType(purpose))
             try:
-                for chunk in stub.FetchChunks(request, timeout=FETCH_TIMEOUT_S):
+                stream = stub.FetchChunks(request, timeout=FETCH_TIMEOUT_S)
+                for chunk in stream:
+                    if enough is not None and enough.is_set():
+                        stream.cancel()
+                        break
                     if chunk.missing:
                         if chunk.reason.startswith(DEFERRED):
                             self.deferred_by[peer] = (chunk.reason, time.time())
@@ -495,7 +556,11 @@ class Replicator:
                     if self._store_chunk(chunk, sizes[chunk.hash], address):
                         got.add(chunk.hash)
             except grpc.RpcError as exc:
-                LOGGER.info("fetching chunks from %s failed: %s", address, exc.code().name)
+                if exc.code() != grpc.StatusCode.CANCELLED:
+                    LOGGER.info("fetching chunks from %s failed: %s", address,
+                                exc.code().name)
+                break
+            if enough is not None and enough.is_set():
                 break
         return got
 

@@ -59,6 +59,19 @@ def _dctx() -> Any:
     return d
 
 
+WIRE_ZSTD_LEVEL_MAX = 9  # beyond this a level costs far more CPU than it saves bytes
+
+
+def _cctx(level: int) -> Any:
+    level = min(level, WIRE_ZSTD_LEVEL_MAX)
+    ctxs = getattr(_tls, "cctx", None)
+    if ctxs is None:
+        ctxs = _tls.cctx = {}
+    if level not in ctxs:  # not thread-safe either: one per thread and level
+        ctxs[level] = zstandard.ZstdCompressor(level=level)
+    return ctxs[level]
+
+
 def decompress(data: bytes, plain_len: int) -> bytes:
     try:
         # the output is sized by the size a frame declares, max_output_size ignored then:
@@ -205,14 +218,19 @@ class ChunkStore:
             raise ChunkCorrupt(f"chunk {key.hex()[:16]} failed hash verification")
         return plain
 
-    def read_for_peer(self, key: bytes) -> tuple[ChunkLocation, bytes]:
-        """The stored (possibly compressed) bytes, verified first: a peer transfer
-        never carries a bad chunk."""
+    def for_peer(self, key: bytes, zstd_level: int = 0) -> tuple[int, int, bytes]:
+        """(plain length, flags, bytes) to send a peer: as stored, verified first; with
+        `zstd_level`, compressed again at that level when that makes it smaller (a slow
+        link is worth the CPU)."""
         loc, stored = self.read_stored(key)
         plain = decompress(stored, loc.plain_len) if loc.flags & FLAG_ZSTD else stored
         if len(plain) != loc.plain_len or content_hash(plain) != key:
             raise ChunkCorrupt(f"chunk {key.hex()[:16]} failed hash verification")
-        return loc, stored
+        if zstd_level > 1:
+            again = _cctx(zstd_level).compress(plain)
+            if len(again) < len(stored):
+                return loc.plain_len, FLAG_ZSTD, again
+        return loc.plain_len, loc.flags, stored
 
     def missing(self, keys: list[bytes]) -> list[bytes]:
         out = []

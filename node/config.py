@@ -77,6 +77,8 @@ class TransferSection:
     bulk_rate_mb_s: float = 0.0  # repair of older data and rebalance; 0 = up to rate_mb_s
     bulk_window: str = ""  # local "HH:MM-HH:MM" when bulk may flow; "" = always
     fresh_s: float = 3600.0  # data ingested this recently is fresh (never held back)
+    # zstd level we ask a sender for over a slow link (< 40 MB/s lately); 0 = as stored
+    wire_zstd_level: int = 3
     peers: dict[str, float] = field(default_factory=dict)  # node id -> MB/s to that peer
 
 
@@ -264,6 +266,8 @@ def _transfer(raw: Any) -> TransferSection:
         raise ConfigError("[transfer.peers] must map node ids to MB/s > 0, e.g. seattle = 2.5")
     t: TransferSection = _section(TransferSection, raw, "transfer",
                                   peers={k: float(v) for k, v in peers.items()})
+    if not 0 <= t.wire_zstd_level <= 9:
+        raise ConfigError("[transfer] wire_zstd_level must be 0 (send as stored) to 9")
     if t.rate_mb_s < 0 or t.bulk_rate_mb_s < 0 or t.fresh_s < 0:
         raise ConfigError("[transfer] rate_mb_s, bulk_rate_mb_s and fresh_s must be >= 0 "
                           "(0 rate = unlimited)")

@@ -182,6 +182,19 @@ def _wait_safe(ch: grpc.Channel, studies: list[str], timeout_s: float,
 WHY_EVERY_S = 5.0
 
 
+def _backlog_line(n: dict[str, Any]) -> str:
+    """A node's backlog for people: how much, how old, when done, or why not."""
+    line = (f"{n['backlog_instances']} instances ({_human_bytes(n['backlog_bytes'])}) to copy"
+            + (f", oldest {n['backlog_oldest_age_s']:.0f} s" if n.get("backlog_oldest_age_s")
+               else ""))
+    if n.get("waiting"):
+        return f"{line}; {n['waiting']}"
+    if n.get("drain_s", 0) > 0:
+        rate = _human_bytes(int(n.get("receive_bytes_per_s", 0)))
+        return f"{line}; about {n['drain_s']:.0f} s at {rate}/s"
+    return f"{line}; not moving"
+
+
 def _say_waiting(reasons: list[str]) -> None:
     for why in reasons or ["copying"]:
         print(f"waiting for safe copies: {why}", file=sys.stderr, flush=True)
@@ -199,17 +212,10 @@ def _why_waiting(stub: node_pb2_grpc.NodeApiStub) -> list[str]:
     if len(alive) < st.copies:
         out.append(f"only {len(alive)} sites are alive; {st.copies} copies need {st.copies} "
                    f"sites at least {st.min_distance_miles:.0f} miles apart")
-    for n in st.nodes:
-        if not n.backlog_instances:
-            continue
-        what = (f"{n.id}: {n.backlog_instances} instances "
-                f"({_human_bytes(n.backlog_bytes)}) to copy")
-        if n.waiting:
-            what += f"; {n.waiting}"
-        elif n.drain_s > 0:
-            what += (f", about {n.drain_s:.0f} s at "
-                     f"{_human_bytes(int(n.receive_bytes_per_s))}/s")
-        out.append(what)
+    for n in _to_dict(st)["nodes"]:
+        if int(n.get("backlog_instances", 0)):
+            _ints(n, "backlog_instances", "backlog_bytes")
+            out.append(f"{n['id']}: {_backlog_line(n)}")
     return out
 
 
@@ -341,7 +347,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     for d in doc.get("last_drill", []):
         _ints(d, "instances", "bytes")
     for n in doc["nodes"]:
-        _ints(n, "used_bytes", "free_bytes", "capacity_bytes")
+        _ints(n, "used_bytes", "free_bytes", "capacity_bytes", "backlog_instances",
+              "backlog_bytes")
+    for link in doc.get("links", []):
+        _ints(link, "sent_bytes", "received_bytes")
+    _ints(doc.get("transfer", {}), "sent_fresh_bytes", "sent_repair_bytes",
+          "sent_rebalance_bytes")
 
     def human() -> None:
         print(f"cluster: {len(doc['nodes'])} nodes, {doc['copies']} copies at sites >= "
@@ -349,6 +360,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         for n in doc["nodes"]:
             print(f"  {n['id']:<20} {n['site']:<16} {n['state']:<8} {n['address']:<22} "
                   f"used {_human_bytes(n['used_bytes'])}, free {_human_bytes(n['free_bytes'])}")
+            if n.get("backlog_instances"):
+                print(f"    backlog: {_backlog_line(n)}")
+        for link in doc.get("links", []):
+            print(f"  link {doc['answered_by']} <-> {link['peer']}: sent "
+                  f"{_human_bytes(link['sent_bytes'])} "
+                  f"({_human_bytes(int(link.get('sent_bytes_per_s', 0)))}/s), received "
+                  f"{_human_bytes(link['received_bytes'])} "
+                  f"({_human_bytes(int(link.get('received_bytes_per_s', 0)))}/s)")
+        t = doc.get("transfer", {})
+        if t.get("rate_mb_s") or t.get("bulk_rate_mb_s") or t.get("bulk_window"):
+            window = t.get("bulk_window") or "always"
+            print(f"  outbound limits: {t.get('rate_mb_s') or 'unlimited'} MB/s, bulk "
+                  f"{t.get('bulk_rate_mb_s') or 'up to that'} MB/s in window {window} "
+                  f"({'open' if t.get('bulk_window_open') else 'closed'} now)")
         print(f"studies: {doc['studies']} ({doc['instances']} instances), safe "
               f"{doc['safe_studies']}, unsafe {doc['unsafe_studies']}"
               + (f", oldest unsafe {doc['oldest_unsafe_age_s']:.0f} s"

@@ -512,6 +512,7 @@ class FetchChunksRequest(_message.Message):
     WAIT_MS_FIELD_NUMBER: _builtins.int
     PURPOSE_FIELD_NUMBER: _builtins.int
     REQUESTER_FIELD_NUMBER: _builtins.int
+    ZSTD_LEVEL_FIELD_NUMBER: _builtins.int
     wait_ms: _builtins.int
     """Relay: chunks the answering node is itself fetching now are sent as they arrive,
     waiting up to this long (0: answer at once with what is held).
@@ -520,6 +521,10 @@ class FetchChunksRequest(_message.Message):
     """Why the asker wants them, for the sender's bandwidth limits and priorities."""
     requester: _builtins.str
     """the asker's node id (its certificate's under TLS)"""
+    zstd_level: _builtins.int
+    """Compress again at this zstd level where that is smaller (0: as stored): asked
+    for on slow links, where bytes cost more than the sender's CPU.
+    """
     @_builtins.property
     def hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
     def __init__(
@@ -529,10 +534,11 @@ class FetchChunksRequest(_message.Message):
         wait_ms: _builtins.int = ...,
         purpose: Global___TransferPurpose.ValueType = ...,
         requester: _builtins.str = ...,
+        zstd_level: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hashes", b"hashes", "purpose", b"purpose", "requester", b"requester", "wait_ms", b"wait_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hashes", b"hashes", "purpose", b"purpose", "requester", b"requester", "wait_ms", b"wait_ms", "zstd_level", b"zstd_level"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

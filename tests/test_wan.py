@@ -51,12 +51,14 @@ def test_each_chunk_crosses_the_ingest_sites_link_once(tmp_path: Path) -> None:
         stored = api_status(boston.address).chunk_bytes
         out = links(api_status(boston.address))
         sent = out["seattle"].sent_bytes + out["denver"].sent_bytes
-        # every chunk left Boston once (a few may go twice when a feeder is late)
-        assert stored * 0.99 <= sent <= stored * 1.15, (sent, stored)
+        # every chunk left Boston once (a few may go twice when a feeder is late); on a
+        # link that is slow lately chunks go compressed harder, so fewer bytes is fine
+        assert stored * 0.5 <= sent <= stored * 1.15, (sent, stored)
         for far, other in ((seattle, "denver"), (denver, "seattle")):
             got = links(api_status(far.address))
             received = got["boston"].received_bytes + got[other].received_bytes
-            assert received >= stored * 0.99, (far.node_id, received, stored)
+            held = api_status(far.address).chunk_bytes
+            assert received >= held * 0.99, (far.node_id, received, held)
             # the far sites fed each other a real share, not a token
             assert got[other].received_bytes > stored * 0.2, (far.node_id, got)
     finally:
@@ -148,6 +150,38 @@ def test_bulk_waits_for_the_senders_window_and_says_why(tmp_path: Path) -> None:
         assert not api_status(boston.address).transfer.bulk_window_open
         doc = cli_json("status", node=seattle.address)
         assert any("bulk window" in n.get("waiting", "") for n in doc["nodes"]), doc["nodes"]
+    finally:
+        for m in c.members:
+            m.stop()
+
+
+def test_a_slow_feeder_is_overtaken_not_waited_for(tmp_path: Path) -> None:
+    """Seattle's uplink is slow (0.4 MB/s): Denver must not wait for Seattle's share of
+    a new study but take the rest of it from Boston once its own share is in."""
+    spec = StudySpec(study_index=5, instances=100, seed=15)  # ~15 MB compressed
+    write_study(tmp_path / "study", spec)
+    c = Cluster(tmp_path / "c")
+    c.add("boston", "Boston")
+    c.add("seattle", "Seattle").extra["transfer"] = {"rate_mb_s": 0.4}
+    c.add("denver", "Denver")
+    c.start()
+    c.wait_converged()
+    try:
+        boston, seattle, denver = c.members
+        uid = study_uid(spec)
+        started = time.monotonic()
+        cli_json("put", str(tmp_path / "study"), "--wait-safe", "120", node=boston.address)
+        seconds = time.monotonic() - started
+        stored = api_status(denver.address).chunk_bytes
+        got = links(api_status(denver.address))
+        # Seattle's share (about half) at 0.4 MB/s alone would take ~19 s; Denver took
+        # most of it from Boston instead
+        assert got["boston"].received_bytes > 0.75 * stored, got
+        assert got["seattle"].received_bytes < 0.25 * stored + 2 * MB, got
+        assert api_locate(boston.address, uid).safe
+        assert seconds < 60, seconds
+        # Seattle still got everything, Denver's share fed to it at full speed
+        assert api_status(seattle.address).chunk_bytes >= 0.95 * stored
     finally:
         for m in c.members:
             m.stop()
