@@ -76,7 +76,9 @@ class TransferSection:
     rate_mb_s: float = 0.0  # all outbound replication; 0 = unlimited
     bulk_rate_mb_s: float = 0.0  # repair of older data and rebalance; 0 = up to rate_mb_s
     bulk_window: str = ""  # local "HH:MM-HH:MM" when bulk may flow; "" = always
-    fresh_s: float = 3600.0  # data ingested this recently is fresh (never held back)
+    # when this node fetches, data ingested this recently is fresh (its senders never
+    # hold it back); older data is bulk: repair if its study is short of copies
+    fresh_s: float = 3600.0
     # zstd level we ask a sender for over a slow link (< 40 MB/s lately); 0 = as stored
     wire_zstd_level: int = 3
     peers: dict[str, float] = field(default_factory=dict)  # node id -> MB/s to that peer

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from pacsmesh.proto import node_pb2
 from pacsmesh.sample import StudySpec, study_uid, write_study
 from tests.clusterproc import Cluster, api_locate, api_status, wait_for
@@ -97,12 +99,19 @@ def test_outbound_rate_holds_within_ten_percent(tmp_path: Path) -> None:
             m.stop()
 
 
-def test_per_peer_override_holds_within_ten_percent(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transfer", [
+    {"peers": {"seattle": 1.5}},  # a per-peer cap
+    {"bulk_rate_mb_s": 1.5, "rate_mb_s": 6.0, "fresh_s": 0.0},  # bulk (old data) only
+], ids=["per-peer", "bulk-rate"])
+def test_per_peer_and_bulk_rates_hold_within_ten_percent(tmp_path: Path,
+                                                         transfer: dict[str, Any]) -> None:
     spec = StudySpec(study_index=4, instances=120, seed=14)  # ~18 MB compressed
     write_study(tmp_path / "study", spec)
     c = Cluster(tmp_path / "c")
-    c.add("boston", "Boston", copies=2).extra["transfer"] = {"peers": {"seattle": 1.5}}
-    c.add("seattle", "Seattle", copies=2)
+    c.add("boston", "Boston", copies=2).extra["transfer"] = transfer
+    # what counts as fresh is the asker's call ([transfer] fresh_s where it fetches)
+    c.add("seattle", "Seattle", copies=2).extra["transfer"] = {
+        k: v for k, v in transfer.items() if k == "fresh_s"}
     c.start()
     c.wait_converged()
     try:
@@ -110,6 +119,9 @@ def test_per_peer_override_holds_within_ten_percent(tmp_path: Path) -> None:
         cli_json("put", str(tmp_path / "study"), node=boston.address)
         rate = _sent_rate(boston.address, ("seattle",))["seattle"]
         assert abs(rate - 1.5 * MB) <= 0.1 * 1.5 * MB, rate
+        sent = api_status(boston.address).transfer
+        if "fresh_s" in transfer:  # all of it went as bulk: repair of a short study
+            assert sent.sent_fresh_bytes == 0 and sent.sent_repair_bytes > 0, sent
     finally:
         for m in c.members:
             m.stop()
