@@ -132,6 +132,7 @@ class Replicator:
         self.deferred_by: dict[str, tuple[str, float]] = {}
         self.inflight: set[bytes] = set()  # manifests a fetch batch is working on
         self.stolen_chunks = 0  # relayed chunks we took from the sources after all
+        self._calls_lock = threading.Lock()
         # manifest -> first received ms, for the age of our backlog: being fetched now,
         # and tried but not fetched yet (bounded; the pass finds the rest again)
         self.inflight_since: dict[bytes, int] = {}
@@ -453,8 +454,9 @@ class Replicator:
         all_in = threading.Event()  # every relayed chunk is here: end the relay streams
         started = time.monotonic()
         try:
+            calls: list[Any] = []
             jobs = [self.streams.submit(self._fetch_from, addresses[f], keys, sizes,
-                                        purpose, True, all_in)
+                                        purpose, True, all_in, calls)
                     for f, keys in relayed.items() if f in addresses]
             need -= self._fetch_from_sources(wanted, direct, sizes, purpose)
         finally:
@@ -467,6 +469,9 @@ class Replicator:
             slow = {addresses[f] for f in relayed if f in addresses}
             need -= self._steal(wanted, tail, sizes, purpose, jobs, slow)
             all_in.set()
+            with self._calls_lock:  # a stalled feeder's stream must not hold us
+                for call in calls:
+                    call.cancel()
         for job in jobs:
             need -= job.result()
         if need:  # a feeder's share it could not give: draw it from the sources
@@ -517,8 +522,8 @@ class Replicator:
 
     def _fetch_from(self, address: str, keys: Sequence[bytes] | set[bytes],
                     sizes: dict[bytes, int], purpose: int = peer_pb2.FRESH,
-                    relay: bool = False, enough: threading.Event | None = None
-                    ) -> set[bytes]:
+                    relay: bool = False, enough: threading.Event | None = None,
+                    calls: list[Any] | None = None) -> set[bytes]:
         """Ask one peer for chunks, in batches; returns the ones stored. `relay`: the
         peer is fetching them itself now and sends them as they arrive. `enough`: stop
         early when it is set (what we asked for arrived another way)."""
@@ -542,6 +547,11 @@ class Replicator:
                 purpose=peer_pb2.TransferPurpose.ValueType(purpose))
             try:
                 stream = stub.FetchChunks(request, timeout=FETCH_TIMEOUT_S)
+                if calls is not None:
+                    with self._calls_lock:
+                        if enough is not None and enough.is_set():
+                            stream.cancel()
+                        calls.append(stream)
                 for chunk in stream:
                     if enough is not None and enough.is_set():
                         stream.cancel()

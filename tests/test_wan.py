@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -195,5 +196,40 @@ def test_a_slow_feeder_is_overtaken_not_waited_for(tmp_path: Path) -> None:
         # Seattle still got everything, Denver's share fed to it at full speed
         assert api_status(seattle.address).chunk_bytes >= 0.95 * stored
     finally:
+        for m in c.members:
+            m.stop()
+
+
+def test_a_feeder_that_stops_answering_does_not_stall_its_partners(tmp_path: Path) -> None:
+    """SIGSTOP Seattle while a new study streams in: Denver takes Seattle's share from
+    Boston and ends the stalled relay streams, long before any RPC deadline."""
+    spec = StudySpec(study_index=6, instances=160, seed=16)
+    write_study(tmp_path / "study", spec)
+    c = Cluster(tmp_path / "c")
+    c.add("boston", "Boston", dead_after_s=120)
+    # Seattle slow enough that its share is still streaming when it stops
+    c.add("seattle", "Seattle", dead_after_s=120).extra["transfer"] = {"rate_mb_s": 1.0}
+    c.add("denver", "Denver", dead_after_s=120)
+    c.start()
+    c.wait_converged()
+    boston, seattle, denver = c.members
+    try:
+        cli_json("put", str(tmp_path / "study"), node=boston.address)
+        wait_for(lambda: links(api_status(denver.address)).get("seattle"), 30,
+                 "Seattle to feed Denver")
+        assert seattle.proc is not None
+        seattle.proc.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        uid = study_uid(spec)
+
+        def denver_holds_all() -> bool:
+            holders = {h.node: h.instances for h in api_locate(boston.address, uid).holders}
+            return holders.get("denver") == spec.instances
+
+        wait_for(denver_holds_all, 60, "Denver to hold the whole study without Seattle")
+        assert time.monotonic() - stopped < 60
+    finally:
+        if seattle.proc is not None:
+            seattle.proc.send_signal(signal.SIGCONT)
         for m in c.members:
             m.stop()
