@@ -79,8 +79,10 @@ class TransferSection:
     # when this node fetches, data ingested this recently is fresh (its senders never
     # hold it back); older data is bulk: repair if its study is short of copies
     fresh_s: float = 3600.0
-    # zstd level we ask a sender for over a slow link (< 40 MB/s lately); 0 = as stored
-    wire_zstd_level: int = 3
+    # zstd level we ask a sender for over a slow link (< 40 MB/s lately); 0 = as stored.
+    # Off by default: a link that is slow because the CPUs are busy (the measured rate
+    # cannot tell) would get slower still; set it where the WAN link is the bottleneck.
+    wire_zstd_level: int = 0
     peers: dict[str, float] = field(default_factory=dict)  # node id -> MB/s to that peer
 
 
