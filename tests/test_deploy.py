@@ -263,7 +263,8 @@ def test_the_five_configs_form_a_federation_that_makes_a_study_safe(tmp_path: Pa
         wait_for(safe_everywhere, 30, "every site to see the study safe")
         holders = holder_ids(api_locate(first.address, study.uid))
         assert len(holders) >= 3, holders
-        elsewhere = next(m for m in c.members if m.node_id not in holders)
+        elsewhere = next((m for m in c.members if m.node_id not in holders), None)
+        assert elsewhere is not None, f"every site holds a copy: {holders}"
         out = tmp_path / "restored"
         cli("get", study.uid, "--out", str(out), node=elsewhere.address, check=True)
         study.check_restored(out)
