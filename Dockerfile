@@ -16,8 +16,11 @@ FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1
 COPY --from=build /wheels /tmp/wheels
 RUN pip install --no-cache-dir /tmp/wheels/pacsmesh-*.whl && rm -rf /tmp/wheels \
-    && useradd --system --no-create-home pacsmesh && mkdir /data && chown pacsmesh /data
-USER pacsmesh
+    && groupadd --system --gid 10001 pacsmesh \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home pacsmesh \
+    && mkdir /data && chown 10001:10001 /data
+# Numeric, so an orchestrator's "run as non-root" can verify it without /etc/passwd.
+USER 10001:10001
 # gRPC (peers and the CLI) and DICOM
 EXPOSE 7400 11112
 # The gRPC health service, asked by the installed CLI (exit 0 only when SERVING).
