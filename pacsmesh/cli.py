@@ -107,6 +107,26 @@ def cmd_node(args: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """The gRPC health service (grpc.health.v1), as container healthchecks and load
+    balancers ask it: exit 0 when the node answers SERVING, 1 otherwise."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    request = health_pb2.HealthCheckRequest(service=args.service)
+    with _channel(args) as ch:
+        try:
+            reply = health_pb2_grpc.HealthStub(ch).Check(request, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise Failed(f"node {args.node} reports no health for service "
+                             f"{args.service!r} (e.g. pacsmesh.node.NodeApi)") from exc
+            raise _rpc_error(exc, args.node) from exc
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    doc = {"node": args.node, "service": args.service, "status": status}
+    _emit(args, doc, lambda: print(f"{args.node} {args.service or '(server)'}: {status}"))
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 # ---- put / get ------------------------------------------------------------------
 
 
@@ -581,6 +601,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("node", help="run a node in the foreground")
     p.add_argument("--config", required=True, help="TOML config file")
     p.set_defaults(fn=cmd_node)
+
+    p = _client(sub, "health", "exit 0 when the node's gRPC health service says SERVING")
+    p.epilog = "example (a container healthcheck): pacsmesh health --node 127.0.0.1:7400"
+    p.add_argument("--service", default="", metavar="NAME",
+                   help="a gRPC service name (default: the whole server)")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="give up after this long (default 5)")
+    p.set_defaults(fn=cmd_health)
 
     p = _client(sub, "put", "store DICOM files or folders (recursively)")
     p.add_argument("paths", nargs="+")
