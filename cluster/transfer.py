@@ -13,6 +13,7 @@ every chunk is decompressed and hashed before it is stored.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -107,6 +108,7 @@ class Replicator:
         self.on_holdings_changed: list[Callable[[str, list[int], set[str]], None]] = []
         self._held_lock = threading.Lock()
         self._held_changed: set[str] = set()
+        self._held_wake: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
         self.fetched_manifests = 0
         self.fetched_bytes = 0
         self.trimmed_studies = 0
@@ -152,9 +154,25 @@ class Replicator:
         self.wakeup.set()
 
     def held_changed(self, studies: set[str]) -> None:
-        """Our holding of these studies changed (any thread): push it to peers soon."""
+        """Our holding of these studies changed (any thread): push it to peers now (a
+        study is safe only once its holders' peers know)."""
         with self._held_lock:
             self._held_changed |= studies
+            wake = self._held_wake
+        if wake is not None:
+            wake[0].call_soon_threadsafe(wake[1].set)
+
+    async def held_news(self, timeout_s: float) -> None:
+        """Return when holdings changed since the last call, or after `timeout_s`."""
+        with self._held_lock:
+            if self._held_wake is None:
+                self._held_wake = (asyncio.get_running_loop(), asyncio.Event())
+            event = self._held_wake[1]
+            if self._held_changed:
+                return
+            event.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout=timeout_s)
 
     def take_held_delta(self, limit: int) -> list[peer_pb2.StudyHolding]:
         """Up to `limit` changed studies, as we hold them now (worker thread)."""

@@ -42,6 +42,8 @@ from pacsmesh.proto import node_pb2, peer_pb2
 
 LOGGER = logging.getLogger(__name__)
 HELD_DELTA_MAX = 1000  # studies per pushed delta (~80 KB)
+HELD_DELTA_IDLE_S = 1.0  # with no news, look again this often
+HELD_DELTA_COALESCE_S = 0.05
 AUDIT_CANDIDATES = 32  # claimed studies looked at per proof audit
 FETCH_BATCHES_IN_FLIGHT = BATCH_THREADS
 
@@ -215,20 +217,24 @@ class HeldDeltaWorker(Worker):
     their caches follow without re-reading a partition."""
 
     name = "held-delta"
-    idle_s = 0.5
+    idle_s = 0.0  # step waits for news itself
 
     def __init__(self, r: Replicator) -> None:
         self.r = r
 
     async def step(self) -> WorkerState:
         r = self.r
+        await r.held_news(timeout_s=HELD_DELTA_IDLE_S)
+        # news coalesce for a moment: an ingest of hundreds of instances a second is a
+        # few pushes, not one per instance
+        await asyncio.sleep(HELD_DELTA_COALESCE_S)
         studies = await r._run(r.take_held_delta, HELD_DELTA_MAX)
         if not studies:
-            return WorkerState.IDLE
+            return WorkerState.BUSY  # (held_news did the waiting)
         msg = peer_pb2.HeldDelta(node_id=r.node_id, studies=studies)
         peers = r.state.snapshot.alive_peers(r.node_id)
         await asyncio.gather(*(self._send(p.address, msg) for p in peers))
-        return WorkerState.BUSY if len(studies) >= HELD_DELTA_MAX else WorkerState.IDLE
+        return WorkerState.BUSY
 
     async def _send(self, address: str, msg: peer_pb2.HeldDelta) -> None:
         try:
