@@ -32,6 +32,7 @@ import dataclasses
 import datetime as dt
 import functools
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -144,6 +145,7 @@ def pacsmesh_run(h: WanHarness, study: Path, work: Path, timeout_s: float
     time.sleep(1.0)  # let the first holdings and digest rounds pass before the clock
     cpu0 = {n.site.name: n.cpu_seconds() for n in nodes}
     c0 = h.counters()
+    wall_start = dt.datetime.now(dt.UTC).strftime("%H:%M:%S.%f")[:-3]  # to read the logs by
     started = time.perf_counter()
     res = h.run("boston", [PYTHON, "-m", "pacsmesh.cli", "put", str(study), "--wait-safe",
                            str(timeout_s), "--json", "--node", boston.address], timeout_s + 60)
@@ -160,7 +162,7 @@ def pacsmesh_run(h: WanHarness, study: Path, work: Path, timeout_s: float
     h.stop_nodes()
     info = {"put_seconds": float(doc.get("seconds", 0.0)), "chunk_bytes": chunk_bytes,
             "cpu_s": {k: cpu1[k] - cpu0[k] for k in cpu0}, "after_safe": c2 - c1,
-            "logs": str(work)}
+            "logs": str(work), "wall_start": wall_start}
     return Run(seconds, c1 - c0), info
 
 
@@ -201,7 +203,25 @@ def one_rate(rate: float, study: Path, work: Path, timeout_s: float) -> dict[str
         print(f"  rsync -az: {rz.seconds:.1f} s", flush=True)
         sites = [s.name for s in h.sites]
     return {"rate": rate, "pacsmesh": pm, "rsync_a": ra, "rsync_az": rz, "info": info,
-            "sites": sites}
+            "sites": sites, "load": os.getloadavg()[0]}
+
+
+METHODS = ("pacsmesh", "rsync_a", "rsync_az")
+
+
+def median_row(reps: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from repetitions: per method the run with the median time (the lower
+    middle one for an even count), its wire bytes with it; every time kept in "all"."""
+    row = dict(reps[0])
+    for key in METHODS:
+        ordered = sorted(reps, key=lambda r: r[key].seconds)
+        pick = ordered[(len(ordered) - 1) // 2]
+        row[key] = pick[key]
+        if key == "pacsmesh":
+            row["info"] = pick["info"]
+    row["all"] = {key: [r[key].seconds for r in reps] for key in METHODS}
+    row["loads"] = [r["load"] for r in reps]
+    return row
 
 
 def report(rows: list[dict[str, Any]], plain: int, instances: int, z1: int) -> str:
@@ -212,12 +232,14 @@ def report(rows: list[dict[str, Any]], plain: int, instances: int, z1: int) -> s
         "latency (netem is not available here), so round trips cost ~nothing. Plaintext "
         "gRPC and plaintext rsync daemons. pacsmesh: `put --wait-safe` at Boston until 3 "
         "safe copies (includes up to 0.5 s of the CLI's polling). rsync: two processes "
-        "from Boston, one per far site, in parallel, until both finish.",
+        "from Boston, one per far site, in parallel, until both finish. Wire bytes below "
+        "are those of the median pacsmesh run.",
         "",
         "| link | pacsmesh s | rsync -a s | rsync -az s | pacsmesh / best rsync | "
         "bound s | pacsmesh / bound | compressed MB (Boston's chunks) |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    reps = len(rows[0]["all"]["pacsmesh"]) if rows else 0
     for r in rows:
         pm, ra, rz = r["pacsmesh"], r["rsync_a"], r["rsync_az"]
         chunk = r["info"]["chunk_bytes"]["boston"]
@@ -227,6 +249,17 @@ def report(rows: list[dict[str, Any]], plain: int, instances: int, z1: int) -> s
             f"| {r['rate']:g} Mbit/s | {pm.seconds:.1f} | {ra.seconds:.1f} | {rz.seconds:.1f} | "
             f"{pm.seconds / best:.2f} | {bound:.1f} | {pm.seconds / bound:.2f} | "
             f"{chunk / 1e6:.0f} |")
+    if reps > 1:
+        lines += ["", f"Medians of {reps} runs, the three methods interleaved; every run, s:"]
+        for r in rows:
+            lines.append(f"- {r['rate']:g} Mbit/s: " + "; ".join(
+                f"{k.replace('_', ' -')} " + ", ".join(f"{x:.1f}" for x in r["all"][k])
+                for k in METHODS) + " (1-min load average at the start of each: "
+                + ", ".join(f"{x:.1f}" for x in r["loads"]) + ")")
+    else:
+        lines += ["", "One run per rate; 1-min load average at its start: "
+                  + ", ".join(f"{r['rate']:g} Mbit/s {r['loads'][0]:.1f}" for r in rows)
+                  + " (other work on this machine shares its 2 cores)."]
     lines += ["", "Targets (issue 10): pacsmesh / best rsync <= 0.67 at 200 Mbit/s; "
               "pacsmesh / bound <= 1.20. Bound = Boston's compressed chunk bytes * 8 / rate: "
               "each chunk leaves Boston once (the far sites could pass it on to each other).",
@@ -261,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rates", default="100,200", help="Mbit/s per link, comma separated")
     ap.add_argument("--instances", type=int, default=300)
     ap.add_argument("--timeout", type=float, default=900, help="seconds to wait for safe")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs per rate (methods interleaved); the medians are reported")
     ap.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
     args = ap.parse_args(argv)
     why = unavailable() or ("" if shutil.which("rsync") else "rsync is not installed")
@@ -277,14 +312,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for rate in rates:
         print(f"{rate:g} Mbit/s:", flush=True)
-        rows.append(one_rate(rate, study, work, args.timeout))
-        for d in work.glob("nodes-*/*-data"):  # keep the logs, drop the stores
-            shutil.rmtree(d, ignore_errors=True)
+        reps = []
+        for i in range(max(1, args.repeat)):
+            reps.append(one_rate(rate, study, work / f"run{i + 1}", args.timeout))
+            for d in work.glob("run*/nodes-*/*-data"):  # keep the logs, drop the stores
+                shutil.rmtree(d, ignore_errors=True)
+        rows.append(median_row(reps))
     text = report(rows, plain, args.instances, z1)
     print()
     print(machine_line())
     print(text)
-    print(f"node logs: {work}")
+    print(f"node logs: {work} (put started at " + ", ".join(
+        f"{r['rate']:g} Mbit/s {r['info']['wall_start']}" for r in rows) + " UTC)")
     if args.record:
         append_results("WAN: 3 safe copies over shaped links vs rsync (bench.wan)", text)
     return 0
