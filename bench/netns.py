@@ -24,14 +24,18 @@ counted in the per-site figures, so drivers should keep it small.
 
 Everything is undone on exit, on an exception, on SIGTERM and at interpreter
 exit: node processes (and anything else started in a site namespace), the
-namespaces, the veth pairs and the bridge. A harness left over from a killed run
-(same names) is removed before a new one is built.
+namespaces, the veth pairs and the bridge. A harness holds a lock file named
+after its prefix while it is up, so two runs with the same names (a benchmark
+and a test suite started by someone else) wait for each other instead of
+tearing each other down; a harness left over from a killed run (same names, no
+live lock holder) is removed before a new one is built.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -52,6 +56,8 @@ from tests.nodeproc import write_config
 PYTHON = sys.executable
 NODE_PORT = 7400
 RSYNC_PORT = 873
+LOCK_DIR = Path("/run/lock")
+LOCK_WAIT_S = 900.0  # a whole benchmark run may hold the names
 
 
 @dataclass(frozen=True)
@@ -240,6 +246,7 @@ class WanHarness:
         self.nodes: list[SiteNode] = []
         self.procs: list[subprocess.Popen[bytes]] = []
         self._up = False
+        self._lock: Any = None
 
     # ---- names ----------------------------------------------------------------------------
 
@@ -274,6 +281,7 @@ class WanHarness:
             if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
                 signal.signal(signal.SIGTERM, _on_sigterm)
         _LIVE.append(self)
+        self._take_lock()
         self._teardown()  # leftovers of a killed run with the same names
         self._up = True
         _sh("ip", "link", "add", self.bridge, "type", "bridge")
@@ -292,6 +300,22 @@ class WanHarness:
             _sh("ip", "-n", ns, "link", "set", "lo", "up")
         self.set_rate(self.rate_mbit)
         return self
+
+    def _take_lock(self) -> None:
+        LOCK_DIR.mkdir(parents=True, exist_ok=True)
+        f = open(LOCK_DIR / f"pacsmesh-netns-{self.prefix}.lock", "w")  # noqa: SIM115
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    f.close()
+                    raise TimeoutError(f"another WAN harness with prefix {self.prefix!r} "
+                                       f"has been up for {LOCK_WAIT_S:g} s") from None
+                time.sleep(0.5)
+        self._lock = f
 
     def set_rate(self, rate_mbit: float) -> None:
         """(Re)shape every site's link at `rate_mbit`, both directions."""
@@ -320,6 +344,9 @@ class WanHarness:
         if self._up:
             self._teardown()
             self._up = False
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
         if self in _LIVE:
             _LIVE.remove(self)
 
