@@ -280,7 +280,15 @@ def report(rows: list[dict[str, Any]], plain: int, instances: int, z1: int) -> s
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
         info = r["info"]
         after = info["after_safe"]
-        lines += ["", f"pacsmesh ingest at Boston (put without the wait): "
+        pm = r["pacsmesh"]
+        boston_up = pm.wire.up[sites[0]]
+        busy = boston_up * 8 / (r["rate"] * 1e6)
+        lines += ["", f"Boston's uplink carried {boston_up / 1e6:.0f} MB for pacsmesh "
+                  f"({boston_up / max(1, info['chunk_bytes'][sites[0]]):.2f}x the compressed "
+                  f"study): {busy:.1f} s of the {pm.seconds:.1f} s at the full rate; the far "
+                  "sites sent each other " + ", ".join(
+                      f"{s} {pm.wire.up[s] / 1e6:.0f} MB" for s in sites[1:]) + "."]
+        lines += [f"pacsmesh ingest at Boston (put without the wait): "
                   f"{info['put_seconds']:.1f} s; node CPU seconds until safe: "
                   + ", ".join(f"{k} {v:.1f}" for k, v in info["cpu_s"].items())
                   + "; in the 5 s after safe, MB still sent: "
