@@ -32,10 +32,12 @@ import dataclasses
 import datetime as dt
 import functools
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,7 @@ from pacsmesh.sample import StudySpec, make_instance
 STUDY_FORMAT = 1  # bump when realistic_slice changes, so cached studies are rebuilt
 SIGMA_AIR_HU = 15.0  # noise of a routine CT (filtered back projection)
 SIGMA_BODY_HU = 30.0
+SAMPLE_S = 0.05  # wire counters sampled this often during the pacsmesh run
 
 
 @functools.cache
@@ -146,10 +149,21 @@ def pacsmesh_run(h: WanHarness, study: Path, work: Path, timeout_s: float
     cpu0 = {n.site.name: n.cpu_seconds() for n in nodes}
     c0 = h.counters()
     wall_start = dt.datetime.now(dt.UTC).strftime("%H:%M:%S.%f")[:-3]  # to read the logs by
+    samples: list[tuple[float, Counters]] = []
+    done = threading.Event()
+
+    def sample() -> None:  # a few sysfs reads every 50 ms: negligible next to the nodes
+        while not done.wait(SAMPLE_S):
+            samples.append((time.perf_counter(), h.counters()))
+
+    sampler = threading.Thread(target=sample, daemon=True)
     started = time.perf_counter()
+    sampler.start()
     res = h.run("boston", [PYTHON, "-m", "pacsmesh.cli", "put", str(study), "--wait-safe",
                            str(timeout_s), "--json", "--node", boston.address], timeout_s + 60)
     seconds = time.perf_counter() - started
+    done.set()
+    sampler.join()
     c1 = h.counters()
     cpu1 = {n.site.name: n.cpu_seconds() for n in nodes}
     if res.returncode != 0:
@@ -162,8 +176,24 @@ def pacsmesh_run(h: WanHarness, study: Path, work: Path, timeout_s: float
     h.stop_nodes()
     info = {"put_seconds": float(doc.get("seconds", 0.0)), "chunk_bytes": chunk_bytes,
             "cpu_s": {k: cpu1[k] - cpu0[k] for k in cpu0}, "after_safe": c2 - c1,
-            "logs": str(work), "wall_start": wall_start}
+            "logs": str(work), "wall_start": wall_start,
+            "phases": phases(samples, started, c0, c1, [s.name for s in h.sites])}
     return Run(seconds, c1 - c0), info
+
+
+def phases(samples: list[tuple[float, Counters]], started: float, c0: Counters, c1: Counters,
+           sites: list[str]) -> tuple[float, float]:
+    """(when Boston had sent its first MB, when both far sites had received 99 % of
+    what they received by the end), in seconds from the start of the put."""
+    origin, far = sites[0], sites[1:]
+    first = last = math.nan
+    for t, c in samples:
+        if math.isnan(first) and c.up[origin] - c0.up[origin] >= 1_000_000:
+            first = t - started
+        if all(c.down[s] - c0.down[s] >= 0.99 * (c1.down[s] - c0.down[s]) for s in far):
+            last = t - started
+            break
+    return first, last
 
 
 def rsync_run(h: WanHarness, study: Path, work: Path, flags: str) -> Run:
@@ -288,6 +318,12 @@ def report(rows: list[dict[str, Any]], plain: int, instances: int, z1: int) -> s
                   f"study): {busy:.1f} s of the {pm.seconds:.1f} s at the full rate; the far "
                   "sites sent each other " + ", ".join(
                       f"{s} {pm.wire.up[s] / 1e6:.0f} MB" for s in sites[1:]) + "."]
+        first, last = info["phases"]
+        span = last - first if last > first else math.nan  # nan when a phase was not seen
+        lines += [f"Timeline: Boston's first MB out at {first:.1f} s, 99 % of the far sites' "
+                  f"bytes in by {last:.1f} s ({boston_up * 8 / 1e6 / span:.0f} Mbit/s "
+                  f"out of Boston in between), safe reported at {pm.seconds:.1f} s (the "
+                  "rest: the last chunks, commits, holdings reaching Boston, the CLI's poll)."]
         lines += [f"pacsmesh ingest at Boston (put without the wait): "
                   f"{info['put_seconds']:.1f} s; node CPU seconds until safe: "
                   + ", ".join(f"{k} {v:.1f}" for k, v in info["cpu_s"].items())
