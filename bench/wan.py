@@ -358,9 +358,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{rate:g} Mbit/s:", flush=True)
         reps = []
         for i in range(max(1, args.repeat)):
-            reps.append(one_rate(rate, study, work / f"run{i + 1}", args.timeout))
-            for d in work.glob("run*/nodes-*/*-data"):  # keep the logs, drop the stores
-                shutil.rmtree(d, ignore_errors=True)
+            try:
+                reps.append(one_rate(rate, study, work / f"run{i + 1}", args.timeout))
+            finally:
+                for d in work.glob("run*/nodes-*/*-data"):  # keep the logs, drop the stores
+                    shutil.rmtree(d, ignore_errors=True)
         rows.append(median_row(reps))
     text = report(rows, plain, args.instances, z1)
     print()
