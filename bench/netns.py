@@ -383,7 +383,8 @@ class WanHarness:
                               timeout=timeout_s, check=False)
 
     def start_nodes(self, workdir: Path, cluster: dict[str, Any] | None = None,
-                    timeout_s: float = 60.0) -> list[SiteNode]:
+                    timeout_s: float = 60.0, transfer: dict[str, Any] | None = None
+                    ) -> list[SiteNode]:
         """A pacsmesh node per site, the first one every other's seed; returns once every
         node sees all of them alive."""
         seed = f"{self.ip(self.sites[0].name)}:{NODE_PORT}"
@@ -392,7 +393,8 @@ class WanHarness:
         # plaintext like the rsync daemons it is compared with (a namespace address is
         # not loopback, so the node wants TLS or this explicit waiver)
         nodes = [SiteNode(s, self.ns(s.name), self.ip(s.name), workdir,
-                          {"cluster": dict(settings), "tls": {"insecure": True}})
+                          {"cluster": dict(settings), "tls": {"insecure": True},
+                           "transfer": dict(transfer or {})})
                  for s in self.sites]
         self.nodes.extend(nodes)
         for n in nodes:

@@ -141,9 +141,9 @@ class Run:
     note: str = ""
 
 
-def pacsmesh_run(h: WanHarness, study: Path, work: Path, timeout_s: float
-                 ) -> tuple[Run, dict[str, Any]]:
-    nodes = h.start_nodes(work)
+def pacsmesh_run(h: WanHarness, study: Path, work: Path, timeout_s: float,
+                 transfer: dict[str, Any] | None = None) -> tuple[Run, dict[str, Any]]:
+    nodes = h.start_nodes(work, transfer=transfer)
     boston = nodes[0]
     time.sleep(1.0)  # let the first holdings and digest rounds pass before the clock
     cpu0 = {n.site.name: n.cpu_seconds() for n in nodes}
@@ -172,9 +172,12 @@ def pacsmesh_run(h: WanHarness, study: Path, work: Path, timeout_s: float
     doc = json.loads(res.stdout)
     time.sleep(5.0)  # what still crosses the links after the study is safe
     c2 = h.counters()
-    chunk_bytes = {n.site.name: int(n.status().chunk_bytes) for n in nodes}
+    statuses = {n.site.name: n.status() for n in nodes}
+    chunk_bytes = {k: int(st.chunk_bytes) for k, st in statuses.items()}
+    stolen = {k: int(st.transfer.relayed_chunks_stolen) for k, st in statuses.items()}
     h.stop_nodes()
     info = {"put_seconds": float(doc.get("seconds", 0.0)), "chunk_bytes": chunk_bytes,
+            "stolen": stolen,
             "cpu_s": {k: cpu1[k] - cpu0[k] for k in cpu0}, "after_safe": c2 - c1,
             "logs": str(work), "wall_start": wall_start,
             "phases": phases(samples, started, c0, c1, [s.name for s in h.sites])}
@@ -186,6 +189,15 @@ def phases(samples: list[tuple[float, Counters]], started: float, c0: Counters, 
     """(when Boston had sent its first MB, when both far sites had received 99 % of
     what they received by the end), in seconds from the start of the put."""
     origin, far = sites[0], sites[1:]
+    if os.environ.get("WAN_SERIES"):  # diagnosis: Boston's uplink and far downlinks per 0.5 s
+        prev_t, prev = started, c0
+        for t, c in samples:
+            if t - prev_t >= 0.5:
+                print(f"  t={t - started:4.1f}s boston up "
+                      f"{(c.up[origin] - prev.up[origin]) * 8 / 1e6 / (t - prev_t):5.0f} Mbit/s; "
+                      + " ".join(f"{s} down {(c.down[s] - prev.down[s]) * 8 / 1e6 / (t - prev_t):4.0f}"
+                                 for s in far), flush=True)
+                prev_t, prev = t, c
     first = last = math.nan
     for t, c in samples:
         if math.isnan(first) and c.up[origin] - c0.up[origin] >= 1_000_000:
@@ -223,9 +235,10 @@ def rsync_run(h: WanHarness, study: Path, work: Path, flags: str) -> Run:
     return Run(seconds, c1 - c0)
 
 
-def one_rate(rate: float, study: Path, work: Path, timeout_s: float) -> dict[str, Any]:
+def one_rate(rate: float, study: Path, work: Path, timeout_s: float,
+             transfer: dict[str, Any] | None = None) -> dict[str, Any]:
     with WanHarness(rate) as h:
-        pm, info = pacsmesh_run(h, study, work / f"nodes-{rate:g}", timeout_s)
+        pm, info = pacsmesh_run(h, study, work / f"nodes-{rate:g}", timeout_s, transfer)
         print(f"  pacsmesh: {pm.seconds:.1f} s", flush=True)
         ra = rsync_run(h, study, work, "-a")
         print(f"  rsync -a: {ra.seconds:.1f} s", flush=True)
@@ -254,8 +267,12 @@ def median_row(reps: list[dict[str, Any]]) -> dict[str, Any]:
     return row
 
 
-def report(rows: list[dict[str, Any]], plain: int, instances: int, z1: int) -> str:
+def report(rows: list[dict[str, Any]], plain: int, instances: int, z1: int,
+           wire_level: int = 0) -> str:
     lines = [
+        f"[transfer] wire_zstd_level = {wire_level} on every node"
+        + (" (chunks cross slow links compressed again at that level)." if wire_level
+           else " (chunks cross the links as stored)."),
         f"{instances} CT slices 512x512, {plain / 1e6:.0f} MB; zstd-1 in 1 MiB pieces: "
         f"{z1 / 1e6:.0f} MB ({plain / z1:.2f}x). Three sites (Boston, Seattle, Denver) in "
         "network namespaces, each link shaped with tc tbf at the rate both ways; no added "
@@ -328,7 +345,10 @@ def report(rows: list[dict[str, Any]], plain: int, instances: int, z1: int) -> s
                   f"{info['put_seconds']:.1f} s; node CPU seconds until safe: "
                   + ", ".join(f"{k} {v:.1f}" for k, v in info["cpu_s"].items())
                   + "; in the 5 s after safe, MB still sent: "
-                  + ", ".join(f"{k} {v / 1e6:.1f}" for k, v in after.up.items()) + ".", ""]
+                  + ", ".join(f"{k} {v / 1e6:.1f}" for k, v in after.up.items())
+                  + "; a slow feeder's chunks taken from the source instead: "
+                  + ", ".join(f"{k} {v}" for k, v in info.get("stolen", {}).items())
+                  + ".", ""]
     return "\n".join(lines)
 
 
@@ -340,8 +360,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=900, help="seconds to wait for safe")
     ap.add_argument("--repeat", type=int, default=1,
                     help="runs per rate (methods interleaved); the medians are reported")
+    ap.add_argument("--wire-zstd-level", type=int, default=0,
+                    help="[transfer] wire_zstd_level of every node (0: chunks as stored)")
     ap.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
     args = ap.parse_args(argv)
+    transfer = {"wire_zstd_level": args.wire_zstd_level}
     why = unavailable() or ("" if shutil.which("rsync") else "rsync is not installed")
     if why:
         print(f"bench wan skipped: {why}", file=sys.stderr)
@@ -359,12 +382,13 @@ def main(argv: list[str] | None = None) -> int:
         reps = []
         for i in range(max(1, args.repeat)):
             try:
-                reps.append(one_rate(rate, study, work / f"run{i + 1}", args.timeout))
+                reps.append(one_rate(rate, study, work / f"run{i + 1}", args.timeout,
+                                     transfer))
             finally:
                 for d in work.glob("run*/nodes-*/*-data"):  # keep the logs, drop the stores
                     shutil.rmtree(d, ignore_errors=True)
         rows.append(median_row(reps))
-    text = report(rows, plain, args.instances, z1)
+    text = report(rows, plain, args.instances, z1, args.wire_zstd_level)
     print()
     print(machine_line())
     print(text)

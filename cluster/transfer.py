@@ -62,8 +62,8 @@ CHALLENGE_NONCE_BYTES = 16
 FUTURE_LOG_REPEAT_S = 60.0
 FUTURE_SOURCES_TRACKED_MAX = 64
 FETCH_TIMEOUT_S = 120.0  # one FetchChunks stream (a sender ends it early when limited)
-BATCH_THREADS = 3  # fetch batches in flight: one commits while the next is on the wire
-FETCH_STREAMS_MAX = 8  # relay streams (batches in flight x other feeders)
+BATCH_THREADS = 6  # fetch batches in flight: one commits while the next is on the wire
+FETCH_STREAMS_MAX = 16  # relay streams (batches in flight x other feeders)
 FRESH_S_DEFAULT = 3600.0  # manifests younger than this are fresh ingest
 DEFERRED = "deferred"  # a ChunkData.reason prefix: the sender's limits, try later
 WIRE_ZSTD_LEVEL_DEFAULT = 0  # as stored: see [transfer] wire_zstd_level
@@ -73,8 +73,8 @@ UNFETCHED_TRACKED_MAX = 100_000
 # When our own share is in, a feeder's stream gets this long (at least the minimum, else
 # that fraction of the time our share took) before we take the rest of its share from
 # the sources: equal links finish together, a slower feeder is overtaken.
-STEAL_GRACE_MIN_S = 1.0
-STEAL_GRACE_FRACTION = 0.25
+STEAL_GRACE_MIN_S = 2.0
+STEAL_GRACE_FRACTION = 1.0
 STEAL_BATCH_BYTES = 4 << 20
 T = TypeVar("T")
 

@@ -79,7 +79,8 @@ class ClusterView:
             bulk_window=str(lim.bulk_window or ""),
             bulk_window_open=not shaper.deferral(REPAIR),
             sent_fresh_bytes=shaper.sent[FRESH], sent_repair_bytes=shaper.sent[REPAIR],
-            sent_rebalance_bytes=shaper.sent[REBALANCE])
+            sent_rebalance_bytes=shaper.sent[REBALANCE],
+            relayed_chunks_stolen=self.r.stolen_chunks)
 
     def repair(self) -> node_pb2.RepairStatus:
         _, unsafe, oldest_ms = self.r.store.catalog.safety_counts()

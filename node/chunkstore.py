@@ -8,8 +8,10 @@ the plain bytes: a chunk that fails is never returned.
 
 from __future__ import annotations
 
+import collections
 import struct
 import threading
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -59,6 +61,8 @@ def _dctx() -> Any:
     return d
 
 
+FRESH_VERIFIED_S = 60.0
+FRESH_VERIFIED_MAX = 65_536  # keys remembered (2 MB)
 WIRE_ZSTD_LEVEL_MAX = 9  # beyond this a level costs far more CPU than it saves bytes
 
 
@@ -93,6 +97,10 @@ class ChunkStore:
         self.packs = packs
         self._lock = threading.Lock()
         self._pending: dict[bytes, ChunkLocation] = {}
+        # chunks written in the last moments, from bytes hashed just before (ingest) or
+        # verified on arrival (peers): serving them again at once (a relay, the first
+        # replicas of a fresh study) need not decompress and hash them a second time
+        self._fresh: collections.OrderedDict[bytes, float] = collections.OrderedDict()
 
     # ---- startup --------------------------------------------------------------
 
@@ -125,7 +133,14 @@ class ChunkStore:
                 return 0
             pack, offset, length = self.packs.append(key, flags, plain_len, stored)
             self._pending[key] = ChunkLocation(pack, offset, length, plain_len, flags)
+            self._fresh[key] = time.monotonic()
+            while len(self._fresh) > FRESH_VERIFIED_MAX:
+                self._fresh.popitem(last=False)
         return length
+
+    def _recently_verified(self, key: bytes) -> bool:
+        at = self._fresh.get(key)
+        return at is not None and time.monotonic() - at < FRESH_VERIFIED_S
 
     def replace(self, key: bytes, plain_len: int, stored: bytes, flags: int) -> int:
         """Append a good copy of a chunk whose indexed record is damaged; the next group
@@ -223,6 +238,8 @@ class ChunkStore:
         `zstd_level`, compressed again at that level when that makes it smaller (a slow
         link is worth the CPU)."""
         loc, stored = self.read_stored(key)
+        if zstd_level <= 1 and self._recently_verified(key):
+            return loc.plain_len, loc.flags, stored  # (the receiver verifies it anyway)
         plain = decompress(stored, loc.plain_len) if loc.flags & FLAG_ZSTD else stored
         if len(plain) != loc.plain_len or content_hash(plain) != key:
             raise ChunkCorrupt(f"chunk {key.hex()[:16]} failed hash verification")

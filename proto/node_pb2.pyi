@@ -860,6 +860,7 @@ class TransferStatus(_message.Message):
     SENT_FRESH_BYTES_FIELD_NUMBER: _builtins.int
     SENT_REPAIR_BYTES_FIELD_NUMBER: _builtins.int
     SENT_REBALANCE_BYTES_FIELD_NUMBER: _builtins.int
+    RELAYED_CHUNKS_STOLEN_FIELD_NUMBER: _builtins.int
     rate_mb_s: _builtins.float
     """0: unlimited"""
     bulk_rate_mb_s: _builtins.float
@@ -869,6 +870,8 @@ class TransferStatus(_message.Message):
     sent_fresh_bytes: _builtins.int
     sent_repair_bytes: _builtins.int
     sent_rebalance_bytes: _builtins.int
+    relayed_chunks_stolen: _builtins.int
+    """a slow feeder's chunks we took from the source"""
     def __init__(
         self,
         *,
@@ -879,10 +882,11 @@ class TransferStatus(_message.Message):
         sent_fresh_bytes: _builtins.int = ...,
         sent_repair_bytes: _builtins.int = ...,
         sent_rebalance_bytes: _builtins.int = ...,
+        relayed_chunks_stolen: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bulk_rate_mb_s", b"bulk_rate_mb_s", "bulk_window", b"bulk_window", "bulk_window_open", b"bulk_window_open", "rate_mb_s", b"rate_mb_s", "sent_fresh_bytes", b"sent_fresh_bytes", "sent_rebalance_bytes", b"sent_rebalance_bytes", "sent_repair_bytes", b"sent_repair_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bulk_rate_mb_s", b"bulk_rate_mb_s", "bulk_window", b"bulk_window", "bulk_window_open", b"bulk_window_open", "rate_mb_s", b"rate_mb_s", "relayed_chunks_stolen", b"relayed_chunks_stolen", "sent_fresh_bytes", b"sent_fresh_bytes", "sent_rebalance_bytes", b"sent_rebalance_bytes", "sent_repair_bytes", b"sent_repair_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
