@@ -192,11 +192,12 @@ def phases(samples: list[tuple[float, Counters]], started: float, c0: Counters, 
     if os.environ.get("WAN_SERIES"):  # diagnosis: Boston's uplink and far downlinks per 0.5 s
         prev_t, prev = started, c0
         for t, c in samples:
-            if t - prev_t >= 0.5:
-                print(f"  t={t - started:4.1f}s boston up "
-                      f"{(c.up[origin] - prev.up[origin]) * 8 / 1e6 / (t - prev_t):5.0f} Mbit/s; "
-                      + " ".join(f"{s} down {(c.down[s] - prev.down[s]) * 8 / 1e6 / (t - prev_t):4.0f}"
-                                 for s in far), flush=True)
+            span = t - prev_t
+            if span >= 0.5:
+                mbit = {s: (c.down[s] - prev.down[s]) * 8 / 1e6 / span for s in far}
+                up = (c.up[origin] - prev.up[origin]) * 8 / 1e6 / span
+                print(f"  t={t - started:4.1f}s boston up {up:5.0f} Mbit/s; "
+                      + " ".join(f"{s} down {v:4.0f}" for s, v in mbit.items()), flush=True)
                 prev_t, prev = t, c
     first = last = math.nan
     for t, c in samples:

@@ -194,7 +194,7 @@ class PeerService(peer_pb2_grpc.PeerApiServicer):
                 # path of replication
                 batch = await loop.run_in_executor(self.r.pool, self._read_batch,
                                                    pending[start : start + FETCH_READ_BATCH],
-                                                   request.zstd_level)
+                                                   request.zstd_level, request.replica)
                 for msg in batch:
                     waited = loop.time() - started
                     if (msg.missing and msg.reason == NOT_HELD and waited < wait_s
@@ -215,11 +215,12 @@ class PeerService(peer_pb2_grpc.PeerApiServicer):
             if pending:
                 await arrivals.changed(timeout_s=0.25)
 
-    def _read_batch(self, keys: list[bytes], zstd_level: int = 0) -> list[peer_pb2.ChunkData]:
+    def _read_batch(self, keys: list[bytes], zstd_level: int = 0, replica: bool = False
+                    ) -> list[peer_pb2.ChunkData]:
         out = []
         for key in keys:
             try:
-                plain_len, flags, data = self.r.store.chunks.for_peer(key, zstd_level)
+                plain_len, flags, data = self.r.store.chunks.for_peer(key, zstd_level, replica)
             except ChunkMissing:
                 out.append(peer_pb2.ChunkData(hash=key, missing=True, reason=NOT_HELD))
                 continue

@@ -541,7 +541,7 @@ class Replicator:
     def _fetch_from(self, address: str, keys: Sequence[bytes] | set[bytes],
                     sizes: dict[bytes, int], purpose: int = peer_pb2.FRESH,
                     relay: bool = False, enough: threading.Event | None = None,
-                    calls: list[Any] | None = None) -> set[bytes]:
+                    calls: list[Any] | None = None, replica: bool = True) -> set[bytes]:
         """Ask one peer for chunks, in batches; returns the ones stored. `relay`: the
         peer is fetching them itself now and sends them as they arrive. `enough`: stop
         early when it is set (what we asked for arrived another way)."""
@@ -562,7 +562,7 @@ class Replicator:
         for batch in batches:
             request = peer_pb2.FetchChunksRequest(
                 hashes=batch, wait_ms=wait_ms, requester=self.node_id, zstd_level=level,
-                purpose=peer_pb2.TransferPurpose.ValueType(purpose))
+                purpose=peer_pb2.TransferPurpose.ValueType(purpose), replica=replica)
             try:
                 stream = stub.FetchChunks(request, timeout=FETCH_TIMEOUT_S)
                 if calls is not None:

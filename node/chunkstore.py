@@ -233,12 +233,14 @@ class ChunkStore:
             raise ChunkCorrupt(f"chunk {key.hex()[:16]} failed hash verification")
         return plain
 
-    def for_peer(self, key: bytes, zstd_level: int = 0) -> tuple[int, int, bytes]:
+    def for_peer(self, key: bytes, zstd_level: int = 0, replica: bool = False
+                 ) -> tuple[int, int, bytes]:
         """(plain length, flags, bytes) to send a peer: as stored, verified first; with
         `zstd_level`, compressed again at that level when that makes it smaller (a slow
-        link is worth the CPU)."""
+        link is worth the CPU). `replica`: the peer verifies before it stores, so a
+        chunk written here in the last minute goes without a second check."""
         loc, stored = self.read_stored(key)
-        if zstd_level <= 1 and self._recently_verified(key):
+        if replica and zstd_level <= 1 and self._recently_verified(key):
             return loc.plain_len, loc.flags, stored  # (the receiver verifies it anyway)
         plain = decompress(stored, loc.plain_len) if loc.flags & FLAG_ZSTD else stored
         if len(plain) != loc.plain_len or content_hash(plain) != key:

@@ -513,6 +513,7 @@ class FetchChunksRequest(_message.Message):
     PURPOSE_FIELD_NUMBER: _builtins.int
     REQUESTER_FIELD_NUMBER: _builtins.int
     ZSTD_LEVEL_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
     wait_ms: _builtins.int
     """Relay: chunks the answering node is itself fetching now are sent as they arrive,
     waiting up to this long (0: answer at once with what is held).
@@ -525,6 +526,11 @@ class FetchChunksRequest(_message.Message):
     """Compress again at this zstd level where that is smaller (0: as stored): asked
     for on slow links, where bytes cost more than the sender's CPU.
     """
+    replica: _builtins.bool
+    """The asker stores what it gets as a replica and verifies every chunk first: the
+    sender may skip verifying again what it wrote a moment ago. Drills and restores
+    leave it false and get chunks the sender verified now ("damaged here" otherwise).
+    """
     @_builtins.property
     def hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
     def __init__(
@@ -535,10 +541,11 @@ class FetchChunksRequest(_message.Message):
         purpose: Global___TransferPurpose.ValueType = ...,
         requester: _builtins.str = ...,
         zstd_level: _builtins.int = ...,
+        replica: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hashes", b"hashes", "purpose", b"purpose", "requester", b"requester", "wait_ms", b"wait_ms", "zstd_level", b"zstd_level"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hashes", b"hashes", "purpose", b"purpose", "replica", b"replica", "requester", b"requester", "wait_ms", b"wait_ms", "zstd_level", b"zstd_level"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
