@@ -27,7 +27,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -129,6 +129,7 @@ class FaultProxy:
         self.pids: dict[str, int] = {}
         self._servers: list[asyncio.AbstractServer] = []
         self.conns: set[_Conn] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self.cut: set[frozenset[str]] = set()  # pairs that cannot talk
         self.cut_mode = "blackhole"
         self.links: dict[tuple[str, str], LinkFault] = {}
@@ -148,7 +149,7 @@ class FaultProxy:
         may be set later in ``targets``)."""
         async def listen() -> int:
             server = await asyncio.start_server(
-                lambda r, w: self._accept(name, r, w), "127.0.0.1", 0)
+                lambda r, w: self._spawn(self._accept(name, r, w)), "127.0.0.1", 0)
             self._servers.append(server)
             return int(server.sockets[0].getsockname()[1])
 
@@ -217,6 +218,14 @@ class FaultProxy:
         self._thread.join(10)
 
     # ---- the data path, on the loop ------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """A task held here until done: asyncio.streams drops its reference to a handler
+        task when the transport closes, and a pending task without one is destroyed
+        mid-await, leaving the other end of its connection open forever."""
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _blocked(self, c: _Conn) -> bool:
         return c.src is not None and frozenset((c.src, c.dst)) in self.cut
