@@ -910,6 +910,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs, data)")
     ap.add_argument("--short", action="store_true", help="the test suite's scripted profile")
     args = ap.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C: every node stopped, the tmpfs unmounted
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 10**6)
     profile = SHORT if args.short else long_profile(args.minutes)
     workdir = Path(tempfile.mkdtemp(prefix=f"pacsmesh-soak-{seed}-"))
