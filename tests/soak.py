@@ -143,6 +143,7 @@ class Report:
     scrub_repaired: int = 0
     unrepairable: list[str] = field(default_factory=list)
     crashes: list[str] = field(default_factory=list)  # a node that exited on its own
+    tracebacks: Counter[str] = field(default_factory=Counter)  # in node logs, by last line
     proxy: dict[str, Any] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)  # the fault sequence, with times
 
@@ -165,6 +166,9 @@ class Report:
             f"{self.scrub_corrupt} corrupt chunks, repaired {self.scrub_repaired}, "
             f"unrepairable {len(self.unrepairable)}",
         ]
+        if self.tracebacks:
+            lines.append(f"tracebacks in node logs: {sum(self.tracebacks.values())}")
+            lines.extend(f"  {n} x {msg}" for msg, n in self.tracebacks.most_common(8))
         if self.skipped:
             lines.append("faults skipped when not possible: "
                          + ", ".join(f"{k} {n}" for k, n in sorted(self.skipped.items())))
@@ -693,12 +697,20 @@ class Soak:
         script = list(p.script)
         next_random = t0 + self.rng.expovariate(1 / p.fault_gap_s)
         next_checkpoint = t0 + 2.0
+        next_progress = t0 + 60.0
         pending: list[str] = []  # scripted faults not possible yet: retried
         try:
             while time.monotonic() - t0 < p.duration_s:
                 now = time.monotonic()
                 self.run_due_undos()
                 self._reap()
+                if now >= next_progress:
+                    with self.lock:
+                        acked = sum(len(r.acked) for r in self.studies.values())
+                    self.say(f"progress: {acked} instances acknowledged, "
+                             f"{sum(self.report.faults.values())} faults "
+                             f"({dict(self.report.faults)})")
+                    next_progress = now + 60.0
                 if now >= next_checkpoint:
                     self.checkpoint_flips()
                     next_checkpoint = time.monotonic() + 3.0
@@ -859,11 +871,28 @@ class Soak:
         finally:
             self.report.duration_s = time.monotonic() - self.started
             self.report.proxy = self.proxy.describe()
+            self.scan_logs()
             with self.lock:
                 self.report.studies_acked = len(self.studies)
                 self.report.acknowledged = sum(len(r.acked) for r in self.studies.values())
             self.close()
         return self.report
+
+    def scan_logs(self) -> None:
+        """Unexpected exceptions in the node logs, by their last line (for the report)."""
+        for node in self.nodes.values():
+            try:
+                text = node.log_path.read_text(errors="replace")
+            except OSError:
+                continue
+            lines = text.splitlines()
+            for i, line in enumerate(lines):
+                if line.startswith("Traceback"):
+                    j = i + 1
+                    while j < len(lines) and (lines[j].startswith(" ") or not lines[j]):
+                        j += 1
+                    last = lines[j] if j < len(lines) else "?"
+                    self.report.tracebacks[f"{node.node_id}: {last[:160]}"] += 1
 
     def dump_logs(self, lines: int = 60) -> str:
         out = []
