@@ -234,6 +234,7 @@ class Soak:
         self.say_ = say
         self.rng = random.Random(seed)  # faults
         self.traffic_rng = random.Random(seed + 1)
+        self.mid_put_rng = random.Random(seed + 3)
         self.report = Report(seed, profile.name)
         self.proxy = FaultProxy(seed + 2)
         self.cluster = Cluster(workdir / "c")
@@ -443,13 +444,22 @@ class Soak:
         victim = self._node_victim()
         if victim is None:
             return False
+        with self.lock:  # half the time, a node a put is streaming to right now
+            putting = sorted({n for n in self.inflight.values() if n not in self.busy
+                              and self.state.get(n) == "up"})
+        # (its own generator: whether a put is under way depends on timing, and the main
+        # sequence of fault choices must not)
+        mid_put = bool(putting) and self.mid_put_rng.random() < 0.5
+        if mid_put:
+            victim = self.mid_put_rng.choice(putting)
         d = self.profile.dead_after_s
         down_s = self.rng.choice([self.rng.uniform(0.2, d / 2), self.rng.uniform(d + 1, 2 * d + 3)])
         self.busy[victim] = "kill"
         self.nodes[victim].kill()
         self.flip_region.pop(victim, None)
         self.state[victim] = "killed"
-        self.say(f"kill -9 {victim}; restart in {down_s:.1f} s")
+        self.say(f"kill -9 {victim}{' during a put to it' if mid_put else ''}; "
+                 f"restart in {down_s:.1f} s")
 
         def restart() -> None:
             self.nodes[victim].start(wait=False)
