@@ -91,6 +91,9 @@ class Profile:
     fault_gap_s: float = 4.0  # mean gap between random faults
     scrub_interval_s: float = 5.0
     disk_mb: int = 512
+    # after the final pass, how long an unrepairable chunk may take to be repaired (the
+    # scrubber retries every REPAIR_RETRY_S = 60 s); 0: report without waiting
+    unrepairable_wait_s: float = 0.0
 
 
 SHORT = Profile(
@@ -106,7 +109,7 @@ SHORT = Profile(
 def long_profile(minutes: float) -> Profile:
     return Profile(name="soak", duration_s=minutes * 60, put_gap_s=0.7, instances=3,
                    dead_after_s=4.0, converge_s=240.0, fault_gap_s=4.0,
-                   scrub_interval_s=20.0, disk_mb=1024)
+                   scrub_interval_s=20.0, disk_mb=1024, unrepairable_wait_s=100.0)
 
 
 @dataclass
@@ -144,6 +147,7 @@ class Report:
     unrepairable: list[str] = field(default_factory=list)
     crashes: list[str] = field(default_factory=list)  # a node that exited on its own
     tracebacks: Counter[str] = field(default_factory=Counter)  # in node logs, by last line
+    damage_logged: int = 0  # chunks the nodes logged as damaged (scrub, or a peer's read)
     proxy: dict[str, Any] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)  # the fault sequence, with times
 
@@ -164,7 +168,8 @@ class Report:
             f"node crashes: {len(self.crashes)}",
             f"converged {self.converge_s:.1f} s after healing; scrub found "
             f"{self.scrub_corrupt} corrupt chunks, repaired {self.scrub_repaired}, "
-            f"unrepairable {len(self.unrepairable)}",
+            f"unrepairable {len(self.unrepairable)} (damage in node logs: "
+            f"{self.damage_logged} lines)",
         ]
         if self.tracebacks:
             lines.append(f"tracebacks in node logs: {sum(self.tracebacks.values())}")
@@ -818,13 +823,24 @@ class Soak:
                         time.monotonic() - asked_at) and r.chunks_verified > \
                         requested[name].chunks_verified:
                     done.add(name)
-                    self.report.scrub_corrupt += r.corrupt_found
-                    self.report.scrub_repaired += r.repaired
-                    self.report.unrepairable += [f"{name}: {u}" for u in r.unrepairable]
             time.sleep(0.3)
         if len(done) < len(self.nodes):
             self.say(f"scrub pass not finished in {timeout_s:g} s at "
                      f"{sorted(set(self.nodes) - done)}")
+        until = time.monotonic() + self.profile.unrepairable_wait_s
+        while True:
+            replies = {}
+            for name, node in self.nodes.items():
+                ch, stub = _stub(node.address)
+                with ch:
+                    replies[name] = stub.Scrub(node_pb2.ScrubRequest(), timeout=API_TIMEOUT_S)
+            left = [f"{n}: {u}" for n, r in replies.items() for u in r.unrepairable]
+            if not left or time.monotonic() >= until:
+                break
+            time.sleep(2.0)
+        self.report.scrub_corrupt = sum(r.corrupt_found for r in replies.values())
+        self.report.scrub_repaired = sum(r.repaired for r in replies.values())
+        self.report.unrepairable = left
 
     def verify(self) -> None:
         """Restore every study with an acknowledged instance from a random node."""
@@ -897,6 +913,8 @@ class Soak:
                 continue
             lines = text.splitlines()
             for i, line in enumerate(lines):
+                if "scrub: chunk " in line or "asked for a damaged chunk" in line:
+                    self.report.damage_logged += 1
                 if line.startswith("Traceback"):
                     j = i + 1
                     while j < len(lines) and (lines[j].startswith(" ") or not lines[j]):
