@@ -964,7 +964,12 @@ def record(report: Report, minutes: float) -> Path:
         f"{len(report.lost)} | {len(report.unsafe)} | {report.converge_s:.1f} s | "
         f"{report.scrub_corrupt} / {report.scrub_repaired} / {len(report.unrepairable)} |",
     ])
-    return append_results(f"Fault soak: {report.duration_s / 60:.0f} minutes", text)
+    if report.skipped:
+        text += ("\n\nFaults drawn but not possible at that moment (not counted): "
+                 + ", ".join(f"{k} {n}" for k, n in report.skipped.most_common()) + ".")
+    text += (f"\n\nNode crashes: {len(report.crashes)}; tracebacks in node logs: "
+             f"{sum(report.tracebacks.values())}.")
+    return append_results(f"Fault soak: {minutes:g} minutes of faults", text)
 
 
 def main(argv: list[str] | None = None) -> int:
