@@ -150,6 +150,7 @@ class Report:
     crashes: list[str] = field(default_factory=list)  # a node that exited on its own
     tracebacks: Counter[str] = field(default_factory=Counter)  # in node logs, by last line
     damage_logged: int = 0  # chunks the nodes logged as damaged (scrub, or a peer's read)
+    repair_logged: int = 0  # chunks the scrubber logged as repaired from a peer
     proxy: dict[str, Any] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)  # the fault sequence, with times
 
@@ -170,8 +171,8 @@ class Report:
             f"node crashes: {len(self.crashes)}",
             f"converged {self.converge_s:.1f} s after healing; scrub found "
             f"{self.scrub_corrupt} corrupt chunks, repaired {self.scrub_repaired}, "
-            f"unrepairable {len(self.unrepairable)} (damage in node logs: "
-            f"{self.damage_logged} lines)",
+            f"unrepairable {len(self.unrepairable)} (over the whole run, by the node logs: "
+            f"{self.damage_logged} damaged, {self.repair_logged} repaired from a peer)",
         ]
         if self.tracebacks:
             lines.append(f"tracebacks in node logs: {sum(self.tracebacks.values())}")
@@ -923,6 +924,8 @@ class Soak:
             for i, line in enumerate(lines):
                 if "scrub: chunk " in line or "asked for a damaged chunk" in line:
                     self.report.damage_logged += 1
+                if "repaired chunk " in line:
+                    self.report.repair_logged += 1
                 if line.startswith("Traceback"):
                     j = i + 1
                     while j < len(lines) and (lines[j].startswith(" ") or not lines[j]):
@@ -958,11 +961,12 @@ def record(report: Report, minutes: float) -> Path:
         f"| {kinds} | {sum(report.faults.values())} |",
         "",
         "| duration | instances acknowledged | studies | lost | unsafe at the end | "
-        "converged after healing | scrub: corrupt found / repaired / unrepairable |",
-        "|---|---|---|---|---|---|---|",
+        "converged after healing | damaged chunks found / repaired from a peer by the "
+        "scrubber (node logs) | unrepairable at the end |",
+        "|---|---|---|---|---|---|---|---|",
         f"| {report.duration_s / 60:.1f} min | {report.acknowledged} | {report.studies_acked} | "
         f"{len(report.lost)} | {len(report.unsafe)} | {report.converge_s:.1f} s | "
-        f"{report.scrub_corrupt} / {report.scrub_repaired} / {len(report.unrepairable)} |",
+        f"{report.damage_logged} / {report.repair_logged} | {len(report.unrepairable)} |",
     ])
     if report.skipped:
         text += ("\n\nFaults drawn but not possible at that moment (not counted): "
