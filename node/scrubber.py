@@ -102,10 +102,25 @@ class Scrubber(Worker):
         reference = last or self.state.pass_started_ms or now_ms
         return now_ms - reference > 1.5 * self.interval_s * 1000
 
+    def _clock_stepped_back(self, now_ms: int) -> None:
+        """Times recorded while the wall clock ran ahead are pulled back to now: else, after
+        the clock is corrected, no pass would be due (and none overdue) until the wall
+        clock caught up with them, silently, for as long as it had been ahead."""
+        st = self.state
+        if max(st.last_pass_started_ms, st.last_pass_completed_ms, st.pass_started_ms) > now_ms:
+            LOGGER.warning("scrub: the wall clock went back %.0f s; the scrub schedule "
+                           "follows it", (max(st.last_pass_started_ms,
+                                               st.last_pass_completed_ms,
+                                               st.pass_started_ms) - now_ms) / 1000)
+            st.last_pass_started_ms = min(st.last_pass_started_ms, now_ms)
+            st.last_pass_completed_ms = min(st.last_pass_completed_ms, now_ms)
+            st.pass_started_ms = min(st.pass_started_ms, now_ms)
+
     async def step(self) -> WorkerState:
         loop = asyncio.get_running_loop()
         st = self.state
         now_ms = int(time.time() * 1000)
+        self._clock_stepped_back(now_ms)
         if not st.running:
             due = st.last_pass_started_ms + self.interval_s * 1000
             if not st.requested and now_ms < due:

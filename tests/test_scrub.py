@@ -525,3 +525,44 @@ def test_disk_alerts_follow_used_fraction_of_capacity(tmp_path: Path) -> None:
         raise
     finally:
         node.stop()
+
+
+def test_schedule_survives_a_wall_clock_step_back(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by the fault soak (tests/soak.py, clock jumps): a pass started while the wall
+    clock ran ahead left its start time in the future, so once the clock was corrected no
+    pass was due, and none overdue, until the clock caught up (a day ahead: a day without
+    scrubbing, unalerted). Now a step back pulls those times back to now."""
+    import asyncio
+
+    from pacsmesh.node.scrubber import Scrubber
+    from pacsmesh.node.store import Store
+
+    store = Store(tmp_path / "data", partitions=16)
+    try:
+        scrubber = Scrubber(store, rate_mb_s=1000, interval_s=60)
+        real = time.time()
+        ahead = real + 86400.0  # a day ahead
+        monkeypatch.setattr(time, "time", lambda: ahead)
+        loop = asyncio.new_event_loop()
+        try:
+            scrubber.request_pass()
+            for _ in range(10):
+                loop.run_until_complete(scrubber.step())
+                if scrubber.state.last_pass_completed_ms:
+                    break
+            assert scrubber.state.last_pass_started_ms >= (ahead - 1) * 1000
+            now = [real]  # the clock is corrected
+            monkeypatch.setattr(time, "time", lambda: now[0])
+            loop.run_until_complete(scrubber.step())
+            assert not scrubber.state.running  # within the interval: not due yet
+            now[0] = real + 61  # one interval later a pass is due again, not a day later
+            loop.run_until_complete(scrubber.step())
+            assert scrubber.state.pass_started_ms == int((real + 61) * 1000)
+            # and a pass missed after the correction shows as overdue, not as far ahead
+            assert scrubber.state.last_pass_completed_ms <= (real + 61) * 1000
+            assert scrubber.overdue(int((real + 61 + 91) * 1000))
+        finally:
+            loop.close()
+    finally:
+        store.close()
