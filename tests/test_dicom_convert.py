@@ -52,7 +52,7 @@ SYNTAXES = [
     uid.DeflatedExplicitVRLittleEndian, uid.ExplicitVRBigEndian, uid.RLELossless,
     uid.JPEGLSLossless, uid.JPEG2000Lossless, uid.JPEGLosslessSV1, uid.JPEGLossless,
 ]
-SHORT = {
+SHORT: dict[str, str] = {
     uid.ImplicitVRLittleEndian: "implicit", uid.ExplicitVRLittleEndian: "explicit",
     uid.DeflatedExplicitVRLittleEndian: "deflated", uid.ExplicitVRBigEndian: "big-endian",
     uid.RLELossless: "rle", uid.JPEGLSLossless: "jpeg-ls", uid.JPEG2000Lossless: "j2k",
@@ -120,7 +120,7 @@ def _part10(ds: Any, ts: str) -> bytes:
 def _gdcm_encode(src: Path, dst: Path, ts: str) -> None:
     import gdcm
 
-    codes = {uid.JPEGLosslessSV1: gdcm.TransferSyntax.JPEGLosslessProcess14_1,
+    codes: dict[str, Any] = {uid.JPEGLosslessSV1: gdcm.TransferSyntax.JPEGLosslessProcess14_1,
              uid.JPEGLossless: gdcm.TransferSyntax.JPEGLosslessProcess14}
     reader = gdcm.ImageReader()
     reader.SetFileName(str(src))
