@@ -28,8 +28,14 @@ def study_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+# dcmtk's tools live here; a venv's bin/ (pynetdicom installs apps named storescu,
+# getscu, findscu, movescu, echoscu) must never stand in for them
+SYSTEM_PATH = "/usr/bin:/usr/local/bin:/bin"
+
+
 def require_tool(name: str) -> str:
-    path = shutil.which(name)
+    """The system (dcmtk) tool `name`, or skip the test with the reason."""
+    path = shutil.which(name, path=SYSTEM_PATH)
     if path is None:
         pytest.skip(f"{name} is not installed (Debian package dcmtk; .ci/run installs it)")
     return path

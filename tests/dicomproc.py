@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -22,6 +23,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.dsutils import split_dataset
 
+from tests.conftest import SYSTEM_PATH
 from tests.nodeproc import NodeProc, free_port
 
 TOOL_TIMEOUT_S = 60.0
@@ -50,8 +52,12 @@ def dcmtk_env() -> dict[str, str]:
 
 
 def tool(*args: str | Path, timeout_s: float = TOOL_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-    """Run a dcmtk tool; stdout and stderr together in `.stdout`."""
-    return subprocess.run([str(a) for a in args], stdout=subprocess.PIPE,
+    """Run a dcmtk tool (a bare name is looked up in the system's bin folders, never a
+    venv's pynetdicom app of the same name); stdout and stderr together in `.stdout`."""
+    name = str(args[0])
+    if "/" not in name:
+        name = shutil.which(name, path=SYSTEM_PATH) or name
+    return subprocess.run([name, *(str(a) for a in args[1:])], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=timeout_s,
                           env=dcmtk_env(), check=False)
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
@@ -415,12 +416,15 @@ def test_movescu_to_a_configured_destination(site: Site, tmp_path: Path) -> None
 
 
 def test_compressed_data_is_stored_and_sent_as_received(site: Site, tmp_path: Path) -> None:
-    """RLE Lossless in, RLE Lossless kept (never transcoded), RLE out to a requester
-    that accepts it; one that accepts only uncompressed gets a failed sub-operation."""
+    """RLE Lossless in, RLE Lossless kept (never transcoded in the archive), RLE out to
+    a requester that accepts it; one that accepts only uncompressed syntaxes gets a
+    decoded copy with the very same pixel values."""
     spec = StudySpec(study_index=108, instances=2, rows=64, columns=64)
     files = []
+    pixels = {}
     for i in (1, 2):
         ds = make_instance(spec, 1, i)
+        pixels[str(ds.SOPInstanceUID)] = ds.pixel_array.copy()
         ds.compress(RLE_LOSSLESS, generate_instance_uid=False)
         files.append(tmp_path / f"rle{i}.dcm")
         ds.save_as(files[-1], enforce_file_format=True)
@@ -443,9 +447,14 @@ def test_compressed_data_is_stored_and_sent_as_received(site: Site, tmp_path: Pa
 
     plain = tmp_path / "get-plain"
     plain.mkdir()
-    tool("getscu", "-S", "-aet", "GETSCU", "-od", plain, "-k", "QueryRetrieveLevel=STUDY",
-         "-k", f"StudyInstanceUID={uid}", "127.0.0.1", str(site.port))
-    assert list(plain.iterdir()) == []
+    got = tool("getscu", "-S", "-aet", "GETSCU", "-od", plain, "-k", "QueryRetrieveLevel=STUDY",
+               "-k", f"StudyInstanceUID={uid}", "127.0.0.1", str(site.port))
+    assert got.returncode == 0, got.stdout
+    decoded = [pydicom.dcmread(f) for f in sorted(plain.iterdir())]
+    assert len(decoded) == 2
+    for ds in decoded:
+        assert not ds.file_meta.TransferSyntaxUID.is_compressed
+        assert np.array_equal(ds.pixel_array, pixels[str(ds.SOPInstanceUID)])
 
 
 # ---- Storage Commitment --------------------------------------------------------------------------

@@ -8,6 +8,8 @@
     query       C-FIND matching over the catalog (patient, study, series, image level)
     retrieve    C-GET and C-MOVE: send instances as stored, read through the verified
                 path (from peers when this node does not hold them)
+    convert     lossless transfer-syntax conversion of a copy, for a peer that did
+                not accept the stored syntax
     commitment  Storage Commitment (push model): success only once the copies are safe
     archive     the narrow seam to the node: what these services may ask of it
 

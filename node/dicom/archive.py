@@ -75,24 +75,44 @@ class Spooled:
                 os.unlink(self.path)
 
 
+def _new_spool(label: str, size: int, tmp_dir: Path) -> Spooled:
+    if hasattr(os, "memfd_create") and size <= SPOOL_MEMORY_BYTES_MAX:
+        fd = os.memfd_create(f"pacsmesh-{label}", os.MFD_CLOEXEC)
+        return Spooled(fd, f"/proc/self/fd/{fd}", unlink=False)
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix="instance-", suffix=".dcm", dir=tmp_dir)
+    return Spooled(fd, path, unlink=True)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def spool_bytes(data: bytes, label: str, tmp_dir: Path) -> Spooled:
+    """`data` (e.g. an instance converted for sending) in a fresh file; the caller
+    closes it."""
+    out = _new_spool(label, len(data), tmp_dir)
+    try:
+        _write_all(out.fd, data)
+    except BaseException:
+        out.close()
+        raise
+    return out
+
+
 def spool(archive: Archive, m: node_pb2.Manifest, tmp_dir: Path) -> Spooled:
     """Read every chunk of an instance (verified) into a fresh file; the caller closes it.
     Raises ChunkMissing / ChunkCorrupt when no reachable node has a good copy."""
-    if hasattr(os, "memfd_create") and m.size <= SPOOL_MEMORY_BYTES_MAX:
-        fd = os.memfd_create(f"pacsmesh-{m.sop_instance_uid}", os.MFD_CLOEXEC)
-        out = Spooled(fd, f"/proc/self/fd/{fd}", unlink=False)
-    else:
-        tmp_dir.mkdir(parents=True, exist_ok=True)
-        fd, path = tempfile.mkstemp(prefix="instance-", suffix=".dcm", dir=tmp_dir)
-        out = Spooled(fd, path, unlink=True)
+    out = _new_spool(m.sop_instance_uid, m.size, tmp_dir)
+    fd = out.fd
     try:
         written = 0
         for ref in m.chunks:
             data = read_chunk(archive, ref.hash, m)
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            _write_all(fd, data)
             written += len(data)
         if written != m.size:
             raise ChunkCorrupt(f"instance {m.sop_instance_uid}: read {written} bytes, "

@@ -1,5 +1,6 @@
-"""C-GET and C-MOVE: send the selected instances exactly as stored, one association
-for all of them, reading ahead while the current one is on the wire.
+"""C-GET and C-MOVE: send the selected instances as stored (or converted losslessly
+to a syntax the peer accepted), one association for all of them, reading ahead
+while the current one is on the wire.
 
 Sending as stored: pynetdicom re-encodes any Dataset a handler yields, which
 would change bytes (and re-deflate deflated data). It sends a dataset untouched
@@ -7,12 +8,20 @@ only from a Part 10 file (`send_c_store(path)` with STORE_SEND_CHUNKED_DATASET,
 set by server.py). So the handlers yield `StoredInstance` placeholders, and a
 `StoredSender` installed on the association that carries the C-STOREs swaps each
 for the path of its spooled file (archive.spool: verified chunks, from peers when
-this node lacks them). An instance goes out only in its stored transfer syntax:
-a peer that did not accept that syntax gets a failed sub-operation and a log line
-that says so, never a silently transcoded copy.
+this node lacks them). An instance goes out in its stored transfer syntax when
+the peer accepted that syntax for its SOP class; otherwise convert.py converts a
+copy in memory to one the peer accepted, losslessly (between the uncompressed
+syntaxes, or by decoding lossless JPEG / JPEG-LS / JPEG 2000 / RLE), and that copy
+is sent from a file of its own. One that cannot be sent losslessly (lossy data,
+or a peer that accepted only compressed syntaxes) is a failed sub-operation with
+the reason in the log, Error Comment and audit detail; never a lossy copy.
 
-Status of a sub-operation that cannot be read anywhere: 0x0110 (processing
-failure); the final response then reports it among the failed instances.
+A C-MOVE store association proposes, per SOP class, each stored syntax plus
+Explicit and Implicit VR Little Endian, each in a context of its own.
+
+Status of a sub-operation that cannot be read anywhere, or whose conversion
+fails: 0x0110 (processing failure); that has no usable context: 0x0122 (SOP class
+not supported). The final response reports them among the failed instances.
 
 Audit: one event per study retrieved (instances sent of those selected, and the
 destination of a C-MOVE), durable before the final response; one for a refused
@@ -31,7 +40,15 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom import build_context, evt
 
-from pacsmesh.node.dicom.archive import Archive, Spooled, spool
+from pacsmesh.node.dicom.archive import Archive, Spooled, spool, spool_bytes
+from pacsmesh.node.dicom.convert import (
+    EXPLICIT_LE,
+    IMPLICIT_LE,
+    ConversionError,
+    choose,
+    convert,
+    name,
+)
 from pacsmesh.node.dicom.query import QueryError, select_instances
 from pacsmesh.node.dicom.status import CANCEL, PENDING, status
 from pacsmesh.node.dicom.trail import Trail
@@ -55,29 +72,52 @@ class StoredInstance(Dataset):
     A Dataset because pynetdicom insists on one (and reads its SOP Instance UID for
     the failed-instances list)."""
 
-    def __init__(self, m: node_pb2.Manifest, future: Future[Spooled]) -> None:
+    def __init__(self, m: node_pb2.Manifest, future: Future[Spooled], tmp_dir: Path) -> None:
         super().__init__()
         self.SOPClassUID = m.sop_class_uid
         self.SOPInstanceUID = m.sop_instance_uid
         self._manifest = m
         self._future = future
+        self._tmp_dir = tmp_dir
         self._used = False
         self.sent = False  # the peer took it (success or warning status)
+        self.failure = ""  # why it was not sent, when we know
 
     @property
     def study_uid(self) -> str:
         return self._manifest.study_instance_uid
 
-    def send(self, original: Any, *args: Any, **kwargs: Any) -> Dataset:
-        """Send through pynetdicom's own `send_c_store` from the spooled file."""
+    def send(self, original: Any, accepted: list[str], *args: Any, **kwargs: Any) -> Dataset:
+        """Send through pynetdicom's own `send_c_store` from the spooled file, or from
+        a converted copy when the peer did not accept the stored syntax (`accepted`:
+        the syntaxes it accepted for this SOP class, for us as the sender)."""
         self._used = True
         m = self._manifest
+        stored = m.transfer_syntax_uid
+        try:
+            target = choose(stored, accepted)
+        except ConversionError as exc:
+            return self._fail(STATUS_SOP_CLASS_NOT_SUPPORTED, str(exc))
         try:
             spooled = self._future.result(timeout=READ_TIMEOUT_S)
         except Exception as exc:
             LOGGER.error("instance %s cannot be read on this node or any reachable peer: %s",
                          m.sop_instance_uid, exc)
             return status(STATUS_PROCESSING_FAILURE, f"cannot be read: {exc}")
+        if target != stored:  # convert a copy; the stored bytes stay as they are
+            try:
+                with open(spooled.path, "rb") as f:
+                    data = f.read()
+            finally:
+                spooled.close()
+            try:
+                data = convert(data, target)
+            except ConversionError as exc:
+                return self._fail(STATUS_PROCESSING_FAILURE, str(exc))
+            spooled = spool_bytes(data, m.sop_instance_uid, self._tmp_dir)
+            del data
+            LOGGER.debug("instance %s converted from %s to %s for sending",
+                         m.sop_instance_uid, name(stored), name(target))
         try:
             answer: Dataset = original(spooled.path, *args, **kwargs)
             code = int(answer.get("Status", -1)) if answer is not None else -1
@@ -91,6 +131,13 @@ class StoredInstance(Dataset):
             return status(STATUS_SOP_CLASS_NOT_SUPPORTED, "no context for its stored syntax")
         finally:
             spooled.close()
+
+    def _fail(self, code: int, why: str) -> Dataset:
+        m = self._manifest
+        self.failure = why
+        LOGGER.warning("instance %s (%s) not sent: %s", m.sop_instance_uid,
+                       name(m.transfer_syntax_uid), why)
+        return status(code, why)
 
     def discard(self) -> None:
         """Never sent (the association went away): free what was read for it."""
@@ -106,21 +153,30 @@ def _close_result(future: Future[Spooled]) -> None:
 
 class StoredSender:
     """Replaces one association's `send_c_store`: StoredInstance placeholders go out
-    as their stored files, anything else as pynetdicom would send it."""
+    as their stored files (or converted copies), anything else as pynetdicom would
+    send it."""
 
-    def __init__(self, original: Any) -> None:
-        self.original = original
+    def __init__(self, assoc: Any, original: Any) -> None:
+        self.assoc, self.original = assoc, original
 
     def __call__(self, dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
         if isinstance(dataset, StoredInstance):
-            return dataset.send(self.original, *args, **kwargs)
+            return dataset.send(self.original, accepted_syntaxes(
+                self.assoc, str(dataset.SOPClassUID)), *args, **kwargs)
         answer: Dataset = self.original(dataset, *args, **kwargs)
         return answer
 
 
+def accepted_syntaxes(assoc: Any, sop_class: str) -> list[str]:
+    """The transfer syntaxes the peer accepted for `sop_class` with us as the C-STORE
+    SCU (a C-GET requester must have taken the SCP role), in context order."""
+    return [str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts
+            if cx.abstract_syntax == sop_class and cx.as_scu]
+
+
 def install_sender(assoc: Any) -> None:
     if not isinstance(assoc.send_c_store, StoredSender):
-        assoc.send_c_store = StoredSender(assoc.send_c_store)
+        assoc.send_c_store = StoredSender(assoc, assoc.send_c_store)
 
 
 class ReadAhead:
@@ -139,7 +195,7 @@ class ReadAhead:
         while self._todo and len(self._ready) < READ_AHEAD:
             m = self._todo.popleft()
             self._ready.append(StoredInstance(
-                m, self._pool.submit(spool, self.archive, m, self.tmp_dir)))
+                m, self._pool.submit(spool, self.archive, m, self.tmp_dir), self.tmp_dir))
 
     def __iter__(self) -> Iterator[StoredInstance]:
         self._fill()
@@ -160,12 +216,19 @@ class ReadAhead:
 
 
 def contexts_for(manifests: list[node_pb2.Manifest]) -> list[Any]:
-    """One presentation context per (SOP class, stored transfer syntax): the peer may
-    accept each syntax on its own."""
-    pairs = dict.fromkeys((m.sop_class_uid, m.transfer_syntax_uid) for m in manifests)
+    """For each SOP class: one presentation context per stored transfer syntax, plus
+    Implicit and Explicit VR Little Endian, each syntax in a context of its own so
+    the peer may accept each on its own. Past the 128 contexts one association may
+    carry, Implicit VR LE (which every peer takes, and every lossless instance can
+    be converted to) comes first, then the stored syntaxes, then Explicit VR LE."""
+    classes = list(dict.fromkeys(m.sop_class_uid for m in manifests))
+    pairs = dict.fromkeys([
+        *((cls, IMPLICIT_LE) for cls in classes),
+        *((m.sop_class_uid, m.transfer_syntax_uid) for m in manifests),
+        *((cls, EXPLICIT_LE) for cls in classes)])
     if len(pairs) > CONTEXTS_MAX:
         LOGGER.warning("%d SOP class/transfer syntax pairs; only %d fit one association, "
-                       "instances of the rest will fail", len(pairs), CONTEXTS_MAX)
+                       "instances that need the rest may fail", len(pairs), CONTEXTS_MAX)
     return [build_context(cls, [ts]) for cls, ts in list(pairs)[:CONTEXTS_MAX]]
 
 
@@ -186,15 +249,21 @@ class RetrieveScp:
                        given: list[StoredInstance], where: str, cancelled: bool) -> None:
         """One event per study: how many of its selected instances the peer took."""
         counts: dict[str, list[int]] = {}  # study -> [selected, sent]
+        failures: dict[str, dict[str, int]] = {}  # study -> why not sent -> instances
         for m in manifests:
             counts.setdefault(m.study_instance_uid, [0, 0])[0] += 1
         for item in given:
             counts[item.study_uid][1] += item.sent
+            if item.failure:
+                why = failures.setdefault(item.study_uid, {})
+                why[item.failure] = why.get(item.failure, 0) + 1
         if not counts:
             self._audit(event, action, "ok", detail=f"{where}nothing matched")
         for study, (selected, sent) in counts.items():
             outcome = "ok" if sent == selected else "partial" if sent else "failed"
             note = "; cancelled" if cancelled else ""
+            note += "".join(f"; {n} not sent: {why}"
+                            for why, n in failures.get(study, {}).items())
             self._audit(event, action, outcome, study, sent,
                         f"{where}{sent} of {selected} instances sent{note}")
 

@@ -6,8 +6,9 @@ Accepted presentation contexts:
   knows, so compressed data is stored as the modality sent it. Explicit VR Little
   Endian is preferred when a requester offers several syntaxes in one context:
   it is what most files on disk are in, so storescu sends them unchanged. A C-GET
-  requester is the exception: its storage contexts follow its own order, since
-  instances go back only in their stored syntax (see `_on_requested`);
+  requester is the exception: its storage contexts follow its own order, and
+  instances go back in the accepted syntax, converted losslessly when it is not
+  the stored one (see `_on_requested`, retrieve.py, convert.py);
 - Query/Retrieve FIND, GET and MOVE, Patient Root and Study Root;
 - Storage Commitment Push Model.
 An unknown SOP class is rejected at association (abstract syntax not supported).
@@ -229,9 +230,10 @@ class DicomServer:
 
     def _on_requested(self, event: Any) -> None:
         """A C-GET requester receives on storage contexts it proposes in one list of
-        syntaxes per SOP class; since instances go out only as stored, let its own
-        order choose (a viewer that prefers RLE can then get RLE-stored instances).
-        Everyone else gets our order: uncompressed first."""
+        syntaxes per SOP class; let its own order choose (a viewer that prefers RLE
+        then gets RLE-stored instances as stored, and one that lists Implicit VR LE
+        first gets everything in it, converted where stored otherwise). Everyone
+        else gets our order: uncompressed first."""
         assoc = event.assoc
         self.admission.requested(assoc)  # an association now: pynetdicom counts it
         requested = assoc.requestor.requested_contexts
