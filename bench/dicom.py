@@ -42,7 +42,7 @@ def _groups(paths: list[Path], k: int) -> list[list[Path]]:
 
 
 def _storescu_argv(port: int, group: list[Path], linkdir: Path) -> list[str]:
-    base = ["storescu", "--quiet", "-aet", CALLING_AET, "-aec", AE_TITLE]
+    base = ["/usr/bin/storescu", "--quiet", "-aet", CALLING_AET, "-aec", AE_TITLE]
     files = [str(p) for p in group]
     if sum(len(f) + 1 for f in files) <= ARGV_BYTES_MAX:
         return [*base, "127.0.0.1", str(port), *files]

@@ -42,7 +42,7 @@ from bench.common import append_results, machine_line, mb_s
 from pacsmesh.sample import StudySpec, write_study
 
 ORTHANC_BIN = "/usr/sbin/Orthanc"
-STORESCU_BIN = "storescu"
+STORESCU_BIN = "/usr/bin/storescu"  # dcmtk, not a venv's pynetdicom app
 CALLING_AET = "PACSMESHBENCH"
 LOOPBACK = "127.0.0.1"
 

@@ -26,9 +26,9 @@ from grpc_reflection.v1alpha import reflection
 from pacsmesh.node.audit import AuditLog, Event
 from pacsmesh.node.config import Config, node_id_for
 from pacsmesh.node.dicom import DicomServer
-from pacsmesh.node.errors import ConfigError, PacsmeshError
+from pacsmesh.node.errors import ConfigError, Mismatch, PacsmeshError
 from pacsmesh.node.hlc import HybridClock
-from pacsmesh.node.ingest import Prepared, prepare_local
+from pacsmesh.node.ingest import LayoutCheck, Prepared, prepare_file, prepare_local
 from pacsmesh.node.scrubber import Scrubber
 from pacsmesh.node.service import (
     ClusterView,
@@ -127,11 +127,27 @@ class NodeDaemon:
 
     # ---- for in-process front ends (DICOM), called from their own threads -------------
 
-    def ingest_bytes(self, data: bytes, client_ref: str = "") -> node_pb2.IngestResult:
+    def ingest_bytes(self, data: bytes, client_ref: str = "", check: LayoutCheck | None = None,
+                     file_hash: bytes | None = None) -> node_pb2.IngestResult:
         """Store one whole Part 10 file; returns once it is durable here (or rejected).
-        Runs the same checks as `pacsmesh put`."""
+        Runs the same checks as `pacsmesh put`, and `check` on its layout first."""
+        return self._ingest_whole(lambda: prepare_local(
+            self.store, self.node_id, self.clock, data, client_ref, check, file_hash),
+            client_ref)
+
+    def ingest_file(self, path: str, client_ref: str = "", check: LayoutCheck | None = None,
+                    file_hash: bytes | None = None) -> node_pb2.IngestResult:
+        """As ingest_bytes, for a Part 10 file on disk, read a chunk at a time."""
+        return self._ingest_whole(lambda: prepare_file(
+            self.store, self.node_id, self.clock, path, client_ref, check, file_hash),
+            client_ref)
+
+    def _ingest_whole(self, prepare: Callable[[], Prepared | node_pb2.IngestResult],
+                      client_ref: str) -> node_pb2.IngestResult:
         try:
-            out = prepare_local(self.store, self.node_id, self.clock, data, client_ref)
+            out = prepare()
+        except Mismatch:
+            raise  # the caller's own check: it answers for it
         except PacsmeshError as exc:
             return node_pb2.IngestResult(client_ref=client_ref, reason=str(exc),
                                          outcome=node_pb2.IngestResult.REJECTED)

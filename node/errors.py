@@ -31,6 +31,15 @@ class InvalidInstance(PacsmeshError):
     """The file cannot be archived; the message is the per-file reason."""
 
 
+class Mismatch(PacsmeshError):
+    """A received dataset is not the instance its request names (a DICOM C-STORE whose
+    SOP Instance or Class UID differs from the command's): nothing is stored."""
+
+    def __init__(self, which: str, why: str) -> None:
+        super().__init__(why)
+        self.which = which  # "SOP Instance UID" or "SOP Class UID"
+
+
 class StoreFull(PacsmeshError):
     pass
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import bisect
 import io
+import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import zstandard
 
@@ -223,24 +225,63 @@ def _rejected(client_ref: str, reason: str) -> node_pb2.IngestResult:
     return node_pb2.IngestResult(client_ref=client_ref, outcome=Outcome.REJECTED, reason=reason)
 
 
+# Called with an instance's layout before anything of it is written (a C-STORE checks
+# its UIDs against the request's here); raises to refuse it.
+LayoutCheck = Callable[[Layout], None]
+READ_BLOCK = 8 << 20  # hashing a spooled file this much at a time
+
+
 def prepare_local(store: Store, node_id: str, clock: HybridClock, data: bytes,
-                  client_ref: str) -> Prepared | node_pb2.IngestResult:
+                  client_ref: str, check: LayoutCheck | None = None,
+                  file_hash: bytes | None = None) -> Prepared | node_pb2.IngestResult:
     """A whole file already in this process (a DICOM C-STORE): the same structure and
     UID checks as `pacsmesh put`, without re-verifying chunks we hash ourselves here.
+    `file_hash`: its hash, if the caller computed it as the bytes arrived.
     Raises InvalidInstance or StoreFull with the reason."""
-    layout = scan(io.BytesIO(data), len(data))
-    file_hash = content_hash(data)
+    view = memoryview(data)
+    return _prepare_whole(store, node_id, clock, io.BytesIO(data), len(data),
+                          lambda offset, length: view[offset:offset + length],
+                          file_hash or content_hash(data), client_ref, check)
+
+
+def prepare_file(store: Store, node_id: str, clock: HybridClock, path: str,
+                 client_ref: str, check: LayoutCheck | None = None,
+                 file_hash: bytes | None = None) -> Prepared | node_pb2.IngestResult:
+    """As prepare_local, for a file on disk (an instance too big to hold in memory):
+    read a chunk at a time, so memory stays bounded whatever its size."""
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        size = os.fstat(fd).st_size
+        if file_hash is None:
+            hasher = FileHasher()
+            for offset in range(0, size, READ_BLOCK):
+                hasher.update(os.pread(fd, READ_BLOCK, offset))
+            file_hash = hasher.digest()
+        return _prepare_whole(store, node_id, clock, f, size,
+                              lambda offset, length: os.pread(fd, length, offset),
+                              file_hash, client_ref, check)
+
+
+def _prepare_whole(store: Store, node_id: str, clock: HybridClock, fp: BinaryIO, size: int,
+                   span: Callable[[int, int], bytes | memoryview], file_hash: bytes,
+                   client_ref: str, check: LayoutCheck | None
+                   ) -> Prepared | node_pb2.IngestResult:
+    layout = scan(fp, size)
+    if check is not None:
+        check(layout)
     known = store.catalog.file_known(file_hash)
     if known is not None:
         return node_pb2.IngestResult(client_ref=client_ref, outcome=Outcome.DUPLICATE,
                                      manifest_id=known)
-    store.admit(len(data))
+    store.admit(size)
     cctx = _local_cctx()
-    view = memoryview(data)
     chunks: list[tuple[bytes, int]] = []
     written = 0
-    for offset, length in chunk_spans(len(data), layout.header_len, CHUNK_SIZE):
-        plain = view[offset : offset + length]
+    for offset, length in chunk_spans(size, layout.header_len, CHUNK_SIZE):
+        plain = span(offset, length)
+        if len(plain) != length:
+            raise InvalidInstance(f"file shrank while being stored ({offset + len(plain)} "
+                                  f"of {size} bytes)")
         key = content_hash(plain)
         if store.chunks.has(key):
             store.chunks.read(key)  # verifies: never dedup onto a damaged chunk

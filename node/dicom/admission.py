@@ -52,6 +52,7 @@ class Connection:
     established: bool = False
     ended: bool = False  # closed before associating, or given up by its thread
     cut: str = ""  # why admission cut it off ("" = it was not)
+    rq_length: int = 0  # its A-ASSOCIATE-RQ's announced length, once peeked (plaintext)
     _woken: bool = False
 
     @property

@@ -24,6 +24,7 @@ from typing import Protocol
 
 from pacsmesh.node.audit import AuditLog
 from pacsmesh.node.errors import ChunkCorrupt, ChunkMissing
+from pacsmesh.node.ingest import LayoutCheck
 from pacsmesh.node.service import RemoteChunks
 from pacsmesh.node.store import Store
 from pacsmesh.proto import node_pb2
@@ -42,7 +43,11 @@ class Archive(Protocol):
     remote: RemoteChunks | None
     audit: AuditLog
 
-    def ingest_bytes(self, data: bytes, client_ref: str = "") -> node_pb2.IngestResult: ...
+    def ingest_bytes(self, data: bytes, client_ref: str = "", check: LayoutCheck | None = None,
+                     file_hash: bytes | None = None) -> node_pb2.IngestResult: ...
+
+    def ingest_file(self, path: str, client_ref: str = "", check: LayoutCheck | None = None,
+                    file_hash: bytes | None = None) -> node_pb2.IngestResult: ...
 
     def instance_safety(self, sop_instance_uid: str) -> tuple[bool, str]: ...
 

@@ -86,6 +86,9 @@ class Guard:
     read_timeout_s: float  # of an established association's socket
     tls: ssl.SSLContext | None = None
     revoked: Callable[[int], bool] | None = None  # serials revoked by the cluster CA
+    # serves the association itself and returns True (fast_store.py), or returns False
+    # and leaves the socket untouched for pynetdicom
+    fast: Callable[[Connection, socket.socket, int], bool] | None = None
 
 
 class GuardedHandler(RequestHandler):
@@ -130,6 +133,9 @@ class GuardedServer(ThreadedAssociationServer):
             sock = self._prepare(conn)
             if sock is not None:
                 sock.settimeout(self.guard.read_timeout_s)
+                fast = self.guard.fast
+                if fast is not None and conn.rq_length and fast(conn, sock, conn.rq_length):
+                    return
                 GuardedHandler(sock, (conn.host, conn.port), self, conn)
         except Exception:
             LOGGER.exception("DICOM connection from %s failed before association",
@@ -164,6 +170,7 @@ class GuardedServer(ThreadedAssociationServer):
             self.guard.admission.on_refused(conn, "too-long", f"announced a {length}-byte "
                                             "association request")
             return None
+        conn.rq_length = length
         return sock
 
     def _peek_header(self, conn: Connection) -> bytes | None:

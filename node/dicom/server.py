@@ -33,8 +33,10 @@ Each association runs in its own threads; ingest and reads release the GIL.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -52,10 +54,12 @@ from pynetdicom import (
 from pynetdicom.association import Association
 
 from pacsmesh.node.config import DicomSection
-from pacsmesh.node.dicom.admission import PENDING_PER_ASSOCIATION, Admission
+from pacsmesh.node.dicom import fast_store, ul
+from pacsmesh.node.dicom.admission import PENDING_PER_ASSOCIATION, Admission, Connection
 from pacsmesh.node.dicom.archive import Archive
 from pacsmesh.node.dicom.commitment import STORAGE_COMMITMENT_PUSH, Commitment
-from pacsmesh.node.dicom.listener import Guard, GuardedServer, tls_context
+from pacsmesh.node.dicom.fast_store import FastAssociation
+from pacsmesh.node.dicom.listener import BACKSTOP_S, Guard, GuardedServer, tls_context
 from pacsmesh.node.dicom.query import FindScp
 from pacsmesh.node.dicom.retrieve import RetrieveScp
 from pacsmesh.node.dicom.store_scp import StoreScp
@@ -74,7 +78,8 @@ _IMPLICIT_LE = "1.2.840.10008.1.2"
 # Uncompressed first (explicit before implicit), then every compressed syntax.
 STORAGE_SYNTAXES = [_EXPLICIT_LE, _IMPLICIT_LE, *(
     ts for ts in ALL_TRANSFER_SYNTAXES if ts not in (_EXPLICIT_LE, _IMPLICIT_LE))]
-STORAGE_CLASSES = frozenset(cx.abstract_syntax for cx in AllStoragePresentationContexts)
+STORAGE_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts
+                            if cx.abstract_syntax)
 VERIFICATION = "1.2.840.10008.1.1"
 # Patient Root and Study Root Query/Retrieve: FIND, MOVE, GET
 QUERY_RETRIEVE = tuple(f"1.2.840.10008.5.1.4.1.2.{root}.{op}" for root in (1, 2)
@@ -97,12 +102,16 @@ def _configure_pynetdicom() -> None:
 class _AcceptorAE(AE):
     """pynetdicom checks `maximum_associations` against every acceptor thread alive,
     including connections that have not sent an A-ASSOCIATE-RQ (garbage, probes):
-    those are the admission's to bound, so they are left out of the count."""
+    those are the admission's to bound, so they are left out of the count. The
+    storage associations fast_store.py serves count too."""
+
+    fast: list[FastAssociation]
 
     @property
     def active_associations(self) -> list[Association]:
-        return [a for a in super().active_associations
-                if not a.is_acceptor or a.requestor.primitive is not None]
+        ours: list[Any] = [a for a in super().active_associations
+                           if not a.is_acceptor or a.requestor.primitive is not None]
+        return ours + list(getattr(self, "fast", []))
 
 
 class DicomServer:
@@ -129,10 +138,17 @@ class DicomServer:
         self.ae: Any = None
         self.servers: list[GuardedServer] = []
         self._started: dict[int, float] = {}  # association id -> when it was established
+        self._slots = threading.Lock()  # association slots: pynetdicom's and ours
+        self.fast: list[FastAssociation] = []  # storage associations served by fast_store
+        self.fast_policy = fast_store.Policy(
+            supported=STORAGE_CLASSES, syntaxes=STORAGE_SYNTAXES,
+            allowed_calling=frozenset(cfg.allowed_calling_aets), max_pdu=PDU_RECEIVE_MAX,
+            enter=self._enter, leave=lambda: None)
 
     def _build_ae(self) -> Any:
         _configure_pynetdicom()
         ae = _AcceptorAE(ae_title=self.cfg.ae_title)
+        ae.fast = self.fast
         ae.maximum_associations = self.cfg.max_associations
         ae.maximum_pdu_size = PDU_RECEIVE_MAX
         ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
@@ -174,7 +190,8 @@ class DicomServer:
         self.admission.start()
         try:
             if cfg.listen:
-                self._serve(cfg.listen, Guard("dicom", self.admission, TIMEOUT_S), handlers)
+                self._serve(cfg.listen, Guard("dicom", self.admission, TIMEOUT_S,
+                                              fast=self._fast), handlers)
             if self.tls is not None:
                 self._serve(cfg.tls_listen, Guard("dicom-tls", self.admission, TIMEOUT_S,
                                                   self.tls, self.revoked), handlers)
@@ -213,7 +230,8 @@ class DicomServer:
             self.trail.flush(everything=True)  # refusals counted but not yet recorded
 
     def _stop_servers(self, servers: list[GuardedServer], grace_s: float) -> None:
-        active = [a for server in servers for a in server.active_associations]
+        active: list[Any] = [a for server in servers for a in server.active_associations]
+        active += self.fast
         for server in servers:
             server.shutdown()
         deadline = time.monotonic() + grace_s
@@ -227,6 +245,63 @@ class DicomServer:
                 assoc.abort()
         self.commitment.stop()
         LOGGER.info("DICOM AE %s stopped", self.cfg.ae_title)
+
+    # ---- storage associations served by fast_store.py ----------------------------------
+
+    def _fast(self, conn: Connection, sock: socket.socket, rq_length: int) -> bool:
+        """Serve a storage-only association here (True), else leave it to pynetdicom."""
+        deadline = conn.deadline + BACKSTOP_S
+        raw = fast_store.peek_associate_rq(sock, rq_length, deadline, self.admission.clock)
+        if raw is None or conn.cut:
+            return False
+        try:
+            rq = ul.parse_associate_rq(raw[6:])
+        except ul.UlError:
+            return False  # pynetdicom answers a malformed request its own way
+        if not fast_store.eligible(rq, STORAGE_CLASSES):
+            return False
+        try:
+            fast_store.consume(sock, len(raw))
+            fast_store.serve(sock, rq, conn.host, conn.port, self.fast_policy,
+                             self.store.store, self.tmp_dir,
+                             on_refused=self._fast_refused,
+                             on_established=lambda a: self._fast_established(conn, a),
+                             on_ended=self._fast_ended)
+        except OSError as exc:
+            LOGGER.info("DICOM connection from %s lost: %s", conn.address, exc)
+        finally:
+            with self._slots:
+                self.fast[:] = [a for a in self.fast if a.is_alive()]
+            self.admission.give_up(conn)
+            with contextlib.suppress(OSError):
+                sock.close()
+        return True
+
+    def _enter(self) -> bool:
+        """Take an association slot for a fast association (False at the limit)."""
+        with self._slots:
+            self.fast[:] = [a for a in self.fast if a.is_alive()]
+            return len(self.ae.active_associations) < self.cfg.max_associations
+
+    def _fast_established(self, conn: Connection, assoc: FastAssociation) -> None:
+        with self._slots:
+            self.fast.append(assoc)
+        self.admission.attach(conn, assoc)
+        self.admission.requested(assoc)
+        self.admission.established(assoc)
+
+    def _fast_refused(self, assoc: FastAssociation, kind: str, why: str) -> None:
+        if kind == "limit":
+            why = f"more than {self.cfg.max_associations} associations at once"
+        self.trail.refused_association(assoc, kind, why)
+
+    def _fast_ended(self, assoc: FastAssociation, how: str, seconds: float) -> None:
+        stored, refused = self.store.counts.pop(id(assoc), [0, 0])
+        requestor = assoc.requestor
+        level = logging.INFO if how == "released" else logging.WARNING
+        work = f": {stored} instances stored, {refused} refused" if stored or refused else ""
+        LOGGER.log(level, "DICOM association from %s at %s:%s %s after %.1f s%s",
+                   requestor.ae_title, requestor.address, requestor.port, how, seconds, work)
 
     def _on_requested(self, event: Any) -> None:
         """A C-GET requester receives on storage contexts it proposes in one list of

@@ -20,7 +20,6 @@ Every C-STORE is one audit event (trail.py), durable before the status goes back
 
 from __future__ import annotations
 
-import io
 import logging
 from typing import Any
 
@@ -28,10 +27,11 @@ from pydicom.dataset import Dataset
 from pynetdicom.dsutils import encode_file_meta
 
 from pacsmesh.node.dicom.archive import Archive
+from pacsmesh.node.dicom.fast_store import Received
 from pacsmesh.node.dicom.status import SUCCESS, status
 from pacsmesh.node.dicom.trail import Trail
-from pacsmesh.node.dicom_layout import scan
-from pacsmesh.node.errors import PacsmeshError
+from pacsmesh.node.dicom_layout import Layout
+from pacsmesh.node.errors import Mismatch, PacsmeshError
 from pacsmesh.proto import node_pb2
 
 LOGGER = logging.getLogger(__name__)
@@ -46,15 +46,15 @@ PREAMBLE = b"\x00" * 128 + b"DICM"
 FULL_WORDS = ("storage full", "disk full")
 
 
-def status_for(result: node_pb2.IngestResult) -> Dataset:
+def status_for(result: node_pb2.IngestResult) -> tuple[int, str]:
     if result.outcome in (node_pb2.IngestResult.STORED, node_pb2.IngestResult.DUPLICATE):
-        return status(STATUS_SUCCESS)
+        return STATUS_SUCCESS, ""
     reason = result.reason or "rejected"
     if any(word in reason for word in FULL_WORDS):
-        return status(STATUS_OUT_OF_RESOURCES, reason)
+        return STATUS_OUT_OF_RESOURCES, reason
     if "store is closed" in reason:  # shutting down: not the sender's fault
-        return status(STATUS_PROCESSING_FAILURE, "archive is shutting down; send again")
-    return status(STATUS_CANNOT_UNDERSTAND, reason)
+        return STATUS_PROCESSING_FAILURE, "archive is shutting down; send again"
+    return STATUS_CANNOT_UNDERSTAND, reason
 
 
 def part10(event: Any) -> bytes:
@@ -70,20 +70,17 @@ def part10(event: Any) -> bytes:
     return b"".join((PREAMBLE, encode_file_meta(meta), dataset))
 
 
-def mismatch(data: bytes, sop_class_uid: str, sop_instance_uid: str) -> tuple[str, str, str]:
-    """(which UID is not the request's or "", why in full, the dataset's study UID).
-    Raises InvalidInstance for a dataset that cannot be walked at all."""
-    layout = scan(io.BytesIO(data), len(data))
-    study = layout.attrs.get("study_instance_uid", "")
+def mismatch(layout: Layout, sop_class_uid: str, sop_instance_uid: str) -> tuple[str, str]:
+    """(which UID is not the request's or "", why in full)."""
     got_instance = layout.attrs.get("sop_instance_uid", "")
     if got_instance != sop_instance_uid:
         return "SOP Instance UID", (f"dataset SOP Instance UID {got_instance or '(none)'} "
-                                    f"is not the request's {sop_instance_uid}"), study
+                                    f"is not the request's {sop_instance_uid}")
     got_class = layout.attrs.get("sop_class_uid", "")
     if got_class and got_class != sop_class_uid:  # absent: `put` accepts that too
         return "SOP Class UID", (f"dataset SOP Class UID {got_class} is not the request's "
-                                 f"{sop_class_uid}"), study
-    return "", "", study
+                                 f"{sop_class_uid}")
+    return "", ""
 
 
 class StoreScp:
@@ -93,46 +90,68 @@ class StoreScp:
         self.counts: dict[int, list[int]] = {}
 
     def handle(self, event: Any) -> Dataset:
-        """EVT_C_STORE, in the association's thread; blocks until durable or refused,
-        and until its audit event is durable."""
-        answer, study, detail = self._store(event)
-        ok = answer.Status == STATUS_SUCCESS
+        """EVT_C_STORE (pynetdicom's path: TLS, and associations that also query or
+        retrieve), in the association's thread."""
+        req = event.request
+        code, comment = self.store(event.assoc, str(req.AffectedSOPClassUID),
+                                   str(req.AffectedSOPInstanceUID), part10(event))
+        return status(code, comment)
+
+    def store(self, assoc: Any, sop_class: str, sop_instance: str,
+              received: bytes | Received) -> tuple[int, str]:
+        """Store one received instance; blocks until durable or refused, and until its
+        audit event is durable. (status, error comment)."""
+        (code, comment), study, detail = self._store(assoc, sop_class, sop_instance, received)
+        ok = code == STATUS_SUCCESS
         try:
-            self.trail.record(event.assoc, "C-STORE", "ok" if ok else "refused", study,
+            self.trail.record(assoc, "C-STORE", "ok" if ok else "refused", study,
                               1 if ok else 0, detail)
         except OSError as exc:  # stored, but unaccounted for: the sender must not move on
             LOGGER.error("C-STORE audit event cannot be written: %s", exc)
-            answer = status(STATUS_OUT_OF_RESOURCES, "audit trail cannot be written")
-            ok = False
-        counts = self.counts.setdefault(id(event.assoc), [0, 0])
+            code, comment, ok = STATUS_OUT_OF_RESOURCES, "audit trail cannot be written", False
+        counts = self.counts.setdefault(id(assoc), [0, 0])
         counts[not ok] += 1  # only this association's thread writes
-        return answer
+        return code, comment
 
-    def _store(self, event: Any) -> tuple[Dataset, str, str]:
-        """(the status, the study UID if known, what happened in words)."""
-        req = event.request
-        sop_instance = str(req.AffectedSOPInstanceUID)
-        calling = event.assoc.requestor.ae_title
+    def _store(self, assoc: Any, sop_class: str, sop_instance: str,
+               received: bytes | Received) -> tuple[tuple[int, str], str, str]:
+        """((status, comment), the study UID if known, what happened in words)."""
+        calling = assoc.requestor.ae_title
         study = ""
+
+        def check(layout: Layout) -> None:  # before anything is written
+            nonlocal study
+            study = layout.attrs.get("study_instance_uid", "")
+            which, why = mismatch(layout, sop_class, sop_instance)
+            if which:
+                raise Mismatch(which, why)
+
         try:
-            data = part10(event)
-            which, why, study = mismatch(data, str(req.AffectedSOPClassUID), sop_instance)
-            if which:  # Error Comment holds 64 characters: the UIDs go to log and audit
-                LOGGER.warning("C-STORE from %s refused: %s", calling, why)
-                return (status(STATUS_DATASET_MISMATCH, f"dataset {which} is not the "
-                               "request's"), study, why)
-            result = self.archive.ingest_bytes(data, client_ref=sop_instance)
+            if isinstance(received, bytes):
+                result = self.archive.ingest_bytes(received, client_ref=sop_instance,
+                                                   check=check)
+            elif received.data is not None:
+                result = self.archive.ingest_bytes(received.data, client_ref=sop_instance,
+                                                   check=check, file_hash=received.file_hash)
+            else:
+                result = self.archive.ingest_file(received.path, client_ref=sop_instance,
+                                                  check=check, file_hash=received.file_hash)
+        except Mismatch as exc:
+            LOGGER.warning("C-STORE from %s refused: %s", calling, exc)
+            # Error Comment holds 64 characters: the UIDs go to log and audit
+            return ((STATUS_DATASET_MISMATCH, f"dataset {exc.which} is not the request's"),
+                    study, str(exc))
         except PacsmeshError as exc:  # the walk found the dataset malformed
             LOGGER.warning("C-STORE of %s from %s refused: %s", sop_instance, calling, exc)
-            return status(STATUS_CANNOT_UNDERSTAND, str(exc)), study, f"{sop_instance}: {exc}"
+            return (STATUS_CANNOT_UNDERSTAND, str(exc)), study, f"{sop_instance}: {exc}"
         except Exception as exc:  # never let the sender believe a failure was a success
             LOGGER.exception("C-STORE of %s from %s failed", sop_instance, calling)
-            return (status(STATUS_PROCESSING_FAILURE, f"internal error: {exc}"), study,
+            return ((STATUS_PROCESSING_FAILURE, f"internal error: {exc}"), study,
                     f"{sop_instance}: internal error")
         answer = status_for(result)
-        if answer.Status != STATUS_SUCCESS:
+        if answer[0] != STATUS_SUCCESS:
             LOGGER.warning("C-STORE of %s from %s refused (0x%04X): %s", sop_instance,
-                           calling, answer.Status, result.reason)
+                           calling, answer[0], result.reason)
             return answer, study, f"{sop_instance}: {result.reason}"
         held = " (already held)" if result.outcome == node_pb2.IngestResult.DUPLICATE else ""
         return answer, result.study_instance_uid or study, f"{sop_instance}{held}"
