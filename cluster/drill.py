@@ -24,10 +24,9 @@ from pacsmesh.cluster.membership import Member
 from pacsmesh.cluster.peers import CHUNK_BATCH_BYTES_MAX, RPC_TIMEOUT_S
 from pacsmesh.cluster.safety import assess
 from pacsmesh.cluster.transfer import Replicator
-from pacsmesh.node.chunkstore import decompress
+from pacsmesh.node import codec
 from pacsmesh.node.errors import ChunkCorrupt
 from pacsmesh.node.hashing import FileHasher, content_hash
-from pacsmesh.node.packs import FLAG_ZSTD
 from pacsmesh.node.service import DRILL_COUNT_MAX
 from pacsmesh.node.worker import Worker, WorkerState
 from pacsmesh.proto import node_pb2, peer_pb2
@@ -165,8 +164,7 @@ class Drills:
                 if chunk.missing or chunk.hash != ref.hash:
                     raise ValueError(f"instance {m.sop_instance_uid}: chunk "
                                      f"{ref.hash.hex()[:16]} not served ({chunk.reason})")
-                plain = (decompress(chunk.data, ref.size) if chunk.flags & FLAG_ZSTD
-                         else chunk.data)
+                plain = codec.decode(chunk.data, chunk.flags, ref.size)
                 if len(plain) != ref.size or content_hash(plain) != ref.hash:
                     raise ValueError(f"instance {m.sop_instance_uid}: a chunk failed "
                                      "verification")

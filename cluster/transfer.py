@@ -41,14 +41,13 @@ from pacsmesh.cluster.relay import RELAY_WAIT_MAX_S, Arrivals, LinkCounter, Link
 from pacsmesh.cluster.safety import Holding, Position
 from pacsmesh.cluster.state import ClusterState
 from pacsmesh.cluster.trim import Challenge
+from pacsmesh.node import codec
 from pacsmesh.node import manifest as mf
 from pacsmesh.node.catalog import partition_of
 from pacsmesh.node.chunking import CHUNK_PLAIN_MAX
-from pacsmesh.node.chunkstore import decompress
 from pacsmesh.node.errors import ChunkCorrupt, ChunkMissing, PacsmeshError
 from pacsmesh.node.hashing import content_hash, possession_proof
 from pacsmesh.node.hlc import HybridClock, to_seconds
-from pacsmesh.node.packs import FLAG_ZSTD
 from pacsmesh.node.store import Store
 from pacsmesh.proto import node_pb2, peer_pb2
 
@@ -598,7 +597,7 @@ class Replicator:
             LOGGER.warning("chunk from %s has the wrong length", source)
             return False
         try:
-            plain = (decompress(chunk.data, size) if chunk.flags & FLAG_ZSTD else chunk.data)
+            plain = codec.decode(chunk.data, chunk.flags, size)
         except ChunkCorrupt:
             plain = b""
         if len(plain) != size or content_hash(plain) != chunk.hash:
@@ -606,7 +605,7 @@ class Replicator:
                            chunk.hash.hex()[:16], source)
             return False
         self.fetched_bytes += self.store.chunks.put(chunk.hash, size, chunk.data,
-                                                    chunk.flags & FLAG_ZSTD)
+                                                    chunk.flags)
         self.plain_in.add(size, time.monotonic())
         self.arrivals.arrived()  # a relay stream may be waiting for it
         return True
@@ -643,8 +642,7 @@ class Replicator:
                         peer_pb2.FetchChunksRequest(hashes=[key]), timeout=RPC_TIMEOUT_S):
                     if chunk.missing or chunk.plain_len != size:
                         continue
-                    plain = decompress(chunk.data, size) if chunk.flags & FLAG_ZSTD else (
-                        chunk.data)
+                    plain = codec.decode(chunk.data, chunk.flags, size)
                     if content_hash(plain) == key:
                         return plain
             except (grpc.RpcError, ChunkCorrupt):

@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,6 +43,17 @@ class Event:
     detail: str = ""
 
 
+@dataclass
+class AuditSlot:
+    """An audit event to be written by the store's group commit with the instance it
+    is about (durable together, before the caller answers); `written` once it was,
+    `error` when it could not be (the instance is stored all the same)."""
+
+    event: Event | None = None
+    written: bool = False
+    error: str = ""
+
+
 class AuditLog:
     def __init__(self, data_dir: Path) -> None:
         self.dir = data_dir / "audit"
@@ -50,6 +61,7 @@ class AuditLog:
         self._cond = threading.Condition()
         self._queue: list[tuple[Event, Future[None]]] = []
         self._closed = False
+        self._write_lock = threading.Lock()  # the writer thread and record_now
         self._day = ""
         self._fd = -1
         self._thread = threading.Thread(target=self._writer, name="audit", daemon=True)
@@ -57,8 +69,7 @@ class AuditLog:
 
     def record(self, event: Event, wait: bool = True) -> None:
         """Appends one event; with `wait`, returns once it is durable."""
-        if len(event.detail) > DETAIL_MAX:
-            event = Event(**{**asdict(event), "detail": event.detail[:DETAIL_MAX] + "..."})
+        event = _trimmed(event)
         fut: Future[None] = Future()
         with self._cond:
             if self._closed:
@@ -70,6 +81,11 @@ class AuditLog:
             self._cond.notify_all()
         if wait:
             fut.result()
+
+    def record_now(self, events: list[Event]) -> None:
+        """Write `events` durably in this thread (a group committer that already has
+        them batched); raises OSError if they cannot be."""
+        self._write([(_trimmed(e), None) for e in events])
 
     def close(self) -> None:
         with self._cond:
@@ -119,7 +135,11 @@ class AuditLog:
             if closing and not batch:
                 return
 
-    def _write(self, batch: list[tuple[Event, Future[None]]]) -> None:
+    def _write(self, batch: Sequence[tuple[Event, Future[None] | None]]) -> None:
+        with self._write_lock:
+            self._write_locked(batch)
+
+    def _write_locked(self, batch: Sequence[tuple[Event, Future[None] | None]]) -> None:
         lines: dict[str, list[bytes]] = {}
         for event, _ in batch:
             day = time.strftime("%Y-%m-%d", time.gmtime(event.time))
@@ -159,6 +179,12 @@ class AuditLog:
                 if len(out) >= limit:
                     return out, f"{day}:{index}"
         return out, ""
+
+
+def _trimmed(event: Event) -> Event:
+    if len(event.detail) > DETAIL_MAX:
+        return Event(**{**asdict(event), "detail": event.detail[:DETAIL_MAX] + "..."})
+    return event
 
 
 def _events(path: Path) -> Iterator[tuple[int, Event]]:

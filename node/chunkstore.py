@@ -18,9 +18,10 @@ from typing import Any
 import lmdb
 import zstandard
 
+from pacsmesh.node import codec
 from pacsmesh.node.errors import ChunkCorrupt, ChunkMissing
 from pacsmesh.node.hashing import content_hash
-from pacsmesh.node.packs import FLAG_ZSTD, PackSet
+from pacsmesh.node.packs import FLAG_SHUFFLE2, FLAG_ZSTD, PackSet
 
 _LOC = struct.Struct("<IQIIB")  # pack, record offset, record length, plain length, flags
 
@@ -54,13 +55,6 @@ class PendingSnapshot:
 _tls = threading.local()
 
 
-def _dctx() -> Any:
-    d = getattr(_tls, "dctx", None)
-    if d is None:  # zstd contexts are not thread-safe; one per thread
-        d = _tls.dctx = zstandard.ZstdDecompressor()
-    return d
-
-
 FRESH_VERIFIED_S = 60.0
 FRESH_VERIFIED_MAX = 65_536  # keys remembered (2 MB)
 WIRE_ZSTD_LEVEL_MAX = 9  # beyond this a level costs far more CPU than it saves bytes
@@ -74,18 +68,6 @@ def _cctx(level: int) -> Any:
     if level not in ctxs:  # not thread-safe either: one per thread and level
         ctxs[level] = zstandard.ZstdCompressor(level=level)
     return ctxs[level]
-
-
-def decompress(data: bytes, plain_len: int) -> bytes:
-    try:
-        # the output is sized by the size a frame declares, max_output_size ignored then:
-        # a few bytes from anyone could make us allocate a terabyte
-        declared = zstandard.frame_content_size(data)
-        if declared > plain_len:
-            raise ChunkCorrupt(f"zstd frame declares {declared} bytes, not {plain_len}")
-        return bytes(_dctx().decompress(data, max_output_size=plain_len))
-    except zstandard.ZstdError as exc:
-        raise ChunkCorrupt(f"does not decompress: {exc}") from exc
 
 
 class ChunkStore:
@@ -226,7 +208,7 @@ class ChunkStore:
         """The plain bytes of a chunk, verified against its name."""
         try:
             loc, stored = self.read_stored(key)
-            plain = decompress(stored, loc.plain_len) if loc.flags & FLAG_ZSTD else stored
+            plain = codec.decode(stored, loc.flags, loc.plain_len)
         except ChunkCorrupt as exc:
             raise ChunkCorrupt(f"chunk {key.hex()[:16]}: {exc}") from exc
         if len(plain) != loc.plain_len or content_hash(plain) != key:
@@ -242,13 +224,14 @@ class ChunkStore:
         loc, stored = self.read_stored(key)
         if replica and zstd_level <= 1 and self._recently_verified(key):
             return loc.plain_len, loc.flags, stored  # (the receiver verifies it anyway)
-        plain = decompress(stored, loc.plain_len) if loc.flags & FLAG_ZSTD else stored
+        plain = codec.decode(stored, loc.flags, loc.plain_len)
         if len(plain) != loc.plain_len or content_hash(plain) != key:
             raise ChunkCorrupt(f"chunk {key.hex()[:16]} failed hash verification")
         if zstd_level > 1:
-            again = _cctx(zstd_level).compress(plain)
+            shuffle = bool(loc.flags & FLAG_SHUFFLE2)
+            again = _cctx(zstd_level).compress(codec.shuffle2(plain) if shuffle else plain)
             if len(again) < len(stored):
-                return loc.plain_len, FLAG_ZSTD, again
+                return loc.plain_len, FLAG_ZSTD | (loc.flags & FLAG_SHUFFLE2), again
         return loc.plain_len, loc.flags, stored
 
     def missing(self, keys: list[bytes]) -> list[bytes]:

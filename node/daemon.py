@@ -14,7 +14,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from pacsmesh.node.audit import AuditLog, Event
+from pacsmesh.node.audit import AuditLog, AuditSlot, Event
 from pacsmesh.node.config import Config, node_id_for
 from pacsmesh.node.dicom import DicomServer
 from pacsmesh.node.errors import ConfigError, Mismatch, PacsmeshError
@@ -38,7 +38,7 @@ from pacsmesh.node.service import (
     RemoteChunks,
     StoredListener,
 )
-from pacsmesh.node.store import Store
+from pacsmesh.node.store import CommitItem, Store
 from pacsmesh.node.tls import (
     Caller,
     Gate,
@@ -87,6 +87,7 @@ class NodeDaemon:
         self.audit = AuditLog(cfg.node.data_dir)
         self.store = Store(cfg.node.data_dir, cfg.node.capacity_bytes,
                            partitions=cfg.cluster.partitions)
+        self.store.audit_sink = self.audit.record_now
         self.clock = HybridClock(
             max_ahead_ms=max(1, round(cfg.cluster.max_clock_ahead_s * 1000)))
         self.pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="io")
@@ -128,22 +129,26 @@ class NodeDaemon:
     # ---- for in-process front ends (DICOM), called from their own threads -------------
 
     def ingest_bytes(self, data: bytes, client_ref: str = "", check: LayoutCheck | None = None,
-                     file_hash: bytes | None = None) -> node_pb2.IngestResult:
+                     file_hash: bytes | None = None, audit: AuditSlot | None = None
+                     ) -> node_pb2.IngestResult:
         """Store one whole Part 10 file; returns once it is durable here (or rejected).
-        Runs the same checks as `pacsmesh put`, and `check` on its layout first."""
+        Runs the same checks as `pacsmesh put`, and `check` on its layout first.
+        `audit`: its event (set by `check`) is written by the group commit that makes
+        the instance durable, before this returns."""
         return self._ingest_whole(lambda: prepare_local(
             self.store, self.node_id, self.clock, data, client_ref, check, file_hash),
-            client_ref)
+            client_ref, audit)
 
     def ingest_file(self, path: str, client_ref: str = "", check: LayoutCheck | None = None,
-                    file_hash: bytes | None = None) -> node_pb2.IngestResult:
+                    file_hash: bytes | None = None, audit: AuditSlot | None = None
+                    ) -> node_pb2.IngestResult:
         """As ingest_bytes, for a Part 10 file on disk, read a chunk at a time."""
         return self._ingest_whole(lambda: prepare_file(
             self.store, self.node_id, self.clock, path, client_ref, check, file_hash),
-            client_ref)
+            client_ref, audit)
 
     def _ingest_whole(self, prepare: Callable[[], Prepared | node_pb2.IngestResult],
-                      client_ref: str) -> node_pb2.IngestResult:
+                      client_ref: str, audit: AuditSlot | None) -> node_pb2.IngestResult:
         try:
             out = prepare()
         except Mismatch:
@@ -153,8 +158,12 @@ class NodeDaemon:
                                          outcome=node_pb2.IngestResult.REJECTED)
         if not isinstance(out, Prepared):
             return out
+        item = CommitItem(out.manifest_id, out.raw, out.manifest, Future(),
+                          audit=audit.event if audit is not None else None)
         try:
-            self.store.submit(out.manifest_id, out.raw, out.manifest).result()
+            self.store.submit_item(item).result()
+            if audit is not None and item.audit is not None:
+                audit.written, audit.error = not item.audit_error, item.audit_error
         except PacsmeshError as exc:
             return node_pb2.IngestResult(client_ref=client_ref, reason=str(exc),
                                          outcome=node_pb2.IngestResult.REJECTED)

@@ -14,16 +14,13 @@ from __future__ import annotations
 import bisect
 import io
 import os
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
-import zstandard
-
+from pacsmesh.node import codec
 from pacsmesh.node import manifest as mf
 from pacsmesh.node.chunking import CHUNK_PLAIN_MAX, CHUNK_SIZE, chunk_spans
-from pacsmesh.node.chunkstore import decompress
 from pacsmesh.node.dicom_layout import Layout, scan
 from pacsmesh.node.errors import (
     ChunkCorrupt,
@@ -178,13 +175,16 @@ class IngestSession:
                     f"the sender says {part.plain_len}")
         else:
             data = part.data
-            plain = decompress(data, part.plain_len) if part.compressed else data
+            flags = part.flags or (FLAG_ZSTD if part.compressed else 0)
+            try:
+                plain = codec.decode(data, flags, part.plain_len)
+            except ChunkCorrupt as exc:
+                raise InvalidInstance(f"chunk {len(cur.chunks)}: {exc}") from exc
             if len(plain) != part.plain_len or content_hash(plain) != part.hash:
                 raise InvalidInstance(
                     f"chunk {len(cur.chunks)} failed verification: the bytes sent do not "
                     "match their hash (corrupted in transit?)"
                 )
-            flags = FLAG_ZSTD if part.compressed else 0
             cur.bytes_written += self.store.chunks.put(part.hash, part.plain_len, data, flags)
         if cur.received < cur.begin.header_len + 64 and cur.cached + len(plain) <= HEADER_CACHE_MAX:
             cur.cache[part.hash] = plain
@@ -274,7 +274,7 @@ def _prepare_whole(store: Store, node_id: str, clock: HybridClock, fp: BinaryIO,
         return node_pb2.IngestResult(client_ref=client_ref, outcome=Outcome.DUPLICATE,
                                      manifest_id=known)
     store.admit(size)
-    cctx = _local_cctx()
+    ts = layout.transfer_syntax_uid
     chunks: list[tuple[bytes, int]] = []
     written = 0
     for offset, length in chunk_spans(size, layout.header_len, CHUNK_SIZE):
@@ -286,11 +286,8 @@ def _prepare_whole(store: Store, node_id: str, clock: HybridClock, fp: BinaryIO,
         if store.chunks.has(key):
             store.chunks.read(key)  # verifies: never dedup onto a damaged chunk
         else:
-            packed = cctx.compress(plain)
-            if len(packed) < length:
-                written += store.chunks.put(key, length, packed, FLAG_ZSTD)
-            else:
-                written += store.chunks.put(key, length, bytes(plain), 0)
+            stored, flags = codec.encode(plain, codec.shuffled(ts, offset, layout.header_len))
+            written += store.chunks.put(key, length, stored, flags)
         chunks.append((key, length))
     return _prepared(store, node_id, clock, client_ref, layout, file_hash, chunks, written)
 
@@ -304,13 +301,3 @@ def _prepared(store: Store, node_id: str, clock: HybridClock, client_ref: str, l
     m = mf.build(layout, file_hash, chunks, node_id, clock.now())
     manifest_id, raw = mf.encode(m)
     return Prepared(client_ref, manifest_id, raw, m, written)
-
-
-_cctx_tls = threading.local()
-
-
-def _local_cctx() -> Any:
-    cctx = getattr(_cctx_tls, "cctx", None)
-    if cctx is None:  # zstd contexts are not thread-safe; one per thread
-        cctx = _cctx_tls.cctx = zstandard.ZstdCompressor(level=1)
-    return cctx

@@ -33,7 +33,8 @@ from pacsmesh.node.readfds import ReadFds
 LOGGER = logging.getLogger(__name__)
 RECORD_MAGIC = b"PMCK"
 RECORD_VERSION = 1
-FLAG_ZSTD = 0x01
+FLAG_ZSTD = 0x01  # one zstd frame
+FLAG_SHUFFLE2 = 0x02  # byte-shuffled in 2-byte elements before compression (codec.py)
 _HEADER = struct.Struct("<4sBBBB32sII")  # magic, version, algo, flags, reserved, key, plain, stored
 _CRC = struct.Struct("<I")
 RECORD_HEADER_LEN = _HEADER.size + _CRC.size

@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import zstandard
 
+from pacsmesh.node import codec
 from pacsmesh.node.chunking import CHUNK_SIZE, chunk_spans
 from pacsmesh.node.dicom_layout import scan
 from pacsmesh.node.errors import InvalidInstance
 from pacsmesh.node.hashing import FileHasher, content_hash
+from pacsmesh.node.packs import FLAG_ZSTD
 from pacsmesh.proto import node_pb2, node_pb2_grpc
 
 Outcome = node_pb2.IngestResult.Outcome
@@ -33,7 +34,6 @@ BATCH_FILES_MAX = 16  # files per precheck round trip: small, so the node starts
 PLAN_AHEAD_FILES = 64  # files planned ahead of the sender
 BATCH_BYTES_MAX = 64 << 20  # plain bytes kept in memory per batch
 KEEP_PLAIN_MAX = 8 << 20  # files up to this size are read once, not twice
-ZSTD_LEVEL = 1  # ~0.5 GB/s here and CT shrinks ~3x; higher levels cost far more than they save
 PLAN_THREADS = 2
 COMPRESS_THREADS = 2
 STREAMS = 2  # concurrent Ingest streams per put
@@ -49,6 +49,7 @@ class FilePlan:
     hashes: list[bytes]
     file_hash: bytes
     plain: list[bytes] | None  # kept for small files
+    transfer_syntax: str = ""  # native syntaxes get their pixel chunks shuffled (codec.py)
 
 
 @dataclass
@@ -99,7 +100,8 @@ def plan_file(ref: int, path: Path) -> FilePlan:
             view = memoryview(whole)
             plain = [bytes(view[o : o + n]) for o, n in spans] if len(spans) > 1 else [whole]
             return FilePlan(ref, path, size, layout.header_len, spans,
-                            [content_hash(p) for p in plain], content_hash(whole), plain)
+                            [content_hash(p) for p in plain], content_hash(whole), plain,
+                            layout.transfer_syntax_uid)
         with open(raw.fileno(), "rb", buffering=1 << 16, closefd=False) as f:
             layout = scan(f, size)
         spans = chunk_spans(size, layout.header_len, CHUNK_SIZE)
@@ -111,7 +113,8 @@ def plan_file(ref: int, path: Path) -> FilePlan:
                 raise InvalidInstance("file changed while it was being read")
             hashes.append(content_hash(data))
             hasher.update(data)
-    return FilePlan(ref, path, size, layout.header_len, spans, hashes, hasher.digest(), None)
+    return FilePlan(ref, path, size, layout.header_len, spans, hashes, hasher.digest(), None,
+                    layout.transfer_syntax_uid)
 
 
 def plan_or_reason(ref: int, path: Path) -> FilePlan | str:
@@ -123,54 +126,44 @@ def plan_or_reason(ref: int, path: Path) -> FilePlan | str:
         return f"cannot read: {exc.strerror or exc}"
 
 
-_tls = threading.local()
-
-
-def _compress(data: bytes) -> tuple[bytes, bool]:
-    cctx = getattr(_tls, "cctx", None)
-    if cctx is None:
-        cctx = _tls.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
-    packed = cctx.compress(data)
-    if len(packed) < len(data):
-        return packed, True
-    return data, False  # JPEG and other compressed pixels: store as they are
-
-
 def _parts(plan: FilePlan, send: set[bytes]
            ) -> list[node_pb2.IngestMessage] | Iterator[node_pb2.IngestMessage]:
     """The messages of one file: compressed chunks it must send, references elsewhere."""
     missing = set(send)
 
-    def part(h: bytes, length: int, data: bytes | None) -> node_pb2.IngestMessage:
+    def part(h: bytes, offset: int, length: int, data: bytes | None) -> node_pb2.IngestMessage:
         if data is None or h not in missing:
             return node_pb2.IngestMessage(part=node_pb2.IngestPart(hash=h, plain_len=length,
                                                                    have=True))
         missing.discard(h)  # a chunk repeated inside one file travels once too
-        packed, compressed = _compress(data)
+        packed, flags = codec.encode(data, codec.shuffled(plan.transfer_syntax, offset,
+                                                          plan.header_len))
         return node_pb2.IngestMessage(part=node_pb2.IngestPart(
-            hash=h, plain_len=length, compressed=compressed, data=packed))
+            hash=h, plain_len=length, compressed=bool(flags & FLAG_ZSTD), flags=flags,
+            data=packed))
 
     begin = node_pb2.IngestMessage(begin=node_pb2.IngestBegin(
         client_ref=str(plan.ref), size=plan.size, file_hash=plan.file_hash,
         header_len=plan.header_len, chunk_count=len(plan.spans)))
     end = node_pb2.IngestMessage(end=node_pb2.IngestEnd())
     if plan.plain is not None:
-        return [begin, *(part(h, len(d), d if h in missing else None)
-                         for h, d in zip(plan.hashes, plan.plain, strict=True)), end]
+        return [begin, *(part(h, offset, len(d), d if h in missing else None)
+                         for h, d, (offset, _) in zip(plan.hashes, plan.plain, plan.spans,
+                                                      strict=True)), end]
 
     def stream() -> Iterator[node_pb2.IngestMessage]:
         yield begin
         with open(plan.path, "rb") as f:
             for h, (offset, length) in zip(plan.hashes, plan.spans, strict=True):
                 if h not in missing:
-                    yield part(h, length, None)
+                    yield part(h, offset, length, None)
                     continue
                 data = os.pread(f.fileno(), length, offset)
                 if content_hash(data) != h:
                     yield node_pb2.IngestMessage(abort=node_pb2.IngestAbort(
                         reason="file changed while it was being sent"))
                     return
-                yield part(h, length, data)
+                yield part(h, offset, length, data)
         yield end
 
     return stream()

@@ -250,6 +250,7 @@ class IngestPart(_message.Message):
     COMPRESSED_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     HAVE_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
     hash: _builtins.bytes
     plain_len: _builtins.int
     compressed: _builtins.bool
@@ -258,6 +259,10 @@ class IngestPart(_message.Message):
     """empty when have = true"""
     have: _builtins.bool
     """the node already holds this chunk"""
+    flags: _builtins.int
+    """How data is encoded, as in a pack record: bit 0 zstd, bit 1 byte-shuffled in
+    2-byte elements before compression (node/codec.py). 0: `compressed` says.
+    """
     def __init__(
         self,
         *,
@@ -266,10 +271,11 @@ class IngestPart(_message.Message):
         compressed: _builtins.bool = ...,
         data: _builtins.bytes = ...,
         have: _builtins.bool = ...,
+        flags: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compressed", b"compressed", "data", b"data", "hash", b"hash", "have", b"have", "plain_len", b"plain_len"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compressed", b"compressed", "data", b"data", "flags", b"flags", "hash", b"hash", "have", b"have", "plain_len", b"plain_len"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
-from pacsmesh.node.audit import AuditLog
+from pacsmesh.node.audit import AuditLog, AuditSlot
 from pacsmesh.node.errors import ChunkCorrupt, ChunkMissing
 from pacsmesh.node.ingest import LayoutCheck
 from pacsmesh.node.service import RemoteChunks
@@ -44,10 +44,12 @@ class Archive(Protocol):
     audit: AuditLog
 
     def ingest_bytes(self, data: bytes, client_ref: str = "", check: LayoutCheck | None = None,
-                     file_hash: bytes | None = None) -> node_pb2.IngestResult: ...
+                     file_hash: bytes | None = None, audit: AuditSlot | None = None
+                     ) -> node_pb2.IngestResult: ...
 
     def ingest_file(self, path: str, client_ref: str = "", check: LayoutCheck | None = None,
-                    file_hash: bytes | None = None) -> node_pb2.IngestResult: ...
+                    file_hash: bytes | None = None, audit: AuditSlot | None = None
+                    ) -> node_pb2.IngestResult: ...
 
     def instance_safety(self, sop_instance_uid: str) -> tuple[bool, str]: ...
 

@@ -26,6 +26,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom.dsutils import encode_file_meta
 
+from pacsmesh.node.audit import AuditSlot
 from pacsmesh.node.dicom.archive import Archive
 from pacsmesh.node.dicom.fast_store import Received
 from pacsmesh.node.dicom.status import SUCCESS, status
@@ -101,11 +102,16 @@ class StoreScp:
               received: bytes | Received) -> tuple[int, str]:
         """Store one received instance; blocks until durable or refused, and until its
         audit event is durable. (status, error comment)."""
-        (code, comment), study, detail = self._store(assoc, sop_class, sop_instance, received)
+        slot = AuditSlot()
+        (code, comment), study, detail = self._store(assoc, sop_class, sop_instance, received,
+                                                     slot)
         ok = code == STATUS_SUCCESS
         try:
-            self.trail.record(assoc, "C-STORE", "ok" if ok else "refused", study,
-                              1 if ok else 0, detail)
+            if slot.error:
+                raise OSError(slot.error)
+            if not slot.written:  # refused, already held, or not stored here
+                self.trail.record(assoc, "C-STORE", "ok" if ok else "refused", study,
+                                  1 if ok else 0, detail)
         except OSError as exc:  # stored, but unaccounted for: the sender must not move on
             LOGGER.error("C-STORE audit event cannot be written: %s", exc)
             code, comment, ok = STATUS_OUT_OF_RESOURCES, "audit trail cannot be written", False
@@ -114,8 +120,10 @@ class StoreScp:
         return code, comment
 
     def _store(self, assoc: Any, sop_class: str, sop_instance: str,
-               received: bytes | Received) -> tuple[tuple[int, str], str, str]:
-        """((status, comment), the study UID if known, what happened in words)."""
+               received: bytes | Received, slot: AuditSlot
+               ) -> tuple[tuple[int, str], str, str]:
+        """((status, comment), the study UID if known, what happened in words). A new
+        instance's audit event goes in `slot`, for the group commit to write."""
         calling = assoc.requestor.ae_title
         study = ""
 
@@ -125,17 +133,20 @@ class StoreScp:
             which, why = mismatch(layout, sop_class, sop_instance)
             if which:
                 raise Mismatch(which, why)
+            slot.event = self.trail.event(assoc, "C-STORE", "ok", study, 1, sop_instance)
 
         try:
             if isinstance(received, bytes):
                 result = self.archive.ingest_bytes(received, client_ref=sop_instance,
-                                                   check=check)
+                                                   check=check, audit=slot)
             elif received.data is not None:
                 result = self.archive.ingest_bytes(received.data, client_ref=sop_instance,
-                                                   check=check, file_hash=received.file_hash)
+                                                   check=check, file_hash=received.file_hash,
+                                                   audit=slot)
             else:
                 result = self.archive.ingest_file(received.path, client_ref=sop_instance,
-                                                  check=check, file_hash=received.file_hash)
+                                                  check=check, file_hash=received.file_hash,
+                                                  audit=slot)
         except Mismatch as exc:
             LOGGER.warning("C-STORE from %s refused: %s", calling, exc)
             # Error Comment holds 64 characters: the UIDs go to log and audit

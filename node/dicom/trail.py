@@ -51,11 +51,17 @@ class Trail:
                instances: int = 0, detail: str = "", wait: bool = True) -> None:
         """One service event; with `wait`, returns once it is durable (raises OSError
         if it cannot be written: the caller must then not report success)."""
+        self.log.record(self.event(assoc, action, outcome, study_uid, instances, detail),
+                        wait=wait)
+
+    def event(self, assoc: Any, action: str, outcome: str, study_uid: str = "",
+              instances: int = 0, detail: str = "") -> Event:
+        """A service event, not yet recorded (the store's group commit writes a stored
+        instance's own, with it)."""
         requestor = assoc.requestor
-        self.log.record(Event(time=time.time(), who=self.who(assoc), role=ROLE,
-                              address=f"{requestor.address}:{requestor.port}", action=action,
-                              outcome=outcome, study_uid=study_uid, instances=instances,
-                              detail=detail), wait=wait)
+        return Event(time=time.time(), who=self.who(assoc), role=ROLE,
+                     address=f"{requestor.address}:{requestor.port}", action=action,
+                     outcome=outcome, study_uid=study_uid, instances=instances, detail=detail)
 
     def refused_association(self, assoc: Any, kind: str, why: str) -> None:
         """An A-ASSOCIATE-RQ rejected (calling AE, association limit)."""
