@@ -69,6 +69,9 @@ _SWAP_WIDTH = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 # Decoding is CPU-bound: at most this many conversions at once in a node, whatever
 # the number of associations retrieving (each holds ~3x its instance in memory).
 CONVERSIONS_AT_ONCE = 2
+# Conversions happen in memory (~3x the instance); a larger instance goes out only in
+# its stored syntax (retrieve.py says so in the sub-operation's failure).
+CONVERT_BYTES_MAX = 256 << 20
 _slots = threading.BoundedSemaphore(CONVERSIONS_AT_ONCE)
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -42,6 +43,7 @@ from pynetdicom import build_context, evt
 
 from pacsmesh.node.dicom.archive import Archive, Spooled, spool, spool_bytes
 from pacsmesh.node.dicom.convert import (
+    CONVERT_BYTES_MAX,
     EXPLICIT_LE,
     IMPLICIT_LE,
     ConversionError,
@@ -57,6 +59,8 @@ from pacsmesh.proto import node_pb2
 LOGGER = logging.getLogger(__name__)
 
 READ_AHEAD = 4  # instances read while one is sent: hides peer round trips, bounds memory
+SEND_QUEUE_MAX = 16  # PDUs queued for pynetdicom's sender thread; past it the sender waits
+SEND_QUEUE_WAIT_S = 0.0005
 READ_THREADS = 2  # chunk reads verify hashes (release the GIL) or wait on peers
 READ_TIMEOUT_S = 300.0  # one instance, read from wherever it is (a huge one from a peer)
 CONTEXTS_MAX = 128  # presentation contexts one association may propose (PS3.8 9.3.2.2)
@@ -104,6 +108,11 @@ class StoredInstance(Dataset):
             LOGGER.error("instance %s cannot be read on this node or any reachable peer: %s",
                          m.sop_instance_uid, exc)
             return status(STATUS_PROCESSING_FAILURE, f"cannot be read: {exc}")
+        if target != stored and m.size > CONVERT_BYTES_MAX:
+            spooled.close()
+            return self._fail(STATUS_PROCESSING_FAILURE, (
+                f"{m.size >> 20} MB stored in {name(stored)} is too large to convert in "
+                f"memory (at most {CONVERT_BYTES_MAX >> 20} MB); ask for {name(stored)}"))
         if target != stored:  # convert a copy; the stored bytes stay as they are
             try:
                 with open(spooled.path, "rb") as f:
@@ -177,6 +186,23 @@ def accepted_syntaxes(assoc: Any, sop_class: str) -> list[str]:
 def install_sender(assoc: Any) -> None:
     if not isinstance(assoc.send_c_store, StoredSender):
         assoc.send_c_store = StoredSender(assoc, assoc.send_c_store)
+        _bound_send_queue(assoc)
+
+
+def _bound_send_queue(assoc: Any) -> None:
+    """pynetdicom reads a file being sent one PDU at a time, but queues every PDU for
+    its DUL thread without limit: a 2 GB instance sent to a peer that takes 16 KB
+    PDUs sat in memory whole. Hold the sender back while SEND_QUEUE_MAX are queued."""
+    dul = assoc.dul
+    original = dul.send_pdu
+
+    def send_pdu(primitive: Any) -> None:
+        queued = dul.to_provider_queue
+        while queued.qsize() >= SEND_QUEUE_MAX and dul.is_alive() and not assoc.is_aborted:
+            time.sleep(SEND_QUEUE_WAIT_S)
+        original(primitive)
+
+    dul.send_pdu = send_pdu
 
 
 class ReadAhead:
