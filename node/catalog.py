@@ -21,6 +21,8 @@
                 b"format" -> 2 (need by partition, part_held, safety),
                 b"catalog_format" -> 2 (the study indexes below are complete)
     by_patient, by_date, by_accession: value \\0 study uid -> '' (node/study_index.py)
+    text_check  manifest id -> ''                  (text to re-decode: node/charset_repair.py)
+    text_fix    manifest id -> Manifest holding only its re-decoded text fields
 
 `need` is keyed by partition so a node finds what placement asks it to fetch
 by reading its own partitions only, from a cursor, however many manifests of
@@ -46,6 +48,8 @@ from typing import Any
 import blake3
 
 from pacsmesh.node import manifest as mf
+from pacsmesh.node.charset import maybe_misdecoded
+from pacsmesh.node.dicom_layout import TEXT_FIELDS
 from pacsmesh.node.errors import ConfigError, InvalidInstance
 from pacsmesh.node.hashing import content_hash
 from pacsmesh.node.study_index import StudyIndexes, indexed_values, split_key
@@ -65,6 +69,11 @@ MIGRATE_BATCH = 10_000  # records per transaction when an old data dir is upgrad
 # this small (~4M studies in all at P=1024) is sampled exactly uniformly
 SAMPLE_WINDOW = 4096
 
+TEXT_CHECKS_QUEUED_KEY = b"text_checks_queued"  # resume point, then b"done"
+# study record fields a manifest's text sets (Catalog.add)
+RECORD_TEXT_FIELDS = frozenset({"patient_id", "patient_name", "accession_number",
+                                "study_description"})
+
 # (key, study uid, record) as read in key order by `Catalog.scan`
 Scanned = tuple[bytes, str, node_pb2.StudyRecord | None]
 
@@ -77,6 +86,11 @@ def digest_add(digest: bytes, manifest_id: bytes, sign: int = 1) -> bytes:
     """AdHash: the set's digest is the sum of its elements' hashes mod 2^256."""
     value = (int.from_bytes(digest or EMPTY_DIGEST, "big") + sign * element_hash(manifest_id))
     return (value % ADHASH_MOD).to_bytes(DIGEST_LEN, "big")
+
+
+def needs_text_check(m: node_pb2.Manifest) -> bool:
+    """Might this manifest's text be another character set's bytes read as Latin-1?"""
+    return any(maybe_misdecoded(getattr(m, name)) for name in TEXT_FIELDS)
 
 
 def mark_dirty(txn: Any, db: Any, studies: Iterable[str]) -> None:
@@ -133,9 +147,12 @@ class Catalog:
                 raise ConfigError(
                     f"this data dir was created for {_U32.unpack(stored)[0]} partitions, the "
                     f"config says {partitions}; the partition count is fixed for a cluster")
+        self.text_check = env.open_db(b"text_check")
+        self.text_fix = env.open_db(b"text_fix")
         self.indexes = StudyIndexes(env)
         self.indexes.backfill(self.study_recs, self.meta)
         self._upgrade()
+        self._queue_text_checks()
 
     # ---- writes (inside the group commit) ----------------------------------------
 
@@ -166,6 +183,8 @@ class Catalog:
         txn.put(SEP.join((m.study_instance_uid.encode(), m.series_instance_uid.encode(), sop)),
                 b"", db=self.studies)
         txn.put(m.file_hash, manifest_id, db=self.files, overwrite=False)
+        if needs_text_check(m):  # e.g. made by a peer still on the old decoding
+            txn.put(manifest_id, b"", db=self.text_check)
         partition = partition_of(m.study_instance_uid, self.partitions)
         txn.put(_U32.pack(partition) + m.study_instance_uid.encode(), b"", db=self.part_study)
         self._partition_add(txn, partition, manifest_id)
@@ -747,6 +766,95 @@ class Catalog:
             total = (int.from_bytes(digest, "big") + int.from_bytes(rec.held_digest, "big"))
             txn.put(key, (total % ADHASH_MOD).to_bytes(DIGEST_LEN, "big")
                     + _U64.pack(count + rec.held_instances), db=self.part_held)
+
+    def _queue_text_checks(self) -> None:
+        """Once per data dir: queue every manifest whose text an older version may have
+        decoded with the wrong character set (node/charset_repair.py re-reads them).
+        Bounded transactions, resumable, like the index backfill."""
+        with self.env.begin(db=self.meta) as txn:
+            if txn.get(TEXT_CHECKS_QUEUED_KEY) == b"done":
+                return
+            after = bytes(txn.get(TEXT_CHECKS_QUEUED_KEY) or b"")
+        queued = 0
+        while True:
+            with self.env.begin(write=True) as txn:
+                cur = txn.cursor(db=self.manifests)
+                ok = cur.set_range(after + b"\x00") if after else cur.first()
+                n = 0
+                while ok and n < MIGRATE_BATCH:
+                    after, n = bytes(cur.key()), n + 1
+                    if needs_text_check(mf.decode(bytes(cur.value()))):
+                        txn.put(after, b"", db=self.text_check)
+                        queued += 1
+                    ok = cur.next()
+                txn.put(TEXT_CHECKS_QUEUED_KEY, after if ok else b"done", db=self.meta)
+            if not ok:
+                break
+        if queued:
+            LOGGER.info("%d instances queued to re-decode their text with their own "
+                        "character set", queued)
+
+    def text_checks(self, after: bytes, limit: int
+                    ) -> list[tuple[bytes, node_pb2.Manifest]]:
+        """Manifests queued for a text check, in id order after `after`."""
+        out: list[tuple[bytes, node_pb2.Manifest]] = []
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.text_check)
+            ok = cur.set_range(after + b"\x00") if after else cur.first()
+            while ok and len(out) < limit:
+                mid = bytes(cur.key())
+                raw = txn.get(mid, db=self.manifests)
+                if raw is not None:
+                    out.append((mid, mf.decode(bytes(raw))))
+                ok = cur.next()
+        return out
+
+    def text_checks_left(self) -> int:
+        with self.env.begin() as txn:
+            return int(txn.stat(self.text_check)["entries"])
+
+    def text_checked(self, manifest_id: bytes, fixes: dict[str, str]) -> None:
+        """Record a manifest's re-decoded text (`fixes`: field -> text, only those that
+        differ) and take it off the queue. The study record takes the new text where
+        it holds this manifest's old text and the manifest is the current version."""
+        with self.env.begin(write=True) as txn:
+            txn.delete(manifest_id, db=self.text_check)
+            if not fixes:
+                return
+            raw = txn.get(manifest_id, db=self.manifests)
+            if raw is None:
+                return
+            m = mf.decode(bytes(raw))
+            fix = node_pb2.Manifest()
+            for name, text in fixes.items():
+                setattr(fix, name, text)
+            txn.put(manifest_id, fix.SerializeToString(), db=self.text_fix)
+            rec = self._record(txn, m.study_instance_uid)
+            if rec is None or self.current_id(txn, m.sop_instance_uid) != manifest_id:
+                return
+            before = indexed_values(rec)
+            for name, text in fixes.items():
+                if name in RECORD_TEXT_FIELDS and getattr(rec, name) == getattr(m, name):
+                    setattr(rec, name, text)
+            self.indexes.update(txn, rec.study_uid, before, rec)
+            txn.put(rec.study_uid.encode(), rec.SerializeToString(), db=self.study_recs)
+
+    def with_text_fixes(self, found: list[tuple[bytes, bytes, node_pb2.Manifest]]
+                        ) -> list[node_pb2.Manifest]:
+        """The manifests of `current_manifests`, their text re-decoded where it was
+        (copies: the stored bytes never change, they are the manifest's id)."""
+        out = []
+        with self.env.begin(db=self.text_fix) as txn:
+            for mid, _, m in found:
+                fix = txn.get(mid)
+                if fix is None:
+                    out.append(m)
+                    continue
+                fixed = node_pb2.Manifest()
+                fixed.CopyFrom(m)
+                fixed.MergeFromString(bytes(fix))
+                out.append(fixed)
+        return out
 
     def take_sweep_request(self) -> bool:
         """True once after an upgrade: every study's safety must be judged afresh."""

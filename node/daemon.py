@@ -24,9 +24,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pacsmesh.node.audit import AuditLog, AuditSlot, Event
+from pacsmesh.node.charset_repair import CharsetRepair
 from pacsmesh.node.config import Config, node_id_for
 from pacsmesh.node.dicom import DicomServer
-from pacsmesh.node.errors import ConfigError, Mismatch, PacsmeshError
+from pacsmesh.node.errors import ChunkCorrupt, ChunkMissing, ConfigError, Mismatch, PacsmeshError
 from pacsmesh.node.hlc import HybridClock
 from pacsmesh.node.ingest import LayoutCheck, Prepared, prepare_file, prepare_local
 from pacsmesh.node.scrubber import Scrubber
@@ -100,7 +101,8 @@ class NodeDaemon:
         self.server: grpc.aio.Server | None = None
         self._services: list[Callable[[grpc.aio.Server], None]] = []
         self._service_names: list[str] = [node_pb2.DESCRIPTOR.services_by_name["NodeApi"].full_name]
-        self._workers: list[Worker] = [self.scrubber]
+        self._workers: list[Worker] = [self.scrubber,
+                                       CharsetRepair(self.store, self._read_chunk)]
         self._on_stop: list[Callable[[], Any]] = []
         self._after_stop: list[Callable[[], Any]] = []
         self.listeners: list[StoredListener] = []  # told of every instance stored here
@@ -175,6 +177,15 @@ class NodeDaemon:
             manifest_id=out.manifest_id, bytes_written=out.bytes_written,
             sop_instance_uid=out.manifest.sop_instance_uid,
             study_instance_uid=out.manifest.study_instance_uid)
+
+    def _read_chunk(self, key: bytes, m: node_pb2.Manifest) -> bytes:
+        """A verified chunk from here, else from a peer (once the cluster set `remote`)."""
+        try:
+            return self.store.chunks.read(key)
+        except (ChunkCorrupt, ChunkMissing):
+            if self.remote is None:
+                raise
+        return self.remote(key, m)
 
     def instance_safety(self, sop_instance_uid: str) -> tuple[bool, str]:
         """Whether an instance's copies are safe (N verified copies at sites pairwise >= D

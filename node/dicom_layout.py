@@ -11,6 +11,10 @@ file, ending exactly at the end of the file, with valid study, series and SOP
 instance UIDs. A truncated file fails here, with the offset where it breaks.
 A deflated dataset (one zlib stream) is inflated as the walk goes, and walked up
 to its Pixel Data.
+
+Text values are decoded with the instance's own Specific Character Set (read
+before them: (0008,0005) is the first text element), so manifests hold text in
+any set, not bytes (node/charset.py).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pacsmesh.node import charset
 from pacsmesh.node.errors import InvalidInstance
 from pacsmesh.node.uids import uid_problem
 
@@ -65,6 +70,17 @@ WANTED: dict[int, str] = {
     0x00200011: "series_number",
     0x00200013: "instance_number",
 }
+# Wanted attributes whose value is text in the instance's character set, by VR; the
+# others (UIDs, dates, code strings, numbers) are ASCII by definition.
+TEXT_VRS: dict[int, str] = {
+    0x00080050: "SH",  # accession number
+    0x00081030: "LO",
+    0x0008103E: "LO",
+    0x00100010: "PN",
+    0x00100020: "LO",  # patient id
+    0x00200010: "SH",  # study id
+}
+TEXT_FIELDS = tuple(WANTED[tag] for tag in TEXT_VRS)
 META_WANTED: dict[int, str] = {
     0x00020002: "media_storage_sop_class_uid",
     0x00020003: "media_storage_sop_instance_uid",
@@ -116,7 +132,7 @@ class _Walker:
         self.elements = 0
         self.pixel_value_start: int | None = None
         self.stop_at_pixels = False
-        self.charset = ""
+        self.charset: tuple[str, ...] = ()  # Specific Character Set, once read
 
     def more(self) -> bool:
         return self.fp.tell() < self.size
@@ -210,8 +226,8 @@ class _Walker:
             if attrs is not None and tag in WANTED and length <= VALUE_READ_MAX:
                 value = self.read_exact(length, "element value")
                 if tag == 0x00080005:
-                    self.charset = value.decode("ascii", "replace").strip(" \x00")
-                attrs[WANTED[tag]] = _decode(value, self.charset)
+                    self.charset = charset.terms_of(value)
+                attrs[WANTED[tag]] = _decode(value, self.charset, TEXT_VRS.get(tag, ""))
             else:
                 self.skip(length, tag, pos)
         if until_item_delim:
@@ -219,11 +235,10 @@ class _Walker:
                 f"truncated: an item has no delimiter before the end ({self.size})")
 
 
-def _decode(value: bytes, charset: str) -> str:
-    text = value.rstrip(b"\x00 ")
-    if "ISO_IR 192" in charset:
-        return text.decode("utf-8", "replace").strip()
-    return text.decode("latin-1").strip()
+def _decode(value: bytes, terms: tuple[str, ...], vr: str) -> str:
+    if vr:
+        return charset.decode(value, terms, vr)
+    return value.rstrip(b"\x00 ").decode("latin-1").strip()
 
 
 def _read_meta(w: _Walker) -> dict[str, str]:
@@ -239,7 +254,7 @@ def _read_meta(w: _Walker) -> dict[str, str]:
         if length == UNDEFINED_LEN:
             raise InvalidInstance(f"malformed file meta element {_fmt_tag(tag)} at byte {pos}")
         if tag in META_WANTED and length <= VALUE_READ_MAX:
-            meta[META_WANTED[tag]] = _decode(w.read_exact(length, "file meta value"), "")
+            meta[META_WANTED[tag]] = _decode(w.read_exact(length, "file meta value"), (), "")
         else:
             w.skip(length, tag, pos)
     return meta
@@ -281,6 +296,26 @@ def scan(fp: BinaryIO, size: int) -> Layout:
     if (cls := attrs.get("sop_class_uid")) and (problem := uid_problem(cls)):
         raise InvalidInstance(f"invalid SOP Class UID (0008,0016): {problem}")
     return Layout(size=size, header_len=header_len, transfer_syntax_uid=ts, attrs=attrs)
+
+
+def header_attrs(fp: BinaryIO, size: int) -> dict[str, str]:
+    """The manifest attributes of an instance `scan` accepted once, read again: the walk
+    stops at the Pixel Data, so only the header is read (for re-decoding text that an
+    older version decoded with the wrong character set)."""
+    head = fp.read(PREAMBLE_LEN + 4)
+    if len(head) < PREAMBLE_LEN + 4 or head[PREAMBLE_LEN:] != b"DICM":
+        raise InvalidInstance("not a DICOM Part 10 file")
+    w = _Walker(fp, size)
+    ts = _read_meta(w).get("transfer_syntax_uid", "")
+    if ts in DEFLATED_TS:
+        attrs = _deflated_attrs(fp, size)
+    else:
+        attrs = {}
+        w.stop_at_pixels = True
+        w.walk_dataset(ts != IMPLICIT_LE_TS and _looks_explicit(fp), ts == EXPLICIT_BE_TS,
+                       depth=0, attrs=attrs)
+    attrs.pop("specific_character_set", None)
+    return attrs
 
 
 def _looks_explicit(fp: BinaryIO) -> bool:

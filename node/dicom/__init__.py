@@ -6,6 +6,7 @@
     trail       what the services record in the node's audit trail
     store_scp   C-STORE: store exactly as received; success only once durable here
     query       C-FIND matching over the catalog (patient, study, series, image level)
+    person_name what a PN key matches: case, composition, component groups
     retrieve    C-GET and C-MOVE: send instances as stored, read through the verified
                 path (from peers when this node does not hold them)
     convert     lossless transfer-syntax conversion of a copy, for a peer that did

@@ -2,11 +2,17 @@
 
 Levels PATIENT, STUDY, SERIES and IMAGE (Patient Root and Study Root models).
 Matching follows PS3.4 C.2.2.2: an empty key matches everything (universal);
-`*` and `?` are wildcards (PN compared without case); a backslash list matches
-any of its values (lists of UIDs); DA, TM and DT take ranges `A-B`, `A-`, `-B`
-(an upper bound covers its whole precision: `-2026` ends with 2026). A key we
-keep no value for matches everything and comes back empty, as the standard
-allows for optional keys.
+`*` and `?` are wildcards; a backslash list matches any of its values (lists
+of UIDs); DA, TM and DT take ranges `A-B`, `A-`, `-B` (an upper bound covers
+its whole precision: `-2026` ends with 2026). PN keys ignore case and match
+any component group (person_name.py). A key we keep no value for matches
+everything and comes back empty, as the standard allows for optional keys.
+
+Character sets: matching is on text. Stored values were decoded with their
+instance's Specific Character Set at ingest (node/charset.py); pydicom decodes
+the identifier with the query's own. A response is written in the query's
+character set when that set can carry every value in it, else in UTF-8
+(ISO_IR 192), with Specific Character Set saying which (`charset.response_terms`).
 
 Where the values come from: study records hold the patient and study keys most
 queries use, so a study-level query reads one small record per candidate study
@@ -25,7 +31,9 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from pacsmesh.node import charset
 from pacsmesh.node.catalog import Catalog
+from pacsmesh.node.dicom import person_name
 from pacsmesh.node.dicom.candidates import candidate_records
 from pacsmesh.node.dicom.status import CANCEL, PENDING, SUCCESS, status
 from pacsmesh.node.dicom.trail import Trail
@@ -119,19 +127,25 @@ def _in_range(value: str, spec: str) -> bool:
     return not (upper and value[: len(upper)] > upper)
 
 
+def _wildcard_exact(pattern: str, value: str) -> bool:
+    return _wildcard_match(pattern, value, fold=False)
+
+
 def value_matches(key: Key, value: str) -> bool:
     """Does one stored value match one of the key's values?"""
-    fold = key.vr == "PN"
     for want in key.values:
         if want in ("", "*"):
             return True
-        if key.vr in RANGE_VRS and "-" in want:
+        if key.vr == "PN":
+            if person_name.matches(want, value, _wildcard_exact):
+                return True
+        elif key.vr in RANGE_VRS and "-" in want:
             if value and _in_range(value, want):
                 return True
         elif key.vr not in NO_WILDCARD_VRS and ("*" in want or "?" in want):
-            if _wildcard_match(want, value, fold):
+            if _wildcard_match(want, value, fold=False):
                 return True
-        elif (want.casefold() == value.casefold()) if fold else (want == value):
+        elif want == value:
             return True
     return False
 
@@ -213,9 +227,9 @@ def study_row(catalog: Catalog, rec: node_pb2.StudyRecord) -> Row:
     def more() -> dict[str, list[str]]:
         instances = catalog.study_instances(rec.study_uid)
         out = {"NumberOfStudyRelatedSeries": [str(len({s for s, _ in instances}))]}
-        current = catalog.current_manifests(rec.study_uid)
+        current = catalog.with_text_fixes(catalog.current_manifests(rec.study_uid))
         if current:
-            m = current[0][2]
+            m = current[0]
             out.update({"StudyTime": [m.study_time], "StudyID": [m.study_id],
                         "PatientSex": [m.patient_sex]})
         return out
@@ -303,7 +317,7 @@ def find(catalog: Catalog, level: str, keys: list[Key]) -> Iterator[Row]:
         yield from studies
         return
     for study in studies:
-        manifests = [m for _, _, m in catalog.current_manifests(study.study_uid)]
+        manifests = catalog.with_text_fixes(catalog.current_manifests(study.study_uid))
         rows = series_rows(study, manifests) if level == "SERIES" else image_rows(
             study, manifests)
         for row in rows:
@@ -346,7 +360,7 @@ def _patients(catalog: Catalog, keys: list[Key]) -> Iterator[Row]:
 def response(identifier: Dataset, row: Row, level: str, ae_title: str) -> Dataset:
     """The identifier of one pending C-FIND response: each requested key, filled in."""
     ds = Dataset()
-    non_ascii = False
+    texts: list[tuple[str, str]] = []  # (VR, value) of what is sent, for the charset
     for elem in identifier:
         keyword = elem.keyword
         if elem.tag.group == 0x0002 or keyword in ("SpecificCharacterSet",):
@@ -365,14 +379,15 @@ def response(identifier: Dataset, row: Row, level: str, ae_title: str) -> Datase
         values = [v for v in row.get(keyword) if v] if keyword and row.knows(keyword) else []
         if elem.VR == "IS":
             values = [v for v in values if v.lstrip("+-").isdigit()]
-        non_ascii = non_ascii or any(not v.isascii() for v in values)
+        texts.extend((elem.VR, v) for v in values if not v.isascii())
         value: Any = None if not values else values[0] if len(values) == 1 else values
         ds.add_new(elem.tag, elem.VR, value)
     ds.RetrieveAETitle = ae_title
-    if non_ascii:  # manifests hold decoded text; send it as UTF-8
-        ds.SpecificCharacterSet = "ISO_IR 192"
-    elif "SpecificCharacterSet" in identifier:
-        ds.SpecificCharacterSet = identifier.SpecificCharacterSet
+    # pydicom encodes the values in the set named here when pynetdicom sends `ds`
+    terms = charset.response_terms(charset.terms_of(identifier.get("SpecificCharacterSet")),
+                                   texts)
+    if terms:
+        ds.SpecificCharacterSet = terms[0] if len(terms) == 1 else list(terms)
     return ds
 
 
