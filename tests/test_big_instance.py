@@ -75,7 +75,7 @@ def big_file(tmp_path: Path) -> Iterator[tuple[Path, str, str]]:
 def test_a_2_gb_instance_in_and_out_in_bounded_memory(tmp_path: Path,
                                                       big_file: tuple[Path, str, str]) -> None:
     storescu, getscu = require_tool("storescu"), require_tool("getscu")
-    path, study, sop = big_file
+    path, study, _sop = big_file
     node, port = dicom_node(tmp_path / "node")
     node.start()
     try:
