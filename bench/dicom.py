@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--instances", type=int, default=500)
     ap.add_argument("--associations", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--noise", type=float, default=12.0,
+                    help="HU of noise outside the body (12: compresses like real CT)")
     ap.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
     args = ap.parse_args(argv)
 
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="dicom-", dir=OUT_DIR))
     try:
-        spec = StudySpec(instances=args.instances, study_index=1, seed=7)
+        spec = StudySpec(instances=args.instances, study_index=1, seed=7,
+                         air_noise=args.noise)
         paths = write_study(work / "study", spec)
         total = sum(p.stat().st_size for p in paths)
         print(f"study: {len(paths)} CT instances, {total / 1e6:.1f} MB", flush=True)

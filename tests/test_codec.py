@@ -20,14 +20,14 @@ from tests.fuzz import fuzz
 @fuzz(4)
 @given(st.binary(max_size=4099))
 def test_shuffle_round_trips_every_length(plain: bytes) -> None:
-    assert codec.unshuffle2(codec.shuffle2(plain)) == plain
+    assert codec.unshuffle2(bytes(codec.shuffle2(plain))) == plain
     for shuffle in (False, True):
         stored, flags = codec.encode(plain, shuffle)
         assert codec.decode(stored, flags, len(plain)) == plain
 
 
 def test_shuffle_puts_high_bytes_together() -> None:
-    assert codec.shuffle2(b"\x01\x02\x03\x04\x05") == b"\x01\x03\x02\x04\x05"
+    assert bytes(codec.shuffle2(b"\x01\x02\x03\x04\x05")) == b"\x01\x03\x02\x04\x05"
 
 
 def test_16_bit_pixels_compress_better_shuffled() -> None:
