@@ -153,3 +153,25 @@ def test_garbage_pdus_and_commands_raise_ul_error_only(data: bytes) -> None:
 def test_short_or_empty_pdvs_are_refused(body: bytes) -> None:
     with pytest.raises(ul.UlError):
         ul.pdvs(body)
+
+
+@pytest.mark.parametrize(("instance", "ae"), [
+    ("1.2.826.0.1.3680043.10.1455.1.7.1.1.1", "STORESCU"),  # odd length UID
+    ("1.2.826.0.1.3680043.10.1455.1.7.1.1.12", "CT1"),  # even; odd AE
+    ("1.2.3", ""),  # no calling AE
+])
+def test_file_meta_is_what_pydicom_writes(instance: str, ae: str) -> None:
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import UID
+    from pynetdicom.dsutils import encode_file_meta
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(CT)
+    meta.MediaStorageSOPInstanceUID = UID(instance)
+    meta.TransferSyntaxUID = UID(EXPLICIT)
+    meta.ImplementationClassUID = UID("1.2.826.0.1.3680043.9.3811.3.0.4")
+    meta.ImplementationVersionName = "PYNETDICOM_304"
+    if ae:
+        meta.SourceApplicationEntityTitle = ae
+    assert ul.file_meta(CT, instance, EXPLICIT, "1.2.826.0.1.3680043.9.3811.3.0.4",
+                        "PYNETDICOM_304", ae) == encode_file_meta(meta)

@@ -36,10 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-from pynetdicom.dsutils import encode_file_meta
 
 from pacsmesh.node.dicom import ul
 from pacsmesh.node.hashing import FileHasher
@@ -98,7 +95,8 @@ class Received:
 
     tmp_dir: Path
     size: int = 0
-    parts: list[bytes] = field(default_factory=list)
+    # views of the PDU buffers (each PDU is read into a buffer of its own): joined once
+    parts: list[bytes | memoryview] = field(default_factory=list)
     fd: int = -1
     path: str = ""
     hasher: FileHasher = field(default_factory=FileHasher)
@@ -115,7 +113,7 @@ class Received:
         if self.fd >= 0:
             _write_all(self.fd, piece)
         else:
-            self.parts.append(bytes(piece))
+            self.parts.append(piece)
         self.size += len(piece)
 
     @property
@@ -123,9 +121,11 @@ class Received:
         """The whole file when it is in memory (None when it is in `path`)."""
         if self.fd >= 0:
             return None
-        if len(self.parts) != 1:
+        if len(self.parts) != 1 or not isinstance(self.parts[0], bytes):
             self.parts = [b"".join(self.parts)]
-        return self.parts[0]
+        data = self.parts[0]
+        assert isinstance(data, bytes)
+        return data
 
     @property
     def file_hash(self) -> bytes:
@@ -318,18 +318,12 @@ class StoreAssociation:
         if cmd.get(0x0800) == ul.NO_DATASET:
             raise ul.UlError("C-STORE without a data set")
         instance = str(cmd.get(0x1000, ""))
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = UID(str(cmd.get(0x0002, "")) or sop_class)
-        meta.MediaStorageSOPInstanceUID = UID(instance)
-        meta.TransferSyntaxUID = UID(ts)
-        meta.ImplementationClassUID = PYNETDICOM_IMPLEMENTATION_UID
-        meta.ImplementationVersionName = PYNETDICOM_IMPLEMENTATION_VERSION
-        if self.assoc.requestor.ae_title:
-            meta.SourceApplicationEntityTitle = self.assoc.requestor.ae_title
+        sop_class = str(cmd.get(0x0002, "")) or sop_class
         received = Received(self.tmp_dir)
-        received.add(PREAMBLE + encode_file_meta(meta))
-        self.current = _Store(context_id, message_id, str(meta.MediaStorageSOPClassUID),
-                              instance, ts, received)
+        received.add(PREAMBLE + ul.file_meta(
+            sop_class, instance, ts, str(PYNETDICOM_IMPLEMENTATION_UID),
+            str(PYNETDICOM_IMPLEMENTATION_VERSION), self.assoc.requestor.ae_title))
+        self.current = _Store(context_id, message_id, sop_class, instance, ts, received)
 
     def _stored(self, cur: _Store) -> None:
         try:

@@ -253,6 +253,33 @@ def _us(element: int, value: int) -> bytes:
     return _ELEMENT.pack(0x0000, element, 2) + value.to_bytes(2, "little")
 
 
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _even(value: str, pad: bytes) -> bytes:
+    raw = value.encode("ascii", "replace")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str,
+              implementation_class: str, implementation_version: str,
+              source_ae: str) -> bytes:
+    """A File Meta Information group (PS3.10 7.1, explicit VR little endian), the same
+    bytes pydicom's writer makes for these values (what pynetdicom's path stores),
+    without building a Dataset: that took ~0.5 ms per C-STORE."""
+    body = [struct.pack("<HH2sHL", 0x0002, 0x0001, b"OB", 0, 2) + b"\x00\x01",
+            _meta_element(0x0002, b"UI", _even(sop_class, b"\x00")),
+            _meta_element(0x0003, b"UI", _even(sop_instance, b"\x00")),
+            _meta_element(0x0010, b"UI", _even(transfer_syntax, b"\x00")),
+            _meta_element(0x0012, b"UI", _even(implementation_class, b"\x00")),
+            _meta_element(0x0013, b"SH", _even(implementation_version, b" "))]
+    if source_ae:
+        body.append(_meta_element(0x0016, b"AE", _even(source_ae, b" ")))
+    rest = b"".join(body)
+    return struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(rest)) + rest
+
+
 def response(command_field: int, message_id: int, sop_class: str, sop_instance: str,
              status: int, comment: str = "") -> bytes:
     """A C-STORE-RSP or C-ECHO-RSP command set."""
