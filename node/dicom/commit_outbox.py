@@ -83,6 +83,10 @@ class Outbox:
         self._forget_if_idle(route)
         return txn
 
+    def get(self, key: TxnKey) -> Transaction | None:
+        route = self._route_of.get(key)
+        return self._routes[route].ready[key] if route is not None else None
+
     def waiting(self, route: Route) -> int:
         state = self._routes.get(route)
         return len(state.ready) if state is not None else 0

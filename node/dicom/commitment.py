@@ -168,7 +168,7 @@ class Commitment:
                           now + self.timeout_s, who=who, address=address,
                           serial=os.urandom(8).hex())
         with self._lock:  # one at a time: the check and the reservation are one step
-            replaced = self._pending.get(txn.key)
+            replaced = self._pending.get(txn.key) or self._outbox.get(txn.key)
             waiting = self._pending_refs + self._outbox.references - (
                 len(replaced.refs) if replaced is not None else 0)
             if waiting + len(txn.refs) > self.references_max:
