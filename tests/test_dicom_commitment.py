@@ -223,6 +223,7 @@ def test_outbox_sends_in_batches_backs_off_per_destination_and_gives_up() -> Non
     retry = _txn("7.1")
     box.add(other, retry)
     box.settle(other, [first], "", 1.0)
+    assert box.get(retry.key) is retry and box.references == 1  # what the limit counts
     assert box.take(other, 1.0) == [retry]
 
 
