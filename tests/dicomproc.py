@@ -196,6 +196,18 @@ class CommitmentScu:
         assert self._got.wait(timeout_s), f"no N-EVENT-REPORT within {timeout_s} s"
         return self.reports[-1]
 
+    def wait_for(self, count: int, timeout_s: float) -> dict[str, CommitmentReport]:
+        """Transaction UID -> its last report, once reports for `count` transactions
+        have come."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            got = {str(r.info.TransactionUID): r for r in list(self.reports)}
+            if len(got) >= count:
+                return got
+            assert time.monotonic() < deadline, (
+                f"reports for {len(got)} of {count} transactions within {timeout_s} s")
+            time.sleep(0.05)
+
 
 def private_reason(item: Dataset) -> str:
     """The words PACSMESH puts in a Failed SOP Sequence item, (0009,1010)."""

@@ -141,10 +141,10 @@ def test_value_matching(vr: str, wanted: tuple[str, ...], value: str, matches: b
 
 
 def test_commitment_verdicts() -> None:
-    from pacsmesh.node.dicom.commitment import (
+    from pacsmesh.node.dicom.commit_request import Reference
+    from pacsmesh.node.dicom.commit_verdict import (
         EVENT_ALL_SUCCESS,
         EVENT_FAILURES,
-        Reference,
         Transaction,
         event_report,
         judge,
@@ -161,13 +161,13 @@ def test_commitment_verdicts() -> None:
 
     refs = [Reference(CT_IMAGE_STORAGE, "1.1"), Reference(CT_IMAGE_STORAGE, "1.2"),
             Reference("1.2.840.10008.5.1.4.1.1.4", "1.1"), Reference(CT_IMAGE_STORAGE, "1.3")]
-    txn = Transaction("7.7", "CT1", None, refs, 0.0, 10.0)
-    assert not judge(txn, 5.0, 10.0, lookup, safety)  # 1.2 and 1.3 may still become safe
+    txn = Transaction("7.7", "CT1", refs, 0.0, 10.0)
+    assert not judge(txn, 5.0, lookup, safety)  # 1.2 and 1.3 may still become safe
     assert txn.safe == {refs[0]}
     safe_studies.add("9.2")
-    assert not judge(txn, 6.0, 10.0, lookup, safety)
+    assert not judge(txn, 6.0, lookup, safety)
     assert txn.safe == {refs[0], refs[1]}
-    assert judge(txn, 10.0, 10.0, lookup, safety)  # the deadline: 1.3 never arrived
+    assert judge(txn, 10.0, lookup, safety)  # the deadline: 1.3 never arrived
     event, info = event_report(txn)
     assert event == EVENT_FAILURES
     assert [str(i.ReferencedSOPInstanceUID) for i in info.ReferencedSOPSequence] == [
@@ -178,8 +178,8 @@ def test_commitment_verdicts() -> None:
                       (CT_IMAGE_STORAGE, "1.3", 0x0112)]
     assert "not received" in private_reason(info.FailedSOPSequence[1])
 
-    ok = Transaction("7.8", "CT1", None, refs[:2], 0.0, 10.0)
-    assert judge(ok, 1.0, 10.0, lookup, safety)  # all safe: reported before the deadline
+    ok = Transaction("7.8", "CT1", refs[:2], 0.0, 10.0)
+    assert judge(ok, 1.0, lookup, safety)  # all safe: reported before the deadline
     assert event_report(ok)[0] == EVENT_ALL_SUCCESS
 
 

@@ -11,7 +11,13 @@
                 path (from peers when this node does not hold them)
     convert     lossless transfer-syntax conversion of a copy, for a peer that did
                 not accept the stored syntax
-    commitment  Storage Commitment (push model): success only once the copies are safe
+    commitment  Storage Commitment (push model): success only once the copies are safe;
+                accepted transactions survive restarts
+    commit_request   what an N-ACTION may ask, read with bounded cost
+    commit_verdict   which referenced instances are safe or failed, and the report
+    commit_ledger    accepted transactions in LMDB until their report is delivered
+    commit_outbox    decided reports: route, retry with backoff, give up
+    commit_delivery  sending N-EVENT-REPORTs on new or existing associations
     archive     the narrow seam to the node: what these services may ask of it
 
 pynetdicom runs every association in its own threads; the handlers here call the

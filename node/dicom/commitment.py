@@ -1,265 +1,216 @@
-"""Storage Commitment, push model (PS3.4 Annex J): success means safe off-site.
+"""Storage Commitment, push model (PS3.4 Annex J): success means safe off-site, and
+an accepted request is answered even across restarts of the node.
 
-An N-ACTION (Request Storage Commitment) is answered at once: the request is
-taken. A background thread then watches each referenced instance until the
-node judges its copies safe (N verified copies at sites pairwise >= D miles
-apart, `Archive.instance_safety`), and sends one N-EVENT-REPORT per transaction:
-event type 1 when every instance is safe, else type 2 with a Failed SOP Sequence
-once `commitment_timeout_s` has passed. Each failed item carries a Failure Reason
-code and, in a private element, the reason in words:
+An N-ACTION (Request Storage Commitment) is answered at once, and success means
+taken: the transaction (UID, requester, references, deadline) is committed to
+the node's LMDB index (commit_ledger.py) and its request is in the audit trail
+before the answer goes out. A background thread then watches each referenced
+instance until the node judges its copies safe (N verified copies at sites
+pairwise >= D miles apart, `Archive.instance_safety`), and sends one
+N-EVENT-REPORT per transaction: event type 1 when every instance is safe, else
+type 2 with a Failed SOP Sequence once `commitment_timeout_s` has passed since
+the request (wall-clock time, counted across restarts). Each failed item
+carries a Failure Reason code and, in a private element, the reason in words:
 
     (0009,0010) LO  "PACSMESH"          private creator
     (0009,1010) LT  "not safe within 30 s: 1 of 3 safe copies so far"
 
-Delivery: on a new association to the requester when its AE title is in
-[dicom.destinations] (the usual way: requesters rarely keep an association open
-for as long as safety takes), proposing the SCP role for the Storage Commitment
-SOP class; else on the requester's own association if it is still open; else it
-cannot be delivered, which is logged as an error. A failed delivery is retried
-a few times. Pending transactions live in memory: after a restart the requester
-times out and asks again, which is what the standard expects of it.
+After a restart or a crash every accepted transaction is read back and judged
+again; its report goes out as before. A delivered report's record is deleted.
+Delivery is at least once: a crash right after a delivery sends it again.
 
-Audit: the N-ACTION (transaction, instances) is recorded before it is answered,
-and the N-EVENT-REPORT (how many safe, how many failed, or undeliverable) when it
-has been delivered or given up.
+Where the report goes (commit_outbox.py):
+- requester's AE title in [dicom.destinations]: on a new association to it (the
+  usual way: requesters rarely keep an association open for as long as safety
+  takes), up to 100 reports per association. A requester that cannot be reached
+  is tried again after 5 s, doubling up to every 10 min;
+- otherwise on the requester's own association while it is open. Once it has
+  closed (always, after a restart) the node cannot call the requester, so the
+  report waits until the requester (same AE title, and same certificate on the
+  TLS listener) sends its next Storage Commitment request, and then goes on that
+  association (PS3.4 J.3.3 allows a report on an association other than the
+  N-ACTION's). A waiting report is logged as a warning and audited. An operator
+  who wants such reports sooner adds the requester to [dicom.destinations] and
+  restarts the node: the kept reports then go out on new associations.
+A report not delivered 24 h after its deadline is given up: logged as an error,
+audited, and deleted.
+
+Limits: at most 50,000 references per request and 8 MB of Action Information
+(commit_request.py), and 200,000 references awaiting commitment in all (memory);
+past them a request is refused with 0x0213 and an Error Comment, and nothing
+already accepted is touched.
+
+Audit: the N-ACTION (transaction, instances; refused ones with the reason) is
+recorded before it is answered; the N-EVENT-REPORT (how many safe, how many
+failed) when delivered, delayed (once per transaction) or given up.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
+import lmdb
 from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence
-from pynetdicom import AE, build_context, build_role
 
 from pacsmesh.node.audit import Event
+from pacsmesh.node.chunkstore import is_lmdb_full
 from pacsmesh.node.dicom.archive import Archive
+from pacsmesh.node.dicom.commit_delivery import (
+    STORAGE_COMMITMENT_PUSH,
+    send_reports,
+    send_to_destination,
+)
+from pacsmesh.node.dicom.commit_ledger import Ledger, LedgerClosed
+from pacsmesh.node.dicom.commit_outbox import (
+    DESTINATION,
+    REQUESTER,
+    Outbox,
+    Route,
+    give_up_at,
+)
+from pacsmesh.node.dicom.commit_request import (
+    STATUS_PROCESSING_FAILURE,
+    STATUS_RESOURCE_LIMITATION,
+    STATUS_SUCCESS,
+    Refused,
+    Request,
+    error_comment,
+    read_request,
+)
+from pacsmesh.node.dicom.commit_verdict import Transaction, TxnKey, judge, summary
 from pacsmesh.node.dicom.trail import ROLE, Trail
+
+__all__ = ["STORAGE_COMMITMENT_PUSH", "Commitment"]
 
 LOGGER = logging.getLogger(__name__)
 
-STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"  # SOP class
-WELL_KNOWN_INSTANCE_UID = "1.2.840.10008.1.20.1.1"  # its one well-known SOP instance
-ACTION_REQUEST_COMMITMENT = 1
-EVENT_ALL_SUCCESS = 1
-EVENT_FAILURES = 2
-
-STATUS_SUCCESS = 0x0000
-STATUS_PROCESSING_FAILURE = 0x0110
-STATUS_NO_SUCH_ACTION = 0x0123
-STATUS_INVALID_ARGUMENT = 0x0115
-STATUS_RESOURCE_LIMITATION = 0x0213
-# Failure Reason (0008,1197) codes, PS3.3 C.14.1.1
-FAILURE_PROCESSING = 0x0110
-FAILURE_NO_SUCH_INSTANCE = 0x0112
-FAILURE_CLASS_INSTANCE_CONFLICT = 0x0119
-
-PRIVATE_GROUP = 0x0009
-PRIVATE_CREATOR = "PACSMESH"
-PRIVATE_REASON = 0x10  # element offset in the block: (0009,1010)
-
 POLL_S = 0.5  # how soon after becoming safe a commitment is reported
 POLL_LOAD_MAX = 0.2  # share of one core the safety checks may take: the interval grows
-REFERENCES_PENDING_MAX = 200_000  # instances awaited across all transactions (memory)
-REPORT_ATTEMPTS = 3
-REPORT_RETRY_S = 5.0
+REFERENCES_PENDING_MAX = 200_000  # instances awaited or reported-to-be, in all (memory)
 REPORT_THREADS = 2  # deliveries in flight: a requester that hangs does not block others
-REPORT_TIMEOUT_S = 15.0  # association and DIMSE timeouts when delivering a report
-
-
-@dataclass(frozen=True)
-class Reference:
-    sop_class_uid: str
-    sop_instance_uid: str
-
-
-@dataclass
-class Transaction:
-    """One N-ACTION: what was asked, by whom, and the verdicts so far (per reference:
-    the same instance named under two SOP classes gets two verdicts)."""
-
-    uid: str
-    calling_ae: str
-    assoc: Any  # the requester's association: a fallback for delivery
-    refs: list[Reference]
-    received_at: float
-    deadline: float
-    who: str = ""  # for the audit trail: as the N-ACTION came
-    address: str = ""
-    safe: set[Reference] = field(default_factory=set)
-    failed: dict[Reference, tuple[int, str]] = field(default_factory=dict)  # (code, why)
-    waiting_for: dict[Reference, str] = field(default_factory=dict)  # why not safe yet
-
-    def undecided(self) -> list[Reference]:
-        return [r for r in self.refs if r not in self.safe and r not in self.failed]
-
-
-# ---- the verdict, free of IO ---------------------------------------------------------------
-
-# What is known of a stored instance: (study uid, stored SOP class uid), or None.
-InstanceLookup = Callable[[str], tuple[str, str] | None]
-# Safety of an instance, judged on its whole study: (safe, why not).
-SafetyLookup = Callable[[str], tuple[bool, str]]
-NOT_RECEIVED = "not received by the archive"
-
-
-def judge(txn: Transaction, now: float, timeout_s: float, lookup: InstanceLookup,
-          safety: SafetyLookup) -> bool:
-    """Update the verdicts of a transaction; True once it can be reported."""
-    by_study: dict[str, tuple[bool, str]] = {}
-    for ref in txn.undecided():
-        sop = ref.sop_instance_uid
-        known = lookup(sop)
-        if known is None:
-            txn.waiting_for[ref] = NOT_RECEIVED
-            continue
-        study, stored_class = known
-        if stored_class and ref.sop_class_uid and stored_class != ref.sop_class_uid:
-            txn.failed[ref] = (FAILURE_CLASS_INSTANCE_CONFLICT,
-                               f"stored as SOP class {stored_class}, not {ref.sop_class_uid}")
-            continue
-        if study not in by_study:  # safety is per study: one check covers its instances
-            by_study[study] = safety(sop)
-        safe, why = by_study[study]
-        if safe:
-            txn.safe.add(ref)
-            txn.waiting_for.pop(ref, None)
-        else:
-            txn.waiting_for[ref] = why or "not safe yet"
-    if not txn.undecided():
-        return True
-    if now < txn.deadline:
-        return False
-    for ref in txn.undecided():
-        why = txn.waiting_for.get(ref, "not safe yet")
-        code = FAILURE_NO_SUCH_INSTANCE if why == NOT_RECEIVED else FAILURE_PROCESSING
-        txn.failed[ref] = (code, f"not safe within {timeout_s:g} s: {why}")
-    return True
-
-
-def event_report(txn: Transaction) -> tuple[int, Dataset]:
-    """(event type, Event Information) of a decided transaction."""
-    ds = Dataset()
-    ds.TransactionUID = txn.uid
-    good = [r for r in txn.refs if r in txn.safe]
-    bad = [r for r in txn.refs if r in txn.failed]
-    if good:
-        ds.ReferencedSOPSequence = Sequence([_item(r) for r in good])
-    if not bad:
-        return EVENT_ALL_SUCCESS, ds
-    items = []
-    for r in bad:
-        code, why = txn.failed[r]
-        item = _item(r)
-        item.FailureReason = code
-        block = item.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
-        block.add_new(PRIVATE_REASON, "LT", why)
-        items.append(item)
-    ds.FailedSOPSequence = Sequence(items)
-    return EVENT_FAILURES, ds
-
-
-def _item(r: Reference) -> Dataset:
-    item = Dataset()
-    item.ReferencedSOPClassUID = r.sop_class_uid
-    item.ReferencedSOPInstanceUID = r.sop_instance_uid
-    return item
-
-
-def parse_request(info: Dataset) -> tuple[str, list[Reference]]:
-    """(transaction uid, references) of an N-ACTION's Action Information; ValueError
-    says what is wrong."""
-    uid = str(info.get("TransactionUID", "")).strip()
-    if not uid:
-        raise ValueError("Transaction UID (0008,1195) is missing")
-    refs = []
-    for item in info.get("ReferencedSOPSequence", []):
-        sop = str(item.get("ReferencedSOPInstanceUID", "")).strip()
-        if not sop:
-            raise ValueError("a Referenced SOP Sequence item has no SOP Instance UID")
-        refs.append(Reference(str(item.get("ReferencedSOPClassUID", "")).strip(), sop))
-    if not refs:
-        raise ValueError("Referenced SOP Sequence (0008,1199) is empty")
-    return uid, list(dict.fromkeys(refs))
-
-
-# ---- the service ------------------------------------------------------------------------------
+FAILED_LOGGED_MAX = 5  # failed instances named in the log per report
 
 
 class Commitment:
     def __init__(self, archive: Archive, ae_title: str, destinations: dict[str, str],
-                 timeout_s: float, clock: Callable[[], float] = time.monotonic,
-                 trail: Trail | None = None) -> None:
+                 timeout_s: float, clock: Callable[[], float] = time.time,
+                 trail: Trail | None = None, ledger: Ledger | None = None,
+                 references_max: int = REFERENCES_PENDING_MAX) -> None:
         self.archive, self.ae_title, self.destinations = archive, ae_title, destinations
         self.timeout_s, self.clock, self.trail = timeout_s, clock, trail
-        self._pending: dict[str, Transaction] = {}
-        self._lock = threading.Lock()
+        self.references_max = references_max
+        self.ledger = ledger if ledger is not None else Ledger(archive.store.env)
+        self._lock = threading.Lock()  # guards the four below
+        self._pending: dict[TxnKey, Transaction] = {}  # not decided yet
+        self._pending_refs = 0
+        self._outbox = Outbox()  # decided, report not delivered yet
+        self._assocs: dict[Route, Any] = {}  # the association each requester last asked on
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._reports = ThreadPoolExecutor(REPORT_THREADS, thread_name_prefix="commit-report")
-        self._same_assoc_lock = threading.Lock()
-        self.reported = 0  # transactions reported, for logs and tests
+        self.reported = 0  # reports delivered, for logs and tests
+
+    def route_of(self, txn: Transaction) -> Route:
+        if txn.calling_ae in self.destinations:
+            return Route(DESTINATION, txn.calling_ae)
+        return Route(REQUESTER, txn.who)
 
     # -- N-ACTION, in an association thread ----------------------------------------
 
-    def handle_n_action(self, event: Any) -> tuple[int, Dataset | None]:
-        """Answers at once, once the request is in the audit trail."""
-        code, uid, instances, detail = self._take(event)
-        if self.trail is not None:
-            try:
-                self.trail.record(event.assoc, "N-ACTION",
-                                  "ok" if code == STATUS_SUCCESS else "refused",
-                                  instances=instances,
-                                  detail=f"storage commitment {uid or '(no transaction)'}"
-                                         f"{': ' + detail if detail else ''}")
-            except OSError as exc:
-                LOGGER.error("storage commitment audit event cannot be written: %s", exc)
-                if code == STATUS_SUCCESS:
-                    with self._lock:
-                        self._pending.pop(uid, None)
-                return STATUS_PROCESSING_FAILURE, None
-        return code, None
-
-    def _take(self, event: Any) -> tuple[int, str, int, str]:
-        """(status, transaction uid, instances, why refused)."""
-        calling = event.assoc.requestor.ae_title
-        if event.action_type != ACTION_REQUEST_COMMITMENT:
-            return STATUS_NO_SUCH_ACTION, "", 0, f"no action type {event.action_type}"
+    def handle_n_action(self, event: Any) -> tuple[Dataset, None]:
+        """Answers at once: success once the transaction is durable and audited."""
+        assoc = event.assoc
+        requestor = assoc.requestor
+        calling = str(requestor.ae_title or "").strip()
+        who = self.trail.who(assoc) if self.trail is not None else f"AE:{calling}"
+        address = f"{requestor.address}:{requestor.port}"
+        request: Request | None = None
         try:
-            uid, refs = parse_request(event.action_information)
-        except Exception as exc:  # missing keys, or a dataset that does not decode
+            request = _read(event)
+            txn = self._accept(request, calling, who, address)
+        except Refused as exc:
             LOGGER.warning("storage commitment request from %s refused: %s", calling, exc)
-            return STATUS_INVALID_ARGUMENT, "", 0, str(exc)
-        now = self.clock()
-        requestor = event.assoc.requestor
-        txn = Transaction(uid, calling, event.assoc, refs, now, now + self.timeout_s,
-                          who=self.trail.who(event.assoc) if self.trail else f"AE:{calling}",
-                          address=f"{requestor.address}:{requestor.port}")
-        with self._lock:
-            waiting = sum(len(t.refs) for t in self._pending.values())
-            if waiting + len(refs) > REFERENCES_PENDING_MAX:
-                LOGGER.error("storage commitment from %s refused: %d instances already "
-                             "awaited (at most %d)", calling, waiting, REFERENCES_PENDING_MAX)
-                return (STATUS_RESOURCE_LIMITATION, uid, len(refs),
-                        f"{waiting} instances already awaited")
-            self._pending[uid] = txn  # a repeated transaction UID is a retry: start over
-        if calling not in self.destinations:
-            LOGGER.warning("storage commitment from %s: that AE is not in "
-                           "[dicom.destinations], so the report can only go back on its "
-                           "own association, if it is still open then", calling)
+            try:
+                self._audit_action(assoc, request, "refused", str(exc))
+            except OSError as audit_exc:
+                LOGGER.error("storage commitment audit event cannot be written: %s", audit_exc)
+            return _status(exc.status, str(exc)), None
+        try:
+            self._audit_action(assoc, request, "ok", "")
+        except OSError as exc:
+            LOGGER.error("storage commitment audit event cannot be written: %s", exc)
+            self._withdraw(txn)
+            return _status(STATUS_PROCESSING_FAILURE, "audit trail cannot be written"), None
+        route = self.route_of(txn)
+        if route.kind == REQUESTER:
+            LOGGER.warning("storage commitment from %s: that AE is not in [dicom.destinations],"
+                           " so the report goes back on its own association while open, else "
+                           "on the next one it asks on", calling)
+            with self._lock:
+                self._assocs[route] = assoc
+                waiting = self._outbox.waiting(route)
+            if waiting:  # reports kept for it (from before a restart): send them now
+                self._reports.submit(self._deliver, route, [], assoc, True)
         LOGGER.info("storage commitment %s from %s: %d instances; reported once safe, or "
-                    "as failed after %g s", uid, calling, len(refs), self.timeout_s)
-        return STATUS_SUCCESS, uid, len(refs), ""
+                    "as failed after %g s", txn.uid, calling, len(txn.refs), self.timeout_s)
+        return _status(STATUS_SUCCESS), None
+
+    def _accept(self, request: Request, calling: str, who: str, address: str) -> Transaction:
+        """The transaction, durable; `Refused` if it cannot be taken."""
+        now = self.clock()
+        txn = Transaction(request.transaction_uid, calling, request.references, now,
+                          now + self.timeout_s, who=who, address=address,
+                          serial=os.urandom(8).hex())
+        with self._lock:  # one at a time: the check and the reservation are one step
+            replaced = self._pending.get(txn.key) or self._outbox.get(txn.key)
+            waiting = self._pending_refs + self._outbox.references - (
+                len(replaced.refs) if replaced is not None else 0)
+            if waiting + len(txn.refs) > self.references_max:
+                raise Refused(STATUS_RESOURCE_LIMITATION,
+                              f"{waiting} instances await commitment, at most "
+                              f"{self.references_max}: ask later")
+            try:
+                self.ledger.put(txn)
+            except LedgerClosed as exc:
+                raise Refused(STATUS_PROCESSING_FAILURE, "the archive is stopping") from exc
+            except (lmdb.Error, OSError) as exc:
+                LOGGER.error("storage commitment %s cannot be recorded: %s", txn.uid, exc)
+                if is_lmdb_full(exc):
+                    raise Refused(STATUS_RESOURCE_LIMITATION, "storage full") from exc
+                raise Refused(STATUS_PROCESSING_FAILURE, "cannot be recorded") from exc
+            # a repeated transaction UID is a retry: it starts over, and replaces the old
+            self._drop_pending(txn.key)
+            self._outbox.discard(txn.key)
+            self._pending[txn.key] = txn
+            self._pending_refs += len(txn.refs)
+        return txn
+
+    def _withdraw(self, txn: Transaction) -> None:
+        with self._lock:
+            if self._pending.get(txn.key) is txn:
+                self._drop_pending(txn.key)
+        try:
+            self.ledger.delete([txn])
+        except (LedgerClosed, lmdb.Error, OSError) as exc:
+            LOGGER.error("storage commitment %s refused but still recorded (%s): its report "
+                         "will be sent after a restart", txn.uid, exc)
+
+    def _drop_pending(self, key: TxnKey) -> None:
+        old = self._pending.pop(key, None)
+        if old is not None:
+            self._pending_refs -= len(old.refs)
 
     # -- the watcher ---------------------------------------------------------------
 
     def start(self) -> None:
+        """Reload what was accepted before this start, then watch."""
+        self._reload()
         self._thread = threading.Thread(target=self._run, name="commitment", daemon=True)
         self._thread.start()
 
@@ -268,11 +219,34 @@ class Commitment:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._reports.shutdown(wait=False, cancel_futures=True)
+        self.ledger.close()  # waits for a write under way; the store closes after us
         with self._lock:
-            if self._pending:
-                LOGGER.warning("%d storage commitment transactions dropped at shutdown; "
-                               "their requesters will ask again", len(self._pending))
-            self._pending.clear()
+            kept = len(self._pending) + len(self._outbox)
+        if kept:
+            LOGGER.info("%d storage commitment transactions kept for the next start", kept)
+
+    def _reload(self) -> None:
+        txns, unreadable = self.ledger.load()
+        for bad in unreadable:
+            LOGGER.error("storage commitment record %r cannot be read (%s): dropped; its "
+                         "requester gets no report", bad.key, bad.why)
+            self._audit(Event(time=time.time(), who="", role=ROLE, address="",
+                              action="N-EVENT-REPORT", outcome="failed",
+                              detail=f"storage commitment record {bad.key!r} unreadable, "
+                                     f"dropped: {bad.why}"))
+        if unreadable:
+            self.ledger.drop([bad.key for bad in unreadable])
+        with self._lock:
+            for txn in txns:
+                if txn.key not in self._pending:  # not already retried since we listen
+                    self._pending[txn.key] = txn
+                    self._pending_refs += len(txn.refs)
+        if txns:
+            held = sum(1 for t in txns if self.route_of(t).kind == REQUESTER)
+            LOGGER.info("%d storage commitment transactions (%d instances) reloaded; %d of "
+                        "them for requesters not in [dicom.destinations], whose reports wait "
+                        "for their next request", len(txns), sum(len(t.refs) for t in txns),
+                        held)
 
     def _run(self) -> None:
         interval = POLL_S
@@ -286,17 +260,50 @@ class Commitment:
             interval = max(POLL_S, spent / POLL_LOAD_MAX)
 
     def poll(self) -> None:
+        """One round: judge what is pending, start deliveries that are due, give up
+        on reports kept too long."""
         with self._lock:
             txns = list(self._pending.values())
         now = self.clock()
+        decided = []
         for txn in txns:
             if self._stop.is_set():
                 return
-            if judge(txn, now, self.timeout_s, self._lookup, self.archive.instance_safety):
-                with self._lock:
-                    if self._pending.get(txn.uid) is txn:
-                        del self._pending[txn.uid]
-                self._reports.submit(self._deliver, txn)
+            if judge(txn, now, self._lookup, self.archive.instance_safety):
+                decided.append(txn)
+        held: list[Transaction] = []
+        with self._lock:
+            for txn in decided:
+                if self._pending.get(txn.key) is not txn:
+                    continue  # retried meanwhile: the new one is judged on its own
+                self._drop_pending(txn.key)
+                route = self.route_of(txn)
+                self._outbox.add(route, txn)
+                if route.kind == REQUESTER and self._open(route) is None:
+                    held.append(txn)
+            expired = self._outbox.expired(now)  # first: a report days late is not sent
+            batches = self._outbox.due(now)
+            on_assoc = [(route, assoc) for route in list(self._assocs)
+                        if (assoc := self._open(route)) is not None
+                        and self._outbox.waiting(route)]
+        held = [t for t in held if not any(t is e for e in expired)]
+        for route, batch in batches:
+            self._reports.submit(self._deliver, route, batch, None)
+        for route, assoc in on_assoc:
+            self._reports.submit(self._deliver, route, [], assoc)
+        if held:
+            self._note_held(held)
+        if expired:
+            self._give_up(expired, now)
+
+    def _open(self, route: Route) -> Any:
+        """The requester's association to send on, if it is still established (with
+        the lock held); a closed one is forgotten."""
+        assoc = self._assocs.get(route)
+        if assoc is not None and not assoc.is_established:
+            del self._assocs[route]
+            return None
+        return assoc
 
     def _lookup(self, sop_instance_uid: str) -> tuple[str, str] | None:
         catalog = self.archive.store.catalog
@@ -306,88 +313,137 @@ class Commitment:
             return None
         return got[1].study_instance_uid, got[1].sop_class_uid
 
-    # -- delivery ------------------------------------------------------------------
+    # -- delivery, in a report thread ---------------------------------------------------
 
-    def _deliver(self, txn: Transaction) -> None:
-        event_type, info = event_report(txn)
-        summary = (f"storage commitment {txn.uid} for {txn.calling_ae}: {len(txn.safe)} safe, "
-                   f"{len(txn.failed)} failed")
-        for attempt in range(1, REPORT_ATTEMPTS + 1):
-            if self._stop.is_set():
-                return
+    def _deliver(self, route: Route, batch: list[Transaction], assoc: Any,
+                 force: bool = False) -> None:
+        """Send `batch` (or, when empty, whatever waits for `route`) and keep going batch
+        after batch while every send succeeds."""
+        if not batch:
+            with self._lock:
+                batch = self._outbox.take(route, self.clock(), force)
+        while batch and not self._stop.is_set():
+            sent: list[Transaction] = []
+            error = ""
             try:
-                how = self._send(txn, event_type, info)
-            except Exception as exc:
-                how, error = "", str(exc)
-            else:
-                error = "" if how else "no route"
-            if how:
-                self.reported += 1
-                LOGGER.info("%s; reported %s", summary, how)
-                for ref, (code, why) in list(txn.failed.items())[:5]:
-                    LOGGER.warning("  %s failed (0x%04X): %s", ref.sop_instance_uid, code, why)
-                outcome = "failed" if not txn.safe else "partial" if txn.failed else "ok"
-                self._audit_report(txn, outcome, f"reported {how}")
+                if assoc is None:
+                    send_to_destination(self.ae_title, route.name,
+                                        self.destinations[route.name], batch, sent,
+                                        self._stop.is_set)
+                else:
+                    send_reports(assoc, batch, sent, self._stop.is_set)
+            except Exception as exc:  # an unreachable requester, a refused report, a bug
+                error = str(exc) or type(exc).__name__
+            self._settle(route, batch, sent, error, assoc)
+            if error:
                 return
-            if error == "no route":
-                LOGGER.error("%s; cannot report it: its association is closed and %s is "
-                             "not in [dicom.destinations]", summary, txn.calling_ae)
-                self._audit_report(txn, "failed", "undeliverable: no route to the requester")
-                return
-            LOGGER.warning("%s; report attempt %d of %d failed: %s", summary, attempt,
-                           REPORT_ATTEMPTS, error)
-            if self._stop.wait(REPORT_RETRY_S):
-                return
-        LOGGER.error("%s; gave up reporting it after %d attempts", summary, REPORT_ATTEMPTS)
-        self._audit_report(txn, "failed", f"undeliverable after {REPORT_ATTEMPTS} attempts")
+            with self._lock:
+                batch = self._outbox.take(route, self.clock())
 
-    def _audit_report(self, txn: Transaction, outcome: str, how: str) -> None:
+    def _settle(self, route: Route, batch: list[Transaction], sent: list[Transaction],
+                error: str, assoc: Any) -> None:
+        for txn in batch:
+            txn.attempts += 1
+        if sent:
+            try:
+                self.ledger.delete(sent)
+            except LedgerClosed:
+                LOGGER.info("%d storage commitment reports delivered while stopping; they "
+                            "may be sent again after the restart", len(sent))
+            except (lmdb.Error, OSError) as exc:
+                LOGGER.error("delivered storage commitment reports cannot be forgotten (%s); "
+                             "they may be sent again after a restart", exc)
+        with self._lock:
+            delay = self._outbox.settle(route, sent, error, self.clock())
+        self.reported += len(sent)
+        how = ("on the requester's association" if assoc is not None else
+               f"on a new association to {self.destinations.get(route.name, '?')}")
+        for txn in sent:
+            LOGGER.info("%s; reported %s", summary(txn), how)
+            for ref, (code, why) in list(txn.failed.items())[:FAILED_LOGGED_MAX]:
+                LOGGER.warning("  %s failed (0x%04X): %s", ref.sop_instance_uid, code, why)
+            outcome = "failed" if not txn.safe else "partial" if txn.failed else "ok"
+            retried = f" after {txn.attempts} attempts" if txn.attempts > 1 else ""
+            self._audit_report(txn, outcome, f"reported {how}{retried}")
+        if not error:
+            return
+        unsent = [t for t in batch if not any(t is s for s in sent)]
+        if assoc is None:
+            LOGGER.warning("%d storage commitment reports for %s at %s not delivered: %s; "
+                           "next attempt in %g s", len(unsent), route.name,
+                           self.destinations.get(route.name, "?"), error, delay)
+        else:
+            LOGGER.warning("%d storage commitment reports for %s not delivered on its "
+                           "association: %s; they wait for its next request", len(unsent),
+                           route.name, error)
+        for txn in unsent:
+            if txn.attempts == 1:  # audited once per transaction, not per retry
+                self._audit_report(txn, "failed", f"delayed: {error}; retried until "
+                                                  f"{_iso(give_up_at(txn))}")
+
+    def _note_held(self, held: list[Transaction]) -> None:
+        by_requester: dict[str, int] = {}
+        for txn in held:
+            by_requester[txn.calling_ae] = by_requester.get(txn.calling_ae, 0) + 1
+            self._audit_report(txn, "failed", "delayed: the requester is not in "
+                               "[dicom.destinations] and its association is closed; sent on "
+                               "its next association that asks for Storage Commitment, until "
+                               f"{_iso(give_up_at(txn))}")
+        for calling, count in by_requester.items():
+            LOGGER.warning("%d storage commitment reports for %s decided, but %s is not in "
+                           "[dicom.destinations] and its association is closed: they wait for "
+                           "its next Storage Commitment request (add it to "
+                           "[dicom.destinations] to have them sent)", count, calling, calling)
+
+    def _give_up(self, expired: list[Transaction], now: float) -> None:
+        try:
+            self.ledger.delete(expired)
+        except (LedgerClosed, lmdb.Error, OSError) as exc:
+            LOGGER.error("storage commitment reports given up cannot be forgotten: %s", exc)
+        for txn in expired:
+            LOGGER.error("%s; gave up reporting it %g s after its deadline (%d attempts): "
+                         "the requester was never reachable", summary(txn), now - txn.deadline,
+                         txn.attempts)
+            self._audit_report(txn, "failed", f"undeliverable: given up after "
+                                              f"{txn.attempts} attempts")
+
+    # -- audit ------------------------------------------------------------------------
+
+    def _audit_action(self, assoc: Any, request: Request | None, outcome: str,
+                      why: str) -> None:
+        """Raises OSError if the event cannot be made durable."""
         if self.trail is None:
             return
-        self.trail.log.record(Event(
-            time=time.time(), who=txn.who, role=ROLE, address=txn.address,
-            action="N-EVENT-REPORT", outcome=outcome, instances=len(txn.safe),
-            detail=f"storage commitment {txn.uid}: {len(txn.safe)} safe, "
-                   f"{len(txn.failed)} failed; {how}"), wait=False)
+        uid = request.transaction_uid if request is not None else "(no transaction)"
+        self.trail.record(assoc, "N-ACTION", outcome,
+                          instances=len(request.references) if request is not None else 0,
+                          detail=f"storage commitment {uid}{': ' + why if why else ''}")
 
-    def _send(self, txn: Transaction, event_type: int, info: Dataset) -> str:
-        """How the report went out ('' = no way to send it); raises on failure."""
-        address = self.destinations.get(txn.calling_ae)
-        if address is not None:
-            self._send_new_association(txn.calling_ae, address, event_type, info)
-            return f"on a new association to {address}"
-        if txn.assoc is not None and txn.assoc.is_established:
-            with self._same_assoc_lock:
-                status, _ = txn.assoc.send_n_event_report(
-                    info, event_type, STORAGE_COMMITMENT_PUSH, WELL_KNOWN_INSTANCE_UID)
-            _check(status)
-            return "on the requester's association"
-        return ""
+    def _audit_report(self, txn: Transaction, outcome: str, how: str) -> None:
+        self._audit(Event(time=time.time(), who=txn.who, role=ROLE, address=txn.address,
+                          action="N-EVENT-REPORT", outcome=outcome, instances=len(txn.safe),
+                          detail=f"storage commitment {txn.uid}: {len(txn.safe)} safe, "
+                                 f"{len(txn.failed)} failed; {how}"))
 
-    def _send_new_association(self, ae_title: str, address: str, event_type: int,
-                              info: Dataset) -> None:
-        host, _, port = address.rpartition(":")
-        ae = AE(ae_title=self.ae_title)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = REPORT_TIMEOUT_S
-        # we act as the SCP of the SOP class on an association we request (PS3.4 J.3.3)
-        role = build_role(STORAGE_COMMITMENT_PUSH, scu_role=False, scp_role=True)
-        assoc = ae.associate(host, int(port), contexts=[build_context(
-            STORAGE_COMMITMENT_PUSH)], ae_title=ae_title, ext_neg=[role])
-        if not assoc.is_established:
-            raise ConnectionError(f"association to {ae_title} at {address} was not "
-                                  "established")
-        try:
-            status, _ = assoc.send_n_event_report(info, event_type, STORAGE_COMMITMENT_PUSH,
-                                                  WELL_KNOWN_INSTANCE_UID)
-            _check(status)
-        finally:
-            if assoc.is_established:
-                assoc.release()
+    def _audit(self, event: Event) -> None:
+        if self.trail is not None:
+            self.trail.log.record(event, wait=False)
 
 
-def _check(status: Dataset) -> None:
-    code = status.get("Status") if status is not None else None
-    if code is None:
-        raise ConnectionError("no answer to the N-EVENT-REPORT")
-    if code != STATUS_SUCCESS:
-        raise ConnectionError(f"the requester answered the N-EVENT-REPORT with 0x{code:04X}")
+def _read(event: Any) -> Request:
+    raw = event.request.ActionInformation
+    syntax = event.context.transfer_syntax
+    return read_request(event.action_type, raw.getvalue() if raw is not None else b"",
+                        syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+
+
+def _status(code: int, why: str = "") -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    if why:
+        ds.ErrorComment = error_comment(why)
+    return ds
+
+
+def _iso(unix_s: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix_s))
