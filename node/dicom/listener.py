@@ -119,6 +119,10 @@ class GuardedServer(ThreadedAssociationServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         """In the accept thread: admit or close at once, never block."""
         host, port = str(client_address[0]), int(client_address[1])
+        # Nagle would hold each small response (C-FIND matches, C-STORE statuses)
+        # until the peer's delayed ACK, ~40 ms apiece
+        with contextlib.suppress(OSError):
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = self.guard.admission.admit(request, host, port, self.guard.name)
         if conn is None:
             self.shutdown_request(request)
