@@ -26,6 +26,7 @@ JPEG_LS = "1.2.840.10008.1.2.4.80"
 
 
 def pynetdicom_rq(contexts: list[tuple[str, list[str]]], *, role: bool = False,
+                  default_role: bool = False,
                   calling: str = "MODALITY", max_pdu: int = 16384) -> bytes:
     prim = pdu_primitives.A_ASSOCIATE()
     prim.application_context_name = ul.APPLICATION_CONTEXT
@@ -45,6 +46,10 @@ def pynetdicom_rq(contexts: list[tuple[str, list[str]]], *, role: bool = False,
     if role:
         item = pdu_primitives.SCP_SCU_RoleSelectionNegotiation()
         item.sop_class_uid, item.scu_role, item.scp_role = CT, False, True
+        info.append(item)
+    if default_role:  # what some modalities send: "I am the SCU", the default anyway
+        item = pdu_primitives.SCP_SCU_RoleSelectionNegotiation()
+        item.sop_class_uid, item.scu_role, item.scp_role = CT, True, False
         info.append(item)
     prim.user_information = info
     out = pdu.A_ASSOCIATE_RQ()
@@ -71,6 +76,8 @@ def test_a_retrieving_requester_is_not_for_the_fast_path() -> None:
                                                    [EXPLICIT])])[6:])
     assert getter.roles == {CT: (0, 1)}
     assert fast_store.eligible(plain, supported)
+    modality = ul.parse_associate_rq(pynetdicom_rq([(CT, [EXPLICIT])], default_role=True)[6:])
+    assert modality.roles == {CT: (1, 0)} and fast_store.eligible(modality, supported)
     assert not fast_store.eligible(getter, supported)
     assert not fast_store.eligible(finder, supported)
 

@@ -12,8 +12,10 @@ the spooled file in memory (the archive keeps the received bytes untouched):
   JPEG-LS Lossless, JPEG 2000 Lossless, RLE Lossless) by decoding the pixel data
   to one of those uncompressed syntaxes, values unchanged.
 
-Never: any lossy compression, any compression at all (a peer that accepts only
-compressed syntaxes for an uncompressed instance gets a failed sub-operation),
+Never: any lossy compression, and no encapsulated (compressed) pixel data made
+here (a peer that accepts only such syntaxes for an uncompressed instance gets a
+failed sub-operation; Deflated Explicit VR LE, a lossless deflate of the whole
+dataset, is the one compressed target, for a peer that accepted nothing else),
 and no decompression of lossy-compressed data (JPEG Baseline/Extended, JPEG-LS
 Near-Lossless, JPEG 2000, ...): its decoded pixels are not what the modality
 acquired, and an uncompressed copy would invite lossless handling downstream.

@@ -163,8 +163,10 @@ class Policy:
 
 
 def eligible(rq: ul.AssociateRq, supported: frozenset[str]) -> bool:
-    """Whether this module serves the association (else pynetdicom does)."""
-    return (not rq.roles and not rq.extended
+    """Whether this module serves the association (else pynetdicom does). A role
+    selection item that asks for the default roles (requestor SCU only, as some
+    modalities send) changes nothing, and needs no answer: the defaults apply."""
+    return (all(roles == (1, 0) for roles in rq.roles.values()) and not rq.extended
             and all(cx.abstract_syntax in supported or cx.abstract_syntax == ul.VERIFICATION
                     for cx in rq.contexts))
 

@@ -75,9 +75,15 @@ TMP_DIR_NAME = "dicom-tmp"  # under the data dir: instances too big to spool in 
 
 _EXPLICIT_LE = "1.2.840.10008.1.2.1"
 _IMPLICIT_LE = "1.2.840.10008.1.2"
+# JPIP Referenced syntaxes carry a URL where the pixels would be: an archive that
+# took them would call an instance safe while its pixels live elsewhere. Not offered,
+# so a sender falls back to a syntax that carries the pixels.
+_JPIP_REFERENCED = frozenset({"1.2.840.10008.1.2.4.94", "1.2.840.10008.1.2.4.95",
+                              "1.2.840.10008.1.2.4.204", "1.2.840.10008.1.2.4.205"})
 # Uncompressed first (explicit before implicit), then every compressed syntax.
 STORAGE_SYNTAXES = [_EXPLICIT_LE, _IMPLICIT_LE, *(
-    ts for ts in ALL_TRANSFER_SYNTAXES if ts not in (_EXPLICIT_LE, _IMPLICIT_LE))]
+    ts for ts in ALL_TRANSFER_SYNTAXES
+    if ts not in (_EXPLICIT_LE, _IMPLICIT_LE) and ts not in _JPIP_REFERENCED)]
 STORAGE_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts
                             if cx.abstract_syntax)
 VERIFICATION = "1.2.840.10008.1.1"
