@@ -5,7 +5,8 @@ states in a table is compared here with the code that decides it: the presentati
 contexts the AE accepts (read from the pynetdicom AE the node builds, never bound to
 a port), the transfer-syntax conversion rules, every status code, the defaults of
 [dicom], the limits, the C-FIND keys and their matching, the character sets and the
-storage SOP classes. No processes; well under 2 s.
+storage SOP classes, the Storage Commitment request limits, refusals and report
+delivery, and the version the document describes. No processes; well under 2 s.
 
 A table is found by the marker `<!-- table: NAME -->` on the line before it. Two
 tables are generated from the code (the accepted transfer syntaxes, Annex 8.7's
@@ -15,19 +16,23 @@ storage SOP classes); print them with `.venv/bin/python -m tests.test_conformanc
 from __future__ import annotations
 
 import importlib
+import io
+import itertools
 import logging
 import re
 import sys
 import tomllib
+import zlib
 from collections.abc import Iterator
 from dataclasses import MISSING, fields
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from pydicom.charset import python_encoding
 from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import (
     ALL_TRANSFER_SYNTAXES,
@@ -38,12 +43,18 @@ from pynetdicom import (
     build_context,
     sop_class,
 )
+from pynetdicom.dsutils import encode
 from pynetdicom.presentation import negotiate_as_acceptor
 
 from pacsmesh.node.config import ClusterSection, DicomSection
 from pacsmesh.node.dicom import (
     admission,
     candidates,
+    commit_delivery,
+    commit_ledger,
+    commit_outbox,
+    commit_request,
+    commit_verdict,
     commitment,
     convert,
     fast_store,
@@ -57,7 +68,8 @@ from pacsmesh.node.dicom import (
     ul,
 )
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "conformance.md"
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "conformance.md"
 REGENERATE = "regenerate with: .venv/bin/python -m tests.test_conformance"
 UID_RE = re.compile(r"\b[12](?:\.\d+){3,}\b")
 STATUS_RE = re.compile(r"\b0x[0-9A-F]{4}\b")
@@ -225,7 +237,9 @@ def dicom_server() -> Iterator[server.DicomServer]:
     it sets pynetdicom's process-wide logging options: put them back afterwards."""
     saved = (_config.LOG_HANDLER_LEVEL, _config.STORE_SEND_CHUNKED_DATASET,
              logging.getLogger("pynetdicom").level, logging.getLogger("pynetdicom.dul").level)
-    archive: Any = SimpleNamespace(audit=None, store=SimpleNamespace(catalog=None),
+    # an index environment the Storage Commitment ledger opens, and never writes to
+    env = SimpleNamespace(open_db=lambda name: name)
+    archive: Any = SimpleNamespace(audit=None, store=SimpleNamespace(catalog=None, env=env),
                                    node_id="conformance", remote=None)
     srv = server.DicomServer(archive, DicomSection(), Path("/nonexistent"))
     srv.ae = srv._build_ae()
@@ -299,9 +313,29 @@ def test_accepted_transfer_syntaxes(doc: dict[str, list[dict[str, str]]],
         assert (contexts[uid].scu_role, contexts[uid].scp_role) == (False, True), uid
     assert dicom_server.fast_policy.syntaxes == order
     assert dicom_server.fast_policy.supported == server.STORAGE_CLASSES
-    # Verification: any of them ("Table 4.2-3 (any)")
-    assert set(contexts[server.VERIFICATION].transfer_syntax) == set(order)
-    assert set(ALL_TRANSFER_SYNTAXES) == set(order)
+    # what storage does not accept of what pydicom knows: the JPIP Referenced syntaxes
+    # the document names (with their names), and nothing else
+    m = re.search(r"Not accepted for storage: (.*?)\. They carry a URL", doc_prose())
+    assert m is not None, "no sentence names the syntaxes not accepted for storage"
+    refused = code(m.group(1))
+    assert set(refused) == set(ALL_TRANSFER_SYNTAXES) - set(order)
+    assert all(ts in order or "JPIP" in UID(ts).name for ts in ALL_TRANSFER_SYNTAXES)
+    for ts in refused:
+        assert f"{UID(ts).name} `{ts}`" in m.group(1), ts
+    # Verification: on the general path any syntax pydicom knows, JPIP included
+    # (Table 4.2-5); on the storage-only path those of Table 4.2-6 (its one list)
+    assert set(contexts[server.VERIFICATION].transfer_syntax) == set(ALL_TRANSFER_SYNTAXES)
+    rq = ul.AssociateRq("PACSMESH", "MODALITY",
+                        [ul.ProposedContext(1, server.VERIFICATION, refused)])
+    assert fast_store.negotiate(rq, dicom_server.fast_policy)[0][1] == (
+        ul.TRANSFER_SYNTAXES_NOT_SUPPORTED)
+    # Table 4.2-6's note: which rows are uncompressed, which deflated
+    m = re.search(r"Rows (\d+), (\d+) and (\d+) are uncompressed; row (\d+), "
+                  r"Deflated Explicit VR Little Endian,", doc_prose())
+    assert m is not None
+    plain, deflated = [int(g) for g in m.groups()[:3]], int(m.group(4))
+    assert order[deflated - 1] == convert.DEFLATED_LE
+    assert {order[i - 1] for i in plain} == set(convert.UNCOMPRESSED) - {convert.DEFLATED_LE}
 
 
 def test_query_and_commitment_transfer_syntaxes(doc: dict[str, list[dict[str, str]]],
@@ -317,18 +351,25 @@ def test_query_and_commitment_transfer_syntaxes(doc: dict[str, list[dict[str, st
 
 def test_role_selection_outcomes(doc: dict[str, list[dict[str, str]]],
                                  dicom_server: server.DicomServer) -> None:
-    """What pynetdicom answers a requester's SCP/SCU Role Selection for a storage class."""
+    """What each receive path answers a requester's SCP/SCU Role Selection for a
+    storage class: pynetdicom on the general path; on the storage-only path whether
+    fast_store.py serves the association at all, and then its own negotiation."""
     ours = supported(dicom_server)[CT]
+    explicit = "1.2.840.10008.1.2.1"
+    proposals = []
     for r in doc["role-selection"]:
         proposed = r["Proposed (SCU, SCP)"]
         roles: dict[UID, tuple[bool | None, bool | None]] | None = None
+        scu = scp = 0
         if proposed != "none":
-            scu, scp = (bool(int(v)) for v in re.findall(r"\d", proposed))
-            roles = {CT: (scu, scp)}
-        rq = build_context(CT, ["1.2.840.10008.1.2.1"])
+            scu, scp = (int(v) for v in re.findall(r"\d", proposed))
+            roles = {CT: (bool(scu), bool(scp))}
+        proposals.append((scu, scp) if roles else None)
+        # the general path: pynetdicom
+        rq = build_context(CT, [explicit])
         rq.context_id = 1
         result, _ = negotiate_as_acceptor([rq], [ours], roles)
-        cx, outcome = result[0], r["Result"]
+        cx, outcome = result[0], r["General path"]
         if outcome.startswith("rejected"):
             assert cx.result == 0x01, r  # user rejection
         elif outcome.startswith("accepted; requester is SCU"):
@@ -337,6 +378,23 @@ def test_role_selection_outcomes(doc: dict[str, list[dict[str, str]]],
             assert (cx.result, cx.as_scu, cx.as_scp) == (0, True, False), r
         else:
             pytest.fail(f"unknown outcome {outcome!r}")
+        # the storage-only path (plaintext, storage and Verification only)
+        fast_rq = ul.AssociateRq("PACSMESH", "MODALITY",
+                                 [ul.ProposedContext(1, CT, [explicit])],
+                                 roles={CT: (scu, scp)} if roles else {})
+        outcome = r["Storage-only path"]
+        served = fast_store.eligible(fast_rq, server.STORAGE_CLASSES)
+        if outcome.startswith("not served here"):
+            assert not served, r
+        elif outcome.startswith("accepted; requester is SCU"):
+            assert served, r
+            assert fast_store.negotiate(fast_rq, dicom_server.fast_policy) == [
+                (1, ul.ACCEPTANCE, explicit)], r
+        else:
+            pytest.fail(f"unknown outcome {outcome!r}")
+    # every proposal a role selection item can make, and none
+    assert sorted(proposals, key=str) == sorted(
+        [None, (0, 0), (0, 1), (1, 0), (1, 1)], key=str)
 
 
 def test_c_get_requester_first_context_decides(dicom_server: server.DicomServer) -> None:
@@ -368,6 +426,13 @@ def test_conversion_rules(doc: dict[str, list[dict[str, str]]]) -> None:
     assert targets == list(convert.UNCOMPRESSED)
     assert [r["Preference"] for r in doc["conversion-targets"]] == [
         str(i) for i in range(1, len(targets) + 1)]
+    # no target has encapsulated pixel data; the one compressed is the deflated one
+    assert not any(UID(ts).is_encapsulated for ts in targets)
+    for r in doc["conversion-targets"]:
+        ts = UID(code(r["UID"])[0])
+        assert r["Transfer Syntax"] == ts.name
+        assert (r["Compression"] != "none") == ts.is_deflated, r
+        assert ts.is_deflated == (ts == convert.DEFLATED_LE)
     decoded = {code(r["UID"])[0]: r["Decoder"] for r in doc["lossless-decoders"]}
     assert decoded == {ts: DECODER_NAMES[p] for ts, p in convert.LOSSLESS_DECODERS.items()}
     # every lossy syntax is accepted, and the table says it is never decompressed
@@ -375,8 +440,10 @@ def test_conversion_rules(doc: dict[str, list[dict[str, str]]]) -> None:
              for r in doc["storage-transfer-syntaxes"]}
     assert set(fates) >= convert.LOSSY
     assert all(fates[ts] == LOSSY for ts in convert.LOSSY)
-    text = doc_text()
-    assert "never decompressed" in text and "never compressed" in text
+    prose = doc_prose()
+    assert "lossy data is never decompressed" in prose
+    assert "no encapsulated (compressed) pixel data is produced; the one compressed " \
+           "target is Deflated Explicit VR Little Endian" in prose
 
 
 def test_c_store_statuses(doc: dict[str, list[dict[str, str]]]) -> None:
@@ -399,18 +466,193 @@ def test_retrieve_statuses(doc: dict[str, list[dict[str, str]]]) -> None:
 
 
 def test_storage_commitment_codes(doc: dict[str, list[dict[str, str]]]) -> None:
-    code_statuses = {v for k, v in vars(commitment).items() if k.startswith("STATUS_")}
+    code_statuses = {v for k, v in vars(commit_request).items() if k.startswith("STATUS_")}
     assert sorted(status_column(doc["commitment-statuses"])) == sorted(code_statuses)
-    reasons = {v for k, v in vars(commitment).items() if k.startswith("FAILURE_")}
+    reasons = {v for k, v in vars(commit_verdict).items() if k.startswith("FAILURE_")}
     assert sorted(status_column(doc["commitment-failure-reasons"])) == sorted(reasons)
     events = {int(r["Event Type ID"]) for r in doc["commitment-events"]}
-    assert events == {commitment.EVENT_ALL_SUCCESS, commitment.EVENT_FAILURES}
-    text = doc_text()
-    assert commitment.WELL_KNOWN_INSTANCE_UID in text
-    group = commitment.PRIVATE_GROUP
+    assert events == {commit_verdict.EVENT_ALL_SUCCESS, commit_verdict.EVENT_FAILURES}
+    text, prose = doc_text(), doc_prose()
+    assert f"`{commit_delivery.STORAGE_COMMITMENT_PUSH}`" in text
+    assert f"`{commit_delivery.WELL_KNOWN_INSTANCE_UID}` (the well-known instance)" in text
+    group = commit_verdict.PRIVATE_GROUP
     creator = f"({group:04X},0010)"
-    reason = f"({group:04X},{0x1000 | commitment.PRIVATE_REASON:04X})"
-    assert f"`{commitment.PRIVATE_CREATOR}`" in text and creator in text and reason in text
+    reason = f"({group:04X},{0x1000 | commit_verdict.PRIVATE_REASON:04X})"
+    assert f"`{commit_verdict.PRIVATE_CREATOR}`" in text and creator in text and reason in text
+    assert f"not safe within 3600 s: {commit_verdict.NOT_RECEIVED}" in prose
+    # where the transactions are kept
+    assert f"LMDB sub-database `{commit_ledger.DB_NAME.decode()}`" in prose
+
+
+def _refusal(action_type: int, raw: bytes, deflated: bool = False) -> commit_request.Refused:
+    with pytest.raises(commit_request.Refused) as caught:
+        commit_request.read_request(action_type, raw, True, True, deflated)
+    return caught.value
+
+
+def _action_information(transaction_uid: str, *refs: tuple[str, str]) -> bytes:
+    ds = Dataset()
+    if transaction_uid:
+        ds.TransactionUID = transaction_uid
+    items = []
+    for class_uid, sop_instance in refs:
+        item = Dataset()
+        item.ReferencedSOPClassUID = class_uid
+        if sop_instance:
+            item.ReferencedSOPInstanceUID = sop_instance
+        items.append(item)
+    ds.ReferencedSOPSequence = items
+    raw = encode(ds, True, True)
+    assert raw is not None
+    return raw
+
+
+@pytest.mark.filterwarnings("ignore:.*VR UI:UserWarning")  # a too long UID, on purpose
+def test_storage_commitment_refusals(doc: dict[str, list[dict[str, str]]]) -> None:
+    """Each refusal commit_request.py and commitment.py make has the status whose row
+    in Table 4.2-16 names its cause, and an Error Comment that fits (0000,0902)."""
+    when = {statuses(r["Status"])[0]: " ".join(r["When"].split())
+            for r in doc["commitment-statuses"]}
+    ok = _action_information("1.2.3", (str(CT), "1.2.3.4"))
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    bomb = deflater.compress(b"\0" * (commit_request.REQUEST_BYTES_MAX + 1)) + deflater.flush()
+    many = cast(Any, {"TransactionUID": "1.2.3",  # the count is checked before the items
+                      "ReferencedSOPSequence": [None] * (
+                          commit_request.REFERENCES_PER_REQUEST_MAX + 1)})
+    cases: list[tuple[str, commit_request.Refused]] = [
+        ("Action Type ID other than 1", _refusal(2, ok)),
+        ("No Action Information", _refusal(1, b"")),
+        ("does not decode", _refusal(1, b"\0" * 7)),
+        ("does not inflate", _refusal(1, b"\xff" * 100, deflated=True)),
+        ("no Transaction UID", _refusal(1, _action_information("", (str(CT), "1.2.3.4")))),
+        ("an empty Referenced SOP Sequence", _refusal(1, _action_information("1.2.3"))),
+        ("an item without Referenced SOP Instance UID",
+         _refusal(1, _action_information("1.2.3", (str(CT), "")))),
+        ("a UID longer than 64 characters",
+         _refusal(1, _action_information("1.2.3", (str(CT), "1." * 40)))),
+        ("Action Information larger than",
+         _refusal(1, b"\0" * (commit_request.REQUEST_BYTES_MAX + 1))),
+        ("Action Information larger than", _refusal(1, bomb, deflated=True)),
+    ]
+    with pytest.raises(commit_request.Refused) as caught:
+        commit_request.parse_request(many)
+    cases.append(("More than 50,000 references", caught.value))
+    for phrase, refused in cases:
+        assert phrase in when[refused.status], (phrase, hex(refused.status), str(refused))
+        assert len(commit_request.error_comment(str(refused))) <= (
+            commit_request.ERROR_COMMENT_MAX)
+    assert commit_request.error_comment("x" * 100).endswith("...")
+    assert commit_request.ERROR_COMMENT_MAX == status.ERROR_COMMENT_LEN_MAX
+    assert commit_request.read_request(1, ok, True, True, False).transaction_uid == "1.2.3"
+
+    # what commitment.py refuses once the request reads well
+    class Ledger:
+        def __init__(self, fail: Exception | None = None) -> None:
+            self.fail = fail
+
+        def put(self, txn: Any) -> None:
+            if self.fail is not None:
+                raise self.fail
+
+        def delete(self, txns: Any) -> int:
+            return 0
+
+        def close(self) -> None:
+            pass
+
+    def answer(ledger: Ledger, references_max: int) -> Dataset:
+        archive: Any = SimpleNamespace(store=None)
+        service = commitment.Commitment(archive, "PACSMESH", {}, 3600.0,
+                                        ledger=cast(Any, ledger),
+                                        references_max=references_max)
+        event = SimpleNamespace(
+            assoc=SimpleNamespace(requestor=SimpleNamespace(ae_title="MODALITY",
+                                                            address="10.0.0.9", port=104)),
+            action_type=1, request=SimpleNamespace(ActionInformation=io.BytesIO(ok)),
+            context=SimpleNamespace(transfer_syntax=UID("1.2.840.10008.1.2")))
+        try:
+            return service.handle_n_action(event)[0]
+        finally:
+            service._reports.shutdown()
+
+    limit = answer(Ledger(), references_max=0)
+    assert "more than 200,000 instances would be awaiting commitment" in when[limit.Status]
+    assert "await commitment" in limit.ErrorComment
+    stopping = answer(Ledger(commit_ledger.LedgerClosed("stopping")), references_max=10)
+    assert "the node is stopping" in when[stopping.Status]
+    assert answer(Ledger(), references_max=10).Status == commit_request.STATUS_SUCCESS
+
+
+def test_storage_commitment_report_delivery(doc: dict[str, list[dict[str, str]]],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The association a report goes out on (Table 4.2-4, read from what
+    commit_delivery.py asks pynetdicom for) and the outbox's batches, delays and
+    give-up time."""
+    seen: dict[str, Any] = {}
+
+    class FakeAE:
+        def __init__(self, ae_title: str) -> None:
+            seen["calling"] = ae_title
+
+        def associate(self, host: str, port: int, *, contexts: list[Any], ae_title: str,
+                      ext_neg: list[Any], evt_handlers: Any) -> Any:
+            seen.update(address=(host, port), contexts=contexts, called=ae_title,
+                        roles=ext_neg, timeouts={self.acse_timeout, self.dimse_timeout,
+                                                 self.network_timeout})
+            return SimpleNamespace(is_established=False)
+
+        acse_timeout = dimse_timeout = network_timeout = 0.0
+
+    monkeypatch.setattr(commit_delivery, "AE", FakeAE)
+    with pytest.raises(ConnectionError):
+        commit_delivery.send_to_destination("PACSMESH", "MODALITY", "10.0.0.9:104", [], [],
+                                            lambda: False)
+    assert (seen["calling"], seen["called"], seen["address"]) == (
+        "PACSMESH", "MODALITY", ("10.0.0.9", 104))
+    assert seen["timeouts"] == {commit_delivery.REPORT_TIMEOUT_S}
+    [row] = doc["commitment-report-context"]
+    [cx] = seen["contexts"]
+    assert code(row["Abstract Syntax"]) == [str(cx.abstract_syntax)]
+    assert cx.abstract_syntax == commit_delivery.STORAGE_COMMITMENT_PUSH
+    assert row["Transfer Syntaxes"] == ", ".join(
+        UID(ts).name for ts in cx.transfer_syntax) + " (one context)"
+    [role] = seen["roles"]
+    assert (role.sop_class_uid, role.scu_role, role.scp_role) == (
+        commit_delivery.STORAGE_COMMITMENT_PUSH, False, True)
+    assert row["Role"] == "SCP"
+    assert row["Extended Negotiation"] == "SCP/SCU Role Selection: SCU role 0, SCP role 1"
+
+    # the outbox: batches per association, the delays, the give-up time
+    box = commit_outbox.Outbox()
+    assert box.batch_max == commit_outbox.REPORTS_PER_ASSOCIATION_MAX
+    assert box.keep_s == commit_outbox.REPORT_KEEP_S
+    delays = [commit_outbox.retry_delay_s(n) for n in range(1, 12)]
+    assert delays[0] == commit_outbox.RETRY_FIRST_S
+    assert all(b == min(2 * a, commit_outbox.RETRY_MAX_S)
+               for a, b in itertools.pairwise(delays))
+    assert delays[-1] == commit_outbox.RETRY_MAX_S
+    txn = commit_verdict.Transaction("1.2.3", "MODALITY", [], 10.0, 3610.0)
+    assert commit_outbox.give_up_at(txn) == 3610.0 + commit_outbox.REPORT_KEEP_S
+    service: Any = SimpleNamespace(destinations={"MODALITY": "10.0.0.9:104"})
+    assert commitment.Commitment.route_of(service, txn).kind == commit_outbox.DESTINATION
+    other = commit_verdict.Transaction("1.2.3", "CT1", [], 10.0, 3610.0, who="AE:CT1")
+    assert commitment.Commitment.route_of(service, other) == commit_outbox.Route(
+        commit_outbox.REQUESTER, "AE:CT1")
+
+
+def test_version_label() -> None:
+    """The document describes the version pyproject.toml names, which the README's
+    changelog describes."""
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))[
+        "project"]["version"]
+    head = doc_text().splitlines()[2]
+    assert head.endswith(f"· pacsmesh {version}"), head
+    revisions = tables(doc_text())["revisions"]
+    assert revisions[-1]["pacsmesh"] == version
+    assert f"Document revision {revisions[-1]['Revision']} · {revisions[-1]['Date']} " in head
+    assert [r["Revision"] for r in revisions] == [str(i) for i in range(1, len(revisions) + 1)]
+    changelog = (ROOT / "README.md").read_text(encoding="utf-8").split("## Changelog", 1)[1]
+    assert f"\n- {version}:" in changelog
 
 
 def test_association_rejections(doc: dict[str, list[dict[str, str]]]) -> None:
@@ -481,7 +723,12 @@ def test_limits(doc: dict[str, list[dict[str, str]]]) -> None:
     named = {code(r["Code"])[0] for r in rows}
     for must in ("server.PDU_RECEIVE_MAX", "query.MATCHES_MAX", "query.RETRIEVE_INSTANCES_MAX",
                  "candidates.STUDIES_EXAMINED_MAX", "convert.CONVERT_BYTES_MAX",
-                 "server.TIMEOUT_S", "commitment.REFERENCES_PENDING_MAX"):
+                 "server.TIMEOUT_S", "commitment.REFERENCES_PENDING_MAX",
+                 "commit_request.REFERENCES_PER_REQUEST_MAX", "commit_request.REQUEST_BYTES_MAX",
+                 "commit_request.ERROR_COMMENT_MAX", "commit_outbox.REPORTS_PER_ASSOCIATION_MAX",
+                 "commit_outbox.RETRY_FIRST_S", "commit_outbox.RETRY_MAX_S",
+                 "commit_outbox.REPORT_KEEP_S", "commit_delivery.REPORT_TIMEOUT_S",
+                 "commitment.REPORT_THREADS"):
         assert must in named, must
 
 
@@ -493,18 +740,29 @@ PROSE_NUMBERS: list[tuple[str, tuple[float, ...]]] = [
      (candidates.STUDIES_EXAMINED_MAX, query.STUDIES_MATCHED_MAX)),
     (r"[Mm]ore than ([\d,]+) instances (?:are refused|selected)",
      (query.RETRIEVE_INSTANCES_MAX,)),
-    (r"At most ([\d,]+) referenced instances", (commitment.REFERENCES_PENDING_MAX,)),
-    (r"More than ([\d,]+) instances would be awaited", (commitment.REFERENCES_PENDING_MAX,)),
+    (r"At most ([\d,]+) referenced instances are held", (commitment.REFERENCES_PENDING_MAX,)),
+    (r"[Mm]ore than ([\d,]+) instances would be awaiting",
+     (commitment.REFERENCES_PENDING_MAX,)),
+    (r"at most ([\d,]+) references", (commit_request.REFERENCES_PER_REQUEST_MAX,)),
+    (r"[Mm]ore than ([\d,]+) references", (commit_request.REFERENCES_PER_REQUEST_MAX,)),
+    (r"Action Information larger than ([\d,]+) bytes", (commit_request.REQUEST_BYTES_MAX,)),
+    (r"UID (?:may be )?longer than ([\d,]+) characters", (commit_request.UID_LENGTH_MAX,)),
+    (r"Error Comment \(0000,0902\), at most ([\d,]+) characters",
+     (commit_request.ERROR_COMMENT_MAX,)),
     (r"larger than ([\d,]+) MiB", (convert.CONVERT_BYTES_MAX >> 20,)),
     (r"At most ([\d,]+) conversions", (convert.CONVERSIONS_AT_ONCE,)),
     (r"idle for ([\d.]+) s", (server.TIMEOUT_S,)),
     (r"each response for ([\d.]+) s", (server.TIMEOUT_S,)),
     (r"times out after ([\d.]+) s", (server.TIMEOUT_S,)),
-    (r"time out after ([\d.]+) s", (commitment.REPORT_TIMEOUT_S,)),
-    (r"up to ([\d,]+) attempts ([\d.]+) s apart",
-     (commitment.REPORT_ATTEMPTS, commitment.REPORT_RETRY_S)),
+    (r"association time out after ([\d.]+) s", (commit_delivery.REPORT_TIMEOUT_S,)),
+    (r"up to ([\d,]+) (?:reports per association|at a time)",
+     (commit_outbox.REPORTS_PER_ASSOCIATION_MAX,)),
+    (r"tried again after ([\d.]+) s, doubling after each failed attempt in a row up to "
+     r"every ([\d.]+) min", (commit_outbox.RETRY_FIRST_S, commit_outbox.RETRY_MAX_S / 60)),
+    (r"not delivered ([\d.]+) h after", (commit_outbox.REPORT_KEEP_S / 3600,)),
     (r"at most ([\d,]+) at once delivering", (commitment.REPORT_THREADS,)),
-    (r"at least every ([\d.]+) s", (commitment.POLL_S,)),
+    (r"checks pending transactions every ([\d.]+) s", (commitment.POLL_S,)),
+    (r"at most ([\d.]+) % of one core", (commitment.POLL_LOAD_MAX * 100,)),
     (r"At most ([\d,]+) contexts are proposed", (retrieve.CONTEXTS_MAX,)),
     (r"within ([\d.]+) s fails its sub-operation", (retrieve.READ_TIMEOUT_S,)),
     (r"memory up to ([\d,]+) MiB", (fast_store.SPOOL_MEMORY_MAX >> 20,)),
