@@ -294,6 +294,30 @@ def test_pending_limit_refuses_new_requests_and_keeps_accepted_ones(tmp_path: Pa
     env.close()
 
 
+def test_a_retry_that_cannot_be_audited_keeps_the_transaction_it_would_replace(
+        tmp_path: Path) -> None:
+    """A repeated Transaction UID replaces the accepted one only once the retry is
+    audited; refused for a failed audit write, the first acceptance stands."""
+    env = lmdb.open(str(tmp_path / "index"), map_size=1 << 30, max_dbs=8, sync=True)
+    ledger = Ledger(env)
+    trail = SimpleNamespace(who=lambda assoc: "AE:X", record=lambda *a, **k: None)
+    service = Commitment(SimpleNamespace(), "PACSMESH", {}, 60.0, ledger=ledger, trail=trail)
+    status, _ = service.handle_n_action(_event(request_bytes("5.1", sops("5.1", 3))))
+    assert int(status.Status) == 0
+
+    def full_disk(*args: Any, **kwargs: Any) -> None:
+        raise OSError("disk full")
+
+    trail.record = full_disk
+    status, _ = service.handle_n_action(_event(request_bytes("5.1", sops("5.9", 7))))
+    assert int(status.Status) != 0 and "audit" in str(status.ErrorComment)
+    txns, _ = ledger.load()
+    assert [(t.uid, len(t.refs)) for t in txns] == [("5.1", 3)]
+    assert [len(t.refs) for t in service._pending.values()] == [3]
+    service.stop()
+    env.close()
+
+
 def _not_stored() -> Any:
     """An archive that holds nothing: every reference fails at its deadline."""
     catalog = SimpleNamespace(versions_of=lambda sop: [], get=lambda manifest_id: None)

@@ -133,7 +133,7 @@ class Commitment:
         request: Request | None = None
         try:
             request = _read(event)
-            txn = self._accept(request, calling, who, address)
+            txn, replaced = self._accept(request, calling, who, address)
         except Refused as exc:
             LOGGER.warning("storage commitment request from %s refused: %s", calling, exc)
             try:
@@ -145,7 +145,7 @@ class Commitment:
             self._audit_action(assoc, request, "ok", "")
         except OSError as exc:
             LOGGER.error("storage commitment audit event cannot be written: %s", exc)
-            self._withdraw(txn)
+            self._withdraw(txn, replaced)
             return _status(STATUS_PROCESSING_FAILURE, "audit trail cannot be written"), None
         route = self.route_of(txn)
         if route.kind == REQUESTER:
@@ -161,8 +161,10 @@ class Commitment:
                     "as failed after %g s", txn.uid, calling, len(txn.refs), self.timeout_s)
         return _status(STATUS_SUCCESS), None
 
-    def _accept(self, request: Request, calling: str, who: str, address: str) -> Transaction:
-        """The transaction, durable; `Refused` if it cannot be taken."""
+    def _accept(self, request: Request, calling: str, who: str, address: str
+                ) -> tuple[Transaction, Transaction | None]:
+        """The transaction, durable, and the earlier one under its UID that it replaced
+        (a retry); `Refused` if it cannot be taken."""
         now = self.clock()
         txn = Transaction(request.transaction_uid, calling, request.references, now,
                           now + self.timeout_s, who=who, address=address,
@@ -189,17 +191,28 @@ class Commitment:
             self._outbox.discard(txn.key)
             self._pending[txn.key] = txn
             self._pending_refs += len(txn.refs)
-        return txn
+        return txn, replaced
 
-    def _withdraw(self, txn: Transaction) -> None:
+    def _withdraw(self, txn: Transaction, replaced: Transaction | None) -> None:
+        """Undo an acceptance that cannot be answered with success. A retry that had
+        replaced an accepted transaction puts that one back: it was acknowledged, and
+        must still be answered."""
         with self._lock:
             if self._pending.get(txn.key) is txn:
                 self._drop_pending(txn.key)
         try:
-            self.ledger.delete([txn])
+            if replaced is not None:
+                self.ledger.put(replaced)  # the same key: the retry's record is gone
+            else:
+                self.ledger.delete([txn])
         except (LedgerClosed, lmdb.Error, OSError) as exc:
-            LOGGER.error("storage commitment %s refused but still recorded (%s): its report "
-                         "will be sent after a restart", txn.uid, exc)
+            LOGGER.error("storage commitment %s refused but its record could not be undone "
+                         "(%s): a report will be sent after a restart", txn.uid, exc)
+        if replaced is not None:
+            with self._lock:
+                if txn.key not in self._pending:  # decided again by the next watcher pass
+                    self._pending[txn.key] = replaced
+                    self._pending_refs += len(replaced.refs)
 
     def _drop_pending(self, key: TxnKey) -> None:
         old = self._pending.pop(key, None)
