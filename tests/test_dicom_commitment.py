@@ -301,7 +301,8 @@ def test_a_retry_that_cannot_be_audited_keeps_the_transaction_it_would_replace(
     env = lmdb.open(str(tmp_path / "index"), map_size=1 << 30, max_dbs=8, sync=True)
     ledger = Ledger(env)
     trail = SimpleNamespace(who=lambda assoc: "AE:X", record=lambda *a, **k: None)
-    service = Commitment(SimpleNamespace(), "PACSMESH", {}, 60.0, ledger=ledger, trail=trail)
+    service = Commitment(SimpleNamespace(), "PACSMESH", {}, 60.0, ledger=ledger,
+                         trail=trail)  # type: ignore[arg-type]
     status, _ = service.handle_n_action(_event(request_bytes("5.1", sops("5.1", 3))))
     assert int(status.Status) == 0
 
