@@ -5,12 +5,15 @@ for its SOP class. Otherwise `choose` picks a syntax the peer accepted that the
 instance can reach without losing anything, and `convert` re-encodes a copy of
 the spooled file in memory (the archive keeps the received bytes untouched):
 
-- between the uncompressed syntaxes Implicit VR LE, Explicit VR LE, Deflated
-  Explicit VR LE and Explicit VR Big Endian (preferred in that order: explicit VR
-  keeps every VR, implicit VR is the one every peer must take);
+- between the native syntaxes Explicit VR LE, Implicit VR LE, Deflated Explicit
+  VR LE (a lossless deflate of the whole dataset) and Explicit VR Big Endian,
+  preferred in that order (UNCOMPRESSED): explicit VR keeps every VR, implicit VR
+  is the one every peer must take;
 - from a lossless compressed syntax (JPEG Lossless Process 14 and its SV1 form,
   JPEG-LS Lossless, JPEG 2000 Lossless, RLE Lossless) by decoding the pixel data
-  to one of those uncompressed syntaxes, values unchanged.
+  to one of those native syntaxes, values unchanged (pydicom then also sets the
+  attributes that describe native pixel data: Photometric Interpretation, Planar
+  Configuration, Number of Frames as needed).
 
 Never: any lossy compression, and no encapsulated (compressed) pixel data made
 here (a peer that accepts only such syntaxes for an uncompressed instance gets a
