@@ -14,7 +14,6 @@ in the thread pool; network calls on the event loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -58,9 +57,8 @@ class AnnounceWorker(Worker):
     async def step(self) -> WorkerState:
         if not len(self.r.announce):
             self.r.wakeup.clear()
-            try:
-                await asyncio.wait_for(self.r.wakeup.wait(), timeout=1.0)
-            except TimeoutError:
+            await self.wait_news(self.r.wakeup, 1.0)
+            if not self.r.wakeup.is_set():
                 return WorkerState.IDLE
         batch = self.r.announce.next_batch()
         if not batch:
@@ -120,8 +118,7 @@ class FetchWorker(Worker):
                                    return_when=asyncio.FIRST_COMPLETED)
                 return self._after_reap()
             r.wakeup.clear()
-            with contextlib.suppress(TimeoutError):  # announcements wake us early
-                await asyncio.wait_for(r.wakeup.wait(), timeout=self.idle_s)
+            await self.wait_news(r.wakeup, self.idle_s)  # announcements wake us early
             return WorkerState.BUSY if r.planner.fresh else self._after_reap(idle=True)
         task = asyncio.create_task(self._fetch(wanted))
         self._tasks.add(task)
@@ -218,6 +215,7 @@ class HeldDeltaWorker(Worker):
 
     name = "held-delta"
     idle_s = 0.0  # step waits for news itself
+    cancel_on_stop = True  # (a lost push is caught up by the digest comparison)
 
     def __init__(self, r: Replicator) -> None:
         self.r = r

@@ -36,6 +36,22 @@ class Worker:
 
     name = "worker"
     idle_s = 1.0
+    # True for a worker whose step waits by itself (for news) and holds nothing a
+    # cancel could leave half done: at stop it is cancelled instead of waited for
+    cancel_on_stop = False
+    stopping: asyncio.Event | None = None  # the runner's, set when it starts the worker
+
+    async def wait_news(self, event: asyncio.Event, timeout_s: float) -> None:
+        """Until `event` is set, the runner stops, or `timeout_s` passes: a step that
+        waits for news itself must not hold up a node's shutdown for its timeout."""
+        waits = [asyncio.ensure_future(event.wait())]
+        if self.stopping is not None:
+            waits.append(asyncio.ensure_future(self.stopping.wait()))
+        try:
+            await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
     async def step(self) -> WorkerState:
         raise NotImplementedError
@@ -46,9 +62,12 @@ class Runner:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.info: dict[str, WorkerInfo] = {}
         self._stopping = asyncio.Event()
+        self._cancel_on_stop: dict[str, bool] = {}
 
     def start(self, worker: Worker) -> None:
         self.info[worker.name] = WorkerInfo(worker.name, WorkerState.IDLE)
+        self._cancel_on_stop[worker.name] = worker.cancel_on_stop
+        worker.stopping = self._stopping
         self._tasks[worker.name] = asyncio.create_task(self._loop(worker), name=worker.name)
 
     async def _loop(self, worker: Worker) -> None:
@@ -75,6 +94,9 @@ class Runner:
         self._stopping.set()
         if not self._tasks:
             return
+        for name, task in self._tasks.items():
+            if self._cancel_on_stop.get(name):
+                task.cancel()
         _, pending = await asyncio.wait(self._tasks.values(), timeout=timeout_s)
         for task in pending:
             task.cancel()

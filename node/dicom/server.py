@@ -70,6 +70,7 @@ LOGGER = logging.getLogger(__name__)
 
 PDU_RECEIVE_MAX = 1 << 20  # bytes; pynetdicom's default (16 KiB) splits a CT slice 32 ways
 STOP_GRACE_S = 10.0  # associations in flight may finish their current work this long
+ACCEPT_POLL_S = 0.1  # how soon the accept loop notices a shutdown
 TIMEOUT_S = 60.0  # association idle, DIMSE and socket read timeouts: a silent peer is let go
 TMP_DIR_NAME = "dicom-tmp"  # under the data dir: instances too big to spool in memory
 
@@ -221,7 +222,9 @@ class DicomServer:
                 f"cannot listen for DICOM on {listen}: {exc.strerror or exc}") from exc
         self.ae._servers.append(server)  # where pynetdicom's server.shutdown() looks
         self.servers.append(server)
-        threading.Thread(target=server.serve_forever, name=f"{guard.name}-accept",
+        # (its shutdown waits up to one poll interval: 0.5 s by default, per listener)
+        threading.Thread(target=server.serve_forever, args=(ACCEPT_POLL_S,),
+                         name=f"{guard.name}-accept",
                          daemon=True).start()
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
