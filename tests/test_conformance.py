@@ -310,7 +310,7 @@ def test_accepted_transfer_syntaxes(doc: dict[str, list[dict[str, str]]],
     contexts = supported(dicom_server)
     for uid in server.STORAGE_CLASSES:
         assert list(contexts[uid].transfer_syntax) == order, uid
-        assert (contexts[uid].scu_role, contexts[uid].scp_role) == (False, True), uid
+        assert (contexts[uid].scu_role, contexts[uid].scp_role) == (True, True), uid
     assert dicom_server.fast_policy.syntaxes == order
     assert dicom_server.fast_policy.supported == server.STORAGE_CLASSES
     # what storage does not accept of what pydicom knows: the JPIP Referenced syntaxes
@@ -376,6 +376,8 @@ def test_role_selection_outcomes(doc: dict[str, list[dict[str, str]]],
             assert (cx.result, cx.as_scu, cx.as_scp) == (0, False, True), r
         elif outcome.startswith("accepted; requester is SCP only"):
             assert (cx.result, cx.as_scu, cx.as_scp) == (0, True, False), r
+        elif outcome.startswith("accepted; requester is both SCU and SCP"):
+            assert (cx.result, cx.as_scu, cx.as_scp) == (0, True, True), r
         else:
             pytest.fail(f"unknown outcome {outcome!r}")
         # the storage-only path (plaintext, storage and Verification only)

@@ -238,6 +238,31 @@ def test_stored_as_received_with_a_valid_file_meta(site: Site, tmp_path: Path) -
             assert meta.ImplementationClassUID
 
 
+@pytest.mark.parametrize("commitment", [False, True], ids=["storage-only", "mixed"])
+def test_a_modality_stating_its_scu_role_can_store(site: Site, commitment: bool) -> None:
+    """Some modalities send a role selection item saying they are the SCU (the
+    default). Both receive paths accept it: the storage-only one, and pynetdicom's
+    for an association that also proposes Storage Commitment."""
+    from pynetdicom import build_role
+
+    spec = StudySpec(study_index=109 + commitment, instances=1, rows=16, columns=16)
+    ds = make_instance(spec, 1, 1)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CT_IMAGE_STORAGE, EXPLICIT_LE)
+    if commitment:
+        ae.add_requested_context("1.2.840.10008.1.20.1")
+    assoc = ae.associate("127.0.0.1", site.port, ae_title="PACSMESH",
+                         ext_neg=[build_role(CT_IMAGE_STORAGE, scu_role=True)])
+    try:
+        assert assoc.is_established
+        status = assoc.send_c_store(ds)
+        assert status.Status == 0x0000, status
+    finally:
+        assoc.release()
+    assert find(site.port, site.work / f"find-role-{commitment}", "QueryRetrieveLevel=IMAGE",
+                f"SOPInstanceUID={ds.SOPInstanceUID}", model="-P")
+
+
 def test_four_concurrent_associations(site: Site, study_dir: Path) -> None:
     files = sorted(study_dir.rglob("*.dcm"))
     groups = [files[i::4] for i in range(4)]

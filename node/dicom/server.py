@@ -168,9 +168,11 @@ class DicomServer:
         for cx in AllStoragePresentationContexts:
             if cx.abstract_syntax is None:
                 continue
-            # scp_role: a C-GET requester takes the storage SCP role to receive
+            # Role selection, when a requester sends it: a C-GET requester takes the
+            # storage SCP role to receive (scp_role); a modality may state that it is
+            # the SCU, as it is by default (scu_role: accepted, not rejected)
             ae.add_supported_context(cx.abstract_syntax, STORAGE_SYNTAXES,
-                                     scu_role=False, scp_role=True)
+                                     scu_role=True, scp_role=True)
         for uid in QUERY_RETRIEVE:
             ae.add_supported_context(uid)
         ae.add_supported_context(STORAGE_COMMITMENT_PUSH)
@@ -336,7 +338,7 @@ class DicomServer:
                 contexts.append(cx)
                 continue
             theirs = build_context(uid, order)
-            theirs.scu_role, theirs.scp_role = False, True
+            theirs.scu_role, theirs.scp_role = True, True
             contexts.append(theirs)
         assoc.acceptor.supported_contexts = contexts
 
