@@ -62,11 +62,11 @@ class Runner:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.info: dict[str, WorkerInfo] = {}
         self._stopping = asyncio.Event()
-        self._cancel_on_stop: dict[str, bool] = {}
+        self._workers: dict[str, Worker] = {}
 
     def start(self, worker: Worker) -> None:
         self.info[worker.name] = WorkerInfo(worker.name, WorkerState.IDLE)
-        self._cancel_on_stop[worker.name] = worker.cancel_on_stop
+        self._workers[worker.name] = worker
         worker.stopping = self._stopping
         self._tasks[worker.name] = asyncio.create_task(self._loop(worker), name=worker.name)
 
@@ -95,7 +95,7 @@ class Runner:
         if not self._tasks:
             return
         for name, task in self._tasks.items():
-            if self._cancel_on_stop.get(name):
+            if self._workers[name].cancel_on_stop:
                 task.cancel()
         _, pending = await asyncio.wait(self._tasks.values(), timeout=timeout_s)
         for task in pending:

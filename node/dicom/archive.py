@@ -91,7 +91,7 @@ def _new_spool(label: str, size: int, tmp_dir: Path) -> Spooled:
     return Spooled(fd, path, unlink=True)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         n = os.write(fd, view)
@@ -103,7 +103,7 @@ def spool_bytes(data: bytes, label: str, tmp_dir: Path) -> Spooled:
     closes it."""
     out = _new_spool(label, len(data), tmp_dir)
     try:
-        _write_all(out.fd, data)
+        write_all(out.fd, data)
     except BaseException:
         out.close()
         raise
@@ -119,7 +119,7 @@ def spool(archive: Archive, m: node_pb2.Manifest, tmp_dir: Path) -> Spooled:
         written = 0
         for ref in m.chunks:
             data = read_chunk(archive, ref.hash, m)
-            _write_all(fd, data)
+            write_all(fd, data)
             written += len(data)
         if written != m.size:
             raise ChunkCorrupt(f"instance {m.sop_instance_uid}: read {written} bytes, "

@@ -39,6 +39,7 @@ from typing import Any
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
 from pacsmesh.node.dicom import ul
+from pacsmesh.node.dicom.archive import write_all
 from pacsmesh.node.hashing import FileHasher
 
 LOGGER = logging.getLogger(__name__)
@@ -108,10 +109,10 @@ class Received:
             self.fd, self.path = tempfile.mkstemp(prefix="c-store-", suffix=".dcm",
                                                   dir=self.tmp_dir)
             for part in self.parts:
-                _write_all(self.fd, part)
+                write_all(self.fd, part)
             self.parts = []
         if self.fd >= 0:
-            _write_all(self.fd, piece)
+            write_all(self.fd, piece)
         else:
             self.parts.append(piece)
         self.size += len(piece)
@@ -138,12 +139,6 @@ class Received:
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
             self.fd = -1
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 # (association, SOP class, SOP instance, the received file) -> (status, error comment)

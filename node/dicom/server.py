@@ -282,7 +282,7 @@ class DicomServer:
             LOGGER.info("DICOM connection from %s lost: %s", conn.address, exc)
         finally:
             with self._slots:
-                self.fast[:] = [a for a in self.fast if a.is_alive()]
+                self._prune_fast()
             self.admission.give_up(conn)
             with contextlib.suppress(OSError):
                 sock.close()
@@ -291,8 +291,13 @@ class DicomServer:
     def _enter(self) -> bool:
         """Take an association slot for a fast association (False at the limit)."""
         with self._slots:
-            self.fast[:] = [a for a in self.fast if a.is_alive()]
+            self._prune_fast()
             return len(self.ae.active_associations) < self.cfg.max_associations
+
+    def _prune_fast(self) -> None:
+        """Forget fast associations that ended (under `_slots`; the list is shared
+        with the AE, which counts them against max_associations)."""
+        self.fast[:] = [a for a in self.fast if a.is_alive()]
 
     def _fast_established(self, conn: Connection, assoc: FastAssociation) -> None:
         with self._slots:
