@@ -116,6 +116,9 @@ class ClusterSettings:
     copies: int
     min_distance_miles: float
     partitions: int
+    # fingerprint of the retention policy (node/retention.py): a node deleting by other
+    # rules than its peers would keep removing what they keep sending back
+    retention: str = ""
 
 
 @dataclass(frozen=True, slots=True)

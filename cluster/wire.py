@@ -9,12 +9,12 @@ from pacsmesh.proto import peer_pb2, peer_pb2_grpc
 
 def settings_to_pb(s: ClusterSettings) -> peer_pb2.Settings:
     return peer_pb2.Settings(copies=s.copies, min_distance_miles=s.min_distance_miles,
-                             partitions=s.partitions)
+                             partitions=s.partitions, retention=s.retention)
 
 
 def settings_from_pb(s: peer_pb2.Settings) -> ClusterSettings:
     return ClusterSettings(copies=s.copies, min_distance_miles=s.min_distance_miles,
-                           partitions=s.partitions)
+                           partitions=s.partitions, retention=s.retention)
 
 
 def member_to_pb(m: Member) -> peer_pb2.MemberRecord:

@@ -557,6 +557,7 @@ class ListStudiesRequest(_message.Message):
     UNTIL_FIELD_NUMBER: _builtins.int
     MODALITY_FIELD_NUMBER: _builtins.int
     UNSAFE_FIELD_NUMBER: _builtins.int
+    EXPIRED_FIELD_NUMBER: _builtins.int
     local: _builtins.bool
     """only studies this node holds in full, verified"""
     limit: _builtins.int
@@ -573,6 +574,8 @@ class ListStudiesRequest(_message.Message):
     """a modality in the study (e.g. "CT")"""
     unsafe: _builtins.bool
     """only studies with fewer safe copies than required"""
+    expired: _builtins.bool
+    """only studies past their retention expiry (node/retention.py)"""
     def __init__(
         self,
         *,
@@ -584,10 +587,11 @@ class ListStudiesRequest(_message.Message):
         until: _builtins.str = ...,
         modality: _builtins.str = ...,
         unsafe: _builtins.bool = ...,
+        expired: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "limit", b"limit", "local", b"local", "modality", b"modality", "patient_id", b"patient_id", "since", b"since", "unsafe", b"unsafe", "until", b"until"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "expired", b"expired", "limit", b"limit", "local", b"local", "modality", b"modality", "patient_id", b"patient_id", "since", b"since", "unsafe", b"unsafe", "until", b"until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -604,12 +608,15 @@ class StudySummary(_message.Message):
     INSTANCES_FIELD_NUMBER: _builtins.int
     BYTES_FIELD_NUMBER: _builtins.int
     SAFE_COPIES_FIELD_NUMBER: _builtins.int
+    EXPIRES_FIELD_NUMBER: _builtins.int
     study_uid: _builtins.str
     patient_id: _builtins.str
     study_date: _builtins.str
     instances: _builtins.int
     bytes: _builtins.int
     safe_copies: _builtins.int
+    expires: _builtins.str
+    """YYYY-MM-DD; "" = never automatically (pacsmesh retention says why)"""
     @_builtins.property
     def modalities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -622,10 +629,11 @@ class StudySummary(_message.Message):
         instances: _builtins.int = ...,
         bytes: _builtins.int = ...,
         safe_copies: _builtins.int = ...,
+        expires: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "instances", b"instances", "modalities", b"modalities", "patient_id", b"patient_id", "safe_copies", b"safe_copies", "study_date", b"study_date", "study_uid", b"study_uid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "expires", b"expires", "instances", b"instances", "modalities", b"modalities", "patient_id", b"patient_id", "safe_copies", b"safe_copies", "study_date", b"study_date", "study_uid", b"study_uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1322,6 +1330,240 @@ class AuditReply(_message.Message):
 Global___AuditReply: _TypeAlias = AuditReply  # noqa: Y015
 
 @_typing.final
+class GcRequest(_message.Message):
+    """---- lifecycle: space reclamation, retention, legal holds ----------------------"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NOW_FIELD_NUMBER: _builtins.int
+    now: _builtins.bool
+    """start a pass at once"""
+    def __init__(
+        self,
+        *,
+        now: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["now", b"now"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GcRequest: _TypeAlias = GcRequest  # noqa: Y015
+
+@_typing.final
+class GcStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNNING_FIELD_NUMBER: _builtins.int
+    RECLAIMABLE_BYTES_FIELD_NUMBER: _builtins.int
+    RECLAIMED_BYTES_FIELD_NUMBER: _builtins.int
+    DEAD_BYTES_FIELD_NUMBER: _builtins.int
+    LOOSE_CHUNKS_FIELD_NUMBER: _builtins.int
+    LOOSE_BYTES_FIELD_NUMBER: _builtins.int
+    PACK_BYTES_FIELD_NUMBER: _builtins.int
+    PACKS_FIELD_NUMBER: _builtins.int
+    PASS_PACKS_DONE_FIELD_NUMBER: _builtins.int
+    PASS_PACKS_TOTAL_FIELD_NUMBER: _builtins.int
+    PASS_BYTES_MOVED_FIELD_NUMBER: _builtins.int
+    LAST_PASS_COMPLETED_AGE_S_FIELD_NUMBER: _builtins.int
+    RATE_MB_S_FIELD_NUMBER: _builtins.int
+    INTERVAL_S_FIELD_NUMBER: _builtins.int
+    CHUNKS_RECLAIMED_FIELD_NUMBER: _builtins.int
+    PACKS_COMPACTED_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    STUDIES_DELETED_FIELD_NUMBER: _builtins.int
+    LOOSE_GRACE_S_FIELD_NUMBER: _builtins.int
+    running: _builtins.bool
+    reclaimable_bytes: _builtins.int
+    """dead bytes in packs + unreferenced chunks past their grace"""
+    reclaimed_bytes: _builtins.int
+    """freed by compaction since the data dir was created"""
+    dead_bytes: _builtins.int
+    """records in packs no longer indexed"""
+    loose_chunks: _builtins.int
+    """indexed chunks no held instance names (all ages)"""
+    loose_bytes: _builtins.int
+    pack_bytes: _builtins.int
+    """every pack file"""
+    packs: _builtins.int
+    pass_packs_done: _builtins.int
+    """this pass: packs compacted so far"""
+    pass_packs_total: _builtins.int
+    """  of those chosen"""
+    pass_bytes_moved: _builtins.int
+    """  live bytes copied so far"""
+    last_pass_completed_age_s: _builtins.float
+    """-1: never"""
+    rate_mb_s: _builtins.float
+    interval_s: _builtins.float
+    chunks_reclaimed: _builtins.int
+    """since the data dir was created"""
+    packs_compacted: _builtins.int
+    node: _builtins.str
+    studies_deleted: _builtins.int
+    """expired studies deleted here (retention)"""
+    loose_grace_s: _builtins.float
+    """an unreferenced chunk is kept this long (uploads in flight)"""
+    def __init__(
+        self,
+        *,
+        running: _builtins.bool = ...,
+        reclaimable_bytes: _builtins.int = ...,
+        reclaimed_bytes: _builtins.int = ...,
+        dead_bytes: _builtins.int = ...,
+        loose_chunks: _builtins.int = ...,
+        loose_bytes: _builtins.int = ...,
+        pack_bytes: _builtins.int = ...,
+        packs: _builtins.int = ...,
+        pass_packs_done: _builtins.int = ...,
+        pass_packs_total: _builtins.int = ...,
+        pass_bytes_moved: _builtins.int = ...,
+        last_pass_completed_age_s: _builtins.float = ...,
+        rate_mb_s: _builtins.float = ...,
+        interval_s: _builtins.float = ...,
+        chunks_reclaimed: _builtins.int = ...,
+        packs_compacted: _builtins.int = ...,
+        node: _builtins.str = ...,
+        studies_deleted: _builtins.int = ...,
+        loose_grace_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks_reclaimed", b"chunks_reclaimed", "dead_bytes", b"dead_bytes", "interval_s", b"interval_s", "last_pass_completed_age_s", b"last_pass_completed_age_s", "loose_bytes", b"loose_bytes", "loose_chunks", b"loose_chunks", "loose_grace_s", b"loose_grace_s", "node", b"node", "pack_bytes", b"pack_bytes", "packs", b"packs", "packs_compacted", b"packs_compacted", "pass_bytes_moved", b"pass_bytes_moved", "pass_packs_done", b"pass_packs_done", "pass_packs_total", b"pass_packs_total", "rate_mb_s", b"rate_mb_s", "reclaimable_bytes", b"reclaimable_bytes", "reclaimed_bytes", b"reclaimed_bytes", "running", b"running", "studies_deleted", b"studies_deleted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GcStatus: _TypeAlias = GcStatus  # noqa: Y015
+
+@_typing.final
+class HoldInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    WHO_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    AT_MS_FIELD_NUMBER: _builtins.int
+    id: _builtins.bytes
+    reason: _builtins.str
+    who: _builtins.str
+    node: _builtins.str
+    """the node that took the request"""
+    at_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        id: _builtins.bytes = ...,
+        reason: _builtins.str = ...,
+        who: _builtins.str = ...,
+        node: _builtins.str = ...,
+        at_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_ms", b"at_ms", "id", b"id", "node", b"node", "reason", b"reason", "who", b"who"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HoldInfo: _TypeAlias = HoldInfo  # noqa: Y015
+
+@_typing.final
+class RetentionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STUDY_UID_FIELD_NUMBER: _builtins.int
+    study_uid: _builtins.str
+    def __init__(
+        self,
+        *,
+        study_uid: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["study_uid", b"study_uid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetentionRequest: _TypeAlias = RetentionRequest  # noqa: Y015
+
+@_typing.final
+class RetentionReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STUDY_UID_FIELD_NUMBER: _builtins.int
+    EXPIRES_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
+    HOLDS_FIELD_NUMBER: _builtins.int
+    DELETABLE_ON_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    DELETE_EXPIRED_FIELD_NUMBER: _builtins.int
+    DELETE_GRANTED_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    study_uid: _builtins.str
+    expires: _builtins.str
+    """YYYY-MM-DD; "" = never automatically (rule says why)"""
+    rule: _builtins.str
+    held: _builtins.bool
+    deletable_on: _builtins.str
+    """expires + grace_days; "" = never"""
+    state: _builtins.str
+    """kept, expired, deletable, deleted, unknown"""
+    delete_expired: _builtins.bool
+    """the policy deletes deletable studies by itself"""
+    delete_granted: _builtins.bool
+    """an operator asked for it (pacsmesh delete)"""
+    node: _builtins.str
+    @_builtins.property
+    def holds(self) -> _containers.RepeatedCompositeFieldContainer[Global___HoldInfo]:
+        """the holds in force"""
+
+    def __init__(
+        self,
+        *,
+        study_uid: _builtins.str = ...,
+        expires: _builtins.str = ...,
+        rule: _builtins.str = ...,
+        held: _builtins.bool = ...,
+        holds: _abc.Iterable[Global___HoldInfo] | None = ...,
+        deletable_on: _builtins.str = ...,
+        state: _builtins.str = ...,
+        delete_expired: _builtins.bool = ...,
+        delete_granted: _builtins.bool = ...,
+        node: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deletable_on", b"deletable_on", "delete_expired", b"delete_expired", "delete_granted", b"delete_granted", "expires", b"expires", "held", b"held", "holds", b"holds", "node", b"node", "rule", b"rule", "state", b"state", "study_uid", b"study_uid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetentionReply: _TypeAlias = RetentionReply  # noqa: Y015
+
+@_typing.final
+class HoldRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STUDY_UID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    study_uid: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        study_uid: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "study_uid", b"study_uid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HoldRequest: _TypeAlias = HoldRequest  # noqa: Y015
+
+@_typing.final
 class StudyRecord(_message.Message):
     """---- catalog records (stored in the node's LMDB, not sent to clients) --------
 
@@ -1350,6 +1592,9 @@ class StudyRecord(_message.Message):
     FIRST_RECEIVED_MS_FIELD_NUMBER: _builtins.int
     PARTITION_FIELD_NUMBER: _builtins.int
     PATIENT_BIRTH_DATE_FIELD_NUMBER: _builtins.int
+    RETAIN_DATE_FIELD_NUMBER: _builtins.int
+    RETAIN_BIRTH_FIELD_NUMBER: _builtins.int
+    RETAIN_BIRTH_BAD_FIELD_NUMBER: _builtins.int
     study_uid: _builtins.str
     patient_id: _builtins.str
     patient_name: _builtins.str
@@ -1373,6 +1618,15 @@ class StudyRecord(_message.Message):
     first_received_ms: _builtins.int
     partition: _builtins.int
     patient_birth_date: _builtins.str
+    retain_date: _builtins.str
+    """retention inputs, each the latest over every version ever added (node/retention.py):
+    a re-sent instance can only make a study be kept longer
+    YYYYMMDD: study date, else the date it was received
+    """
+    retain_birth: _builtins.str
+    """YYYYMMDD: latest readable birth date"""
+    retain_birth_bad: _builtins.bool
+    """some version has a birth date no one can read: keep"""
     @_builtins.property
     def modalities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -1395,11 +1649,80 @@ class StudyRecord(_message.Message):
         first_received_ms: _builtins.int = ...,
         partition: _builtins.int = ...,
         patient_birth_date: _builtins.str = ...,
+        retain_date: _builtins.str = ...,
+        retain_birth: _builtins.str = ...,
+        retain_birth_bad: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accession_number", b"accession_number", "all_digest", b"all_digest", "bytes", b"bytes", "current_digest", b"current_digest", "first_received_ms", b"first_received_ms", "held_digest", b"held_digest", "held_instances", b"held_instances", "instances", b"instances", "manifests", b"manifests", "modalities", b"modalities", "partition", b"partition", "patient_birth_date", b"patient_birth_date", "patient_id", b"patient_id", "patient_name", b"patient_name", "study_date", b"study_date", "study_description", b"study_description", "study_uid", b"study_uid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accession_number", b"accession_number", "all_digest", b"all_digest", "bytes", b"bytes", "current_digest", b"current_digest", "first_received_ms", b"first_received_ms", "held_digest", b"held_digest", "held_instances", b"held_instances", "instances", b"instances", "manifests", b"manifests", "modalities", b"modalities", "partition", b"partition", "patient_birth_date", b"patient_birth_date", "patient_id", b"patient_id", "patient_name", b"patient_name", "retain_birth", b"retain_birth", "retain_birth_bad", b"retain_birth_bad", "retain_date", b"retain_date", "study_date", b"study_date", "study_description", b"study_description", "study_uid", b"study_uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StudyRecord: _TypeAlias = StudyRecord  # noqa: Y015
+
+@_typing.final
+class LifecycleRecord(_message.Message):
+    """A legal hold, the release of one, or an operator's request to delete an expired
+    study: a grow-only set every node keeps whole (node/lifecycle.py). The id is the
+    hash of the bytes as first encoded; peers pass the bytes on unchanged.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Kind:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[LifecycleRecord._Kind.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        KIND_UNSPECIFIED: LifecycleRecord._Kind.ValueType  # 0
+        HOLD: LifecycleRecord._Kind.ValueType  # 1
+        RELEASE: LifecycleRecord._Kind.ValueType  # 2
+        DELETE: LifecycleRecord._Kind.ValueType  # 3
+
+    class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
+    KIND_UNSPECIFIED: LifecycleRecord.Kind.ValueType  # 0
+    HOLD: LifecycleRecord.Kind.ValueType  # 1
+    RELEASE: LifecycleRecord.Kind.ValueType  # 2
+    DELETE: LifecycleRecord.Kind.ValueType  # 3
+
+    KIND_FIELD_NUMBER: _builtins.int
+    STUDY_UID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    WHO_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    AT_MS_FIELD_NUMBER: _builtins.int
+    RELEASES_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    kind: Global___LifecycleRecord.Kind.ValueType
+    study_uid: _builtins.str
+    reason: _builtins.str
+    who: _builtins.str
+    """certificate subject, or "local" on a node without TLS"""
+    node: _builtins.str
+    """the node that took the request"""
+    at_ms: _builtins.int
+    releases: _builtins.bytes
+    """RELEASE: the id of the hold it ends"""
+    nonce: _builtins.bytes
+    """two holds with the same words stay two records"""
+    def __init__(
+        self,
+        *,
+        kind: Global___LifecycleRecord.Kind.ValueType = ...,
+        study_uid: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        who: _builtins.str = ...,
+        node: _builtins.str = ...,
+        at_ms: _builtins.int = ...,
+        releases: _builtins.bytes = ...,
+        nonce: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_ms", b"at_ms", "kind", b"kind", "node", b"node", "nonce", b"nonce", "reason", b"reason", "releases", b"releases", "study_uid", b"study_uid", "who", b"who"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LifecycleRecord: _TypeAlias = LifecycleRecord  # noqa: Y015

@@ -79,6 +79,31 @@ class NodeApiStub:
                 request_serializer=pacsmesh_dot_proto_dot_node__pb2.AuditRequest.SerializeToString,
                 response_deserializer=pacsmesh_dot_proto_dot_node__pb2.AuditReply.FromString,
                 _registered_method=True)
+        self.Gc = channel.unary_unary(
+                '/pacsmesh.node.NodeApi/Gc',
+                request_serializer=pacsmesh_dot_proto_dot_node__pb2.GcRequest.SerializeToString,
+                response_deserializer=pacsmesh_dot_proto_dot_node__pb2.GcStatus.FromString,
+                _registered_method=True)
+        self.Retention = channel.unary_unary(
+                '/pacsmesh.node.NodeApi/Retention',
+                request_serializer=pacsmesh_dot_proto_dot_node__pb2.RetentionRequest.SerializeToString,
+                response_deserializer=pacsmesh_dot_proto_dot_node__pb2.RetentionReply.FromString,
+                _registered_method=True)
+        self.Hold = channel.unary_unary(
+                '/pacsmesh.node.NodeApi/Hold',
+                request_serializer=pacsmesh_dot_proto_dot_node__pb2.HoldRequest.SerializeToString,
+                response_deserializer=pacsmesh_dot_proto_dot_node__pb2.RetentionReply.FromString,
+                _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/pacsmesh.node.NodeApi/Release',
+                request_serializer=pacsmesh_dot_proto_dot_node__pb2.HoldRequest.SerializeToString,
+                response_deserializer=pacsmesh_dot_proto_dot_node__pb2.RetentionReply.FromString,
+                _registered_method=True)
+        self.Delete = channel.unary_unary(
+                '/pacsmesh.node.NodeApi/Delete',
+                request_serializer=pacsmesh_dot_proto_dot_node__pb2.HoldRequest.SerializeToString,
+                response_deserializer=pacsmesh_dot_proto_dot_node__pb2.RetentionReply.FromString,
+                _registered_method=True)
 
 
 class NodeApiServicer:
@@ -138,6 +163,39 @@ class NodeApiServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Gc(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Retention(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Hold(self, request, context):
+        """operator
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Release(self, request, context):
+        """operator: ends every hold in force
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Delete(self, request, context):
+        """operator: an expired, unheld study only
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeApiServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -185,6 +243,31 @@ def add_NodeApiServicer_to_server(servicer, server):
                     servicer.Audit,
                     request_deserializer=pacsmesh_dot_proto_dot_node__pb2.AuditRequest.FromString,
                     response_serializer=pacsmesh_dot_proto_dot_node__pb2.AuditReply.SerializeToString,
+            ),
+            'Gc': grpc.unary_unary_rpc_method_handler(
+                    servicer.Gc,
+                    request_deserializer=pacsmesh_dot_proto_dot_node__pb2.GcRequest.FromString,
+                    response_serializer=pacsmesh_dot_proto_dot_node__pb2.GcStatus.SerializeToString,
+            ),
+            'Retention': grpc.unary_unary_rpc_method_handler(
+                    servicer.Retention,
+                    request_deserializer=pacsmesh_dot_proto_dot_node__pb2.RetentionRequest.FromString,
+                    response_serializer=pacsmesh_dot_proto_dot_node__pb2.RetentionReply.SerializeToString,
+            ),
+            'Hold': grpc.unary_unary_rpc_method_handler(
+                    servicer.Hold,
+                    request_deserializer=pacsmesh_dot_proto_dot_node__pb2.HoldRequest.FromString,
+                    response_serializer=pacsmesh_dot_proto_dot_node__pb2.RetentionReply.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=pacsmesh_dot_proto_dot_node__pb2.HoldRequest.FromString,
+                    response_serializer=pacsmesh_dot_proto_dot_node__pb2.RetentionReply.SerializeToString,
+            ),
+            'Delete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Delete,
+                    request_deserializer=pacsmesh_dot_proto_dot_node__pb2.HoldRequest.FromString,
+                    response_serializer=pacsmesh_dot_proto_dot_node__pb2.RetentionReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -430,6 +513,141 @@ class NodeApi:
             '/pacsmesh.node.NodeApi/Audit',
             pacsmesh_dot_proto_dot_node__pb2.AuditRequest.SerializeToString,
             pacsmesh_dot_proto_dot_node__pb2.AuditReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Gc(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pacsmesh.node.NodeApi/Gc',
+            pacsmesh_dot_proto_dot_node__pb2.GcRequest.SerializeToString,
+            pacsmesh_dot_proto_dot_node__pb2.GcStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Retention(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pacsmesh.node.NodeApi/Retention',
+            pacsmesh_dot_proto_dot_node__pb2.RetentionRequest.SerializeToString,
+            pacsmesh_dot_proto_dot_node__pb2.RetentionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Hold(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pacsmesh.node.NodeApi/Hold',
+            pacsmesh_dot_proto_dot_node__pb2.HoldRequest.SerializeToString,
+            pacsmesh_dot_proto_dot_node__pb2.RetentionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pacsmesh.node.NodeApi/Release',
+            pacsmesh_dot_proto_dot_node__pb2.HoldRequest.SerializeToString,
+            pacsmesh_dot_proto_dot_node__pb2.RetentionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Delete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pacsmesh.node.NodeApi/Delete',
+            pacsmesh_dot_proto_dot_node__pb2.HoldRequest.SerializeToString,
+            pacsmesh_dot_proto_dot_node__pb2.RetentionReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,14 @@ class NodeApiStub:
     Scrub: _grpc.UnaryUnaryMultiCallable[_node_pb2.ScrubRequest, _node_pb2.ScrubStatus]
     Drill: _grpc.UnaryUnaryMultiCallable[_node_pb2.DrillRequest, _node_pb2.DrillReply]
     Audit: _grpc.UnaryUnaryMultiCallable[_node_pb2.AuditRequest, _node_pb2.AuditReply]
+    Gc: _grpc.UnaryUnaryMultiCallable[_node_pb2.GcRequest, _node_pb2.GcStatus]
+    Retention: _grpc.UnaryUnaryMultiCallable[_node_pb2.RetentionRequest, _node_pb2.RetentionReply]
+    Hold: _grpc.UnaryUnaryMultiCallable[_node_pb2.HoldRequest, _node_pb2.RetentionReply]
+    """operator"""
+    Release: _grpc.UnaryUnaryMultiCallable[_node_pb2.HoldRequest, _node_pb2.RetentionReply]
+    """operator: ends every hold in force"""
+    Delete: _grpc.UnaryUnaryMultiCallable[_node_pb2.HoldRequest, _node_pb2.RetentionReply]
+    """operator: an expired, unheld study only"""
 
 @_typing.type_check_only
 class NodeApiAsyncStub(NodeApiStub):
@@ -55,6 +63,14 @@ class NodeApiAsyncStub(NodeApiStub):
     Scrub: _aio.UnaryUnaryMultiCallable[_node_pb2.ScrubRequest, _node_pb2.ScrubStatus]  # type: ignore[assignment]
     Drill: _aio.UnaryUnaryMultiCallable[_node_pb2.DrillRequest, _node_pb2.DrillReply]  # type: ignore[assignment]
     Audit: _aio.UnaryUnaryMultiCallable[_node_pb2.AuditRequest, _node_pb2.AuditReply]  # type: ignore[assignment]
+    Gc: _aio.UnaryUnaryMultiCallable[_node_pb2.GcRequest, _node_pb2.GcStatus]  # type: ignore[assignment]
+    Retention: _aio.UnaryUnaryMultiCallable[_node_pb2.RetentionRequest, _node_pb2.RetentionReply]  # type: ignore[assignment]
+    Hold: _aio.UnaryUnaryMultiCallable[_node_pb2.HoldRequest, _node_pb2.RetentionReply]  # type: ignore[assignment]
+    """operator"""
+    Release: _aio.UnaryUnaryMultiCallable[_node_pb2.HoldRequest, _node_pb2.RetentionReply]  # type: ignore[assignment]
+    """operator: ends every hold in force"""
+    Delete: _aio.UnaryUnaryMultiCallable[_node_pb2.HoldRequest, _node_pb2.RetentionReply]  # type: ignore[assignment]
+    """operator: an expired, unheld study only"""
 
 class NodeApiServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -119,5 +135,43 @@ class NodeApiServicer(metaclass=_abc_1.ABCMeta):
         request: _node_pb2.AuditRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_node_pb2.AuditReply, _abc.Awaitable[_node_pb2.AuditReply]]: ...
+
+    @_abc_1.abstractmethod
+    def Gc(
+        self,
+        request: _node_pb2.GcRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.GcStatus, _abc.Awaitable[_node_pb2.GcStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def Retention(
+        self,
+        request: _node_pb2.RetentionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.RetentionReply, _abc.Awaitable[_node_pb2.RetentionReply]]: ...
+
+    @_abc_1.abstractmethod
+    def Hold(
+        self,
+        request: _node_pb2.HoldRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.RetentionReply, _abc.Awaitable[_node_pb2.RetentionReply]]:
+        """operator"""
+
+    @_abc_1.abstractmethod
+    def Release(
+        self,
+        request: _node_pb2.HoldRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.RetentionReply, _abc.Awaitable[_node_pb2.RetentionReply]]:
+        """operator: ends every hold in force"""
+
+    @_abc_1.abstractmethod
+    def Delete(
+        self,
+        request: _node_pb2.HoldRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.RetentionReply, _abc.Awaitable[_node_pb2.RetentionReply]]:
+        """operator: an expired, unheld study only"""
 
 def add_NodeApiServicer_to_server(servicer: NodeApiServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -104,6 +104,21 @@ class PeerApiStub:
                 request_serializer=pacsmesh_dot_proto_dot_peer__pb2.HeldDelta.SerializeToString,
                 response_deserializer=pacsmesh_dot_proto_dot_peer__pb2.HeldDeltaReply.FromString,
                 _registered_method=True)
+        self.GetLifecycleDigest = channel.unary_unary(
+                '/pacsmesh.peer.PeerApi/GetLifecycleDigest',
+                request_serializer=pacsmesh_dot_proto_dot_peer__pb2.LifecycleDigestRequest.SerializeToString,
+                response_deserializer=pacsmesh_dot_proto_dot_peer__pb2.LifecycleDigest.FromString,
+                _registered_method=True)
+        self.GetLifecycleRecords = channel.unary_unary(
+                '/pacsmesh.peer.PeerApi/GetLifecycleRecords',
+                request_serializer=pacsmesh_dot_proto_dot_peer__pb2.LifecycleRecordsRequest.SerializeToString,
+                response_deserializer=pacsmesh_dot_proto_dot_peer__pb2.LifecycleRecords.FromString,
+                _registered_method=True)
+        self.PushLifecycle = channel.unary_unary(
+                '/pacsmesh.peer.PeerApi/PushLifecycle',
+                request_serializer=pacsmesh_dot_proto_dot_peer__pb2.LifecyclePush.SerializeToString,
+                response_deserializer=pacsmesh_dot_proto_dot_peer__pb2.LifecyclePushReply.FromString,
+                _registered_method=True)
 
 
 class PeerApiServicer:
@@ -193,6 +208,24 @@ class PeerApiServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLifecycleDigest(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLifecycleRecords(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushLifecycle(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerApiServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -265,6 +298,21 @@ def add_PeerApiServicer_to_server(servicer, server):
                     servicer.PushHeld,
                     request_deserializer=pacsmesh_dot_proto_dot_peer__pb2.HeldDelta.FromString,
                     response_serializer=pacsmesh_dot_proto_dot_peer__pb2.HeldDeltaReply.SerializeToString,
+            ),
+            'GetLifecycleDigest': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLifecycleDigest,
+                    request_deserializer=pacsmesh_dot_proto_dot_peer__pb2.LifecycleDigestRequest.FromString,
+                    response_serializer=pacsmesh_dot_proto_dot_peer__pb2.LifecycleDigest.SerializeToString,
+            ),
+            'GetLifecycleRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLifecycleRecords,
+                    request_deserializer=pacsmesh_dot_proto_dot_peer__pb2.LifecycleRecordsRequest.FromString,
+                    response_serializer=pacsmesh_dot_proto_dot_peer__pb2.LifecycleRecords.SerializeToString,
+            ),
+            'PushLifecycle': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushLifecycle,
+                    request_deserializer=pacsmesh_dot_proto_dot_peer__pb2.LifecyclePush.FromString,
+                    response_serializer=pacsmesh_dot_proto_dot_peer__pb2.LifecyclePushReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -645,6 +693,87 @@ class PeerApi:
             '/pacsmesh.peer.PeerApi/PushHeld',
             pacsmesh_dot_proto_dot_peer__pb2.HeldDelta.SerializeToString,
             pacsmesh_dot_proto_dot_peer__pb2.HeldDeltaReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLifecycleDigest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pacsmesh.peer.PeerApi/GetLifecycleDigest',
+            pacsmesh_dot_proto_dot_peer__pb2.LifecycleDigestRequest.SerializeToString,
+            pacsmesh_dot_proto_dot_peer__pb2.LifecycleDigest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLifecycleRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pacsmesh.peer.PeerApi/GetLifecycleRecords',
+            pacsmesh_dot_proto_dot_peer__pb2.LifecycleRecordsRequest.SerializeToString,
+            pacsmesh_dot_proto_dot_peer__pb2.LifecycleRecords.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushLifecycle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pacsmesh.peer.PeerApi/PushLifecycle',
+            pacsmesh_dot_proto_dot_peer__pb2.LifecyclePush.SerializeToString,
+            pacsmesh_dot_proto_dot_peer__pb2.LifecyclePushReply.FromString,
             options,
             channel_credentials,
             insecure,

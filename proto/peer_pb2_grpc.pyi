@@ -48,6 +48,9 @@ class PeerApiStub:
     GetHeldPartitions: _grpc.UnaryUnaryMultiCallable[_peer_pb2.HeldPartitionsRequest, _peer_pb2.HeldPartitions]
     GetHeldStudies: _grpc.UnaryUnaryMultiCallable[_peer_pb2.HeldStudiesRequest, _peer_pb2.HeldStudies]
     PushHeld: _grpc.UnaryUnaryMultiCallable[_peer_pb2.HeldDelta, _peer_pb2.HeldDeltaReply]
+    GetLifecycleDigest: _grpc.UnaryUnaryMultiCallable[_peer_pb2.LifecycleDigestRequest, _peer_pb2.LifecycleDigest]
+    GetLifecycleRecords: _grpc.UnaryUnaryMultiCallable[_peer_pb2.LifecycleRecordsRequest, _peer_pb2.LifecycleRecords]
+    PushLifecycle: _grpc.UnaryUnaryMultiCallable[_peer_pb2.LifecyclePush, _peer_pb2.LifecyclePushReply]
 
 @_typing.type_check_only
 class PeerApiAsyncStub(PeerApiStub):
@@ -66,6 +69,9 @@ class PeerApiAsyncStub(PeerApiStub):
     GetHeldPartitions: _aio.UnaryUnaryMultiCallable[_peer_pb2.HeldPartitionsRequest, _peer_pb2.HeldPartitions]  # type: ignore[assignment]
     GetHeldStudies: _aio.UnaryUnaryMultiCallable[_peer_pb2.HeldStudiesRequest, _peer_pb2.HeldStudies]  # type: ignore[assignment]
     PushHeld: _aio.UnaryUnaryMultiCallable[_peer_pb2.HeldDelta, _peer_pb2.HeldDeltaReply]  # type: ignore[assignment]
+    GetLifecycleDigest: _aio.UnaryUnaryMultiCallable[_peer_pb2.LifecycleDigestRequest, _peer_pb2.LifecycleDigest]  # type: ignore[assignment]
+    GetLifecycleRecords: _aio.UnaryUnaryMultiCallable[_peer_pb2.LifecycleRecordsRequest, _peer_pb2.LifecycleRecords]  # type: ignore[assignment]
+    PushLifecycle: _aio.UnaryUnaryMultiCallable[_peer_pb2.LifecyclePush, _peer_pb2.LifecyclePushReply]  # type: ignore[assignment]
 
 class PeerApiServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -165,5 +171,26 @@ class PeerApiServicer(metaclass=_abc_1.ABCMeta):
         request: _peer_pb2.HeldDelta,
         context: _ServicerContext,
     ) -> _typing.Union[_peer_pb2.HeldDeltaReply, _abc.Awaitable[_peer_pb2.HeldDeltaReply]]: ...
+
+    @_abc_1.abstractmethod
+    def GetLifecycleDigest(
+        self,
+        request: _peer_pb2.LifecycleDigestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_peer_pb2.LifecycleDigest, _abc.Awaitable[_peer_pb2.LifecycleDigest]]: ...
+
+    @_abc_1.abstractmethod
+    def GetLifecycleRecords(
+        self,
+        request: _peer_pb2.LifecycleRecordsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_peer_pb2.LifecycleRecords, _abc.Awaitable[_peer_pb2.LifecycleRecords]]: ...
+
+    @_abc_1.abstractmethod
+    def PushLifecycle(
+        self,
+        request: _peer_pb2.LifecyclePush,
+        context: _ServicerContext,
+    ) -> _typing.Union[_peer_pb2.LifecyclePushReply, _abc.Awaitable[_peer_pb2.LifecyclePushReply]]: ...
 
 def add_PeerApiServicer_to_server(servicer: PeerApiServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
