@@ -77,6 +77,21 @@ class PeerService(peer_pb2_grpc.PeerApiServicer):
                                              request.after, limit)
         return peer_pb2.PartitionManifests(manifests=raws, last=last, more=more)
 
+    async def GetLifecycleDigest(self, request: peer_pb2.LifecycleDigestRequest, context: Any
+                                 ) -> peer_pb2.LifecycleDigest:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "lifecycle records not built yet")
+        raise AssertionError
+
+    async def GetLifecycleRecords(self, request: peer_pb2.LifecycleRecordsRequest, context: Any
+                                  ) -> peer_pb2.LifecycleRecords:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "lifecycle records not built yet")
+        raise AssertionError
+
+    async def PushLifecycle(self, request: peer_pb2.LifecyclePush, context: Any
+                            ) -> peer_pb2.LifecyclePushReply:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "lifecycle records not built yet")
+        raise AssertionError
+
     async def PushHeld(self, request: peer_pb2.HeldDelta, context: Any
                        ) -> peer_pb2.HeldDeltaReply:
         if len(request.studies) > HELD_DELTA_STUDIES_MAX:

@@ -23,6 +23,7 @@
     by_patient, by_date, by_accession: value \\0 study uid -> '' (node/study_index.py)
     text_check  manifest id -> ''                  (text to re-decode: node/charset_repair.py)
     text_fix    manifest id -> Manifest holding only its re-decoded text fields
+    chunk_users, loose, pack_live: what garbage collection needs (node/chunkrefs.py)
 
 `need` is keyed by partition so a node finds what placement asks it to fetch
 by reading its own partitions only, from a cursor, however many manifests of
@@ -49,6 +50,7 @@ import blake3
 
 from pacsmesh.node import manifest as mf
 from pacsmesh.node.charset import maybe_misdecoded
+from pacsmesh.node.chunkrefs import ChunkRefs
 from pacsmesh.node.dicom_layout import TEXT_FIELDS
 from pacsmesh.node.errors import ConfigError, InvalidInstance
 from pacsmesh.node.hashing import content_hash
@@ -119,8 +121,10 @@ class StudyInfo:
 
 
 class Catalog:
-    def __init__(self, env: Any, partitions: int = 1024) -> None:
+    def __init__(self, env: Any, partitions: int = 1024,
+                 chunk_refs: ChunkRefs | None = None) -> None:
         self.env = env
+        self.chunk_refs = chunk_refs or ChunkRefs(env)
         self.partitions = partitions
         self.manifests = env.open_db(b"manifests")
         self.versions = env.open_db(b"versions")
@@ -284,6 +288,7 @@ class Catalog:
         if not was_held:  # so a damaged chunk leads to the instances that need it
             for c in m.chunks:
                 txn.put(c.hash + manifest_id, b"", db=self.refs)
+            self.chunk_refs.hold(txn, (c.hash for c in m.chunks))
         if not was_held and self.current_id(txn, m.sop_instance_uid) == manifest_id:
             self._adjust_held(txn, m.study_instance_uid, manifest_id, +1)
 
@@ -291,10 +296,18 @@ class Catalog:
         """A copy was dropped (trimmed) or found bad: it must not count any more."""
         if not txn.delete(manifest_id, db=self.held):
             return
+        self.chunk_refs.release(txn, (c.hash for c in m.chunks))  # GC may reclaim them
         self._need(txn, partition_of(m.study_instance_uid, self.partitions), manifest_id,
                    m.size, +1)
         if self.current_id(txn, m.sop_instance_uid) == manifest_id:
             self._adjust_held(txn, m.study_instance_uid, manifest_id, -1)
+
+    def forget_chunk_refs(self, txn: Any, chunk: bytes) -> None:
+        """A reclaimed chunk: drop its `refs` entries (of manifests once held here)."""
+        cur = txn.cursor(db=self.refs)
+        ok = cur.set_range(chunk)
+        while ok and bytes(cur.key()).startswith(chunk):
+            ok = cur.delete()
 
     def _adjust_held(self, txn: Any, study_uid: str, manifest_id: bytes, sign: int) -> None:
         rec = self._record(txn, study_uid)

@@ -19,6 +19,7 @@ import lmdb
 import zstandard
 
 from pacsmesh.node import codec
+from pacsmesh.node.chunkrefs import ChunkRefs, now_ms
 from pacsmesh.node.errors import ChunkCorrupt, ChunkMissing
 from pacsmesh.node.hashing import content_hash
 from pacsmesh.node.packs import FLAG_SHUFFLE2, FLAG_ZSTD, PackSet
@@ -57,6 +58,11 @@ _tls = threading.local()
 
 FRESH_VERIFIED_S = 60.0
 FRESH_VERIFIED_MAX = 65_536  # keys remembered (2 MB)
+# Chunks an ingest found here and will name without sending them again (dedup, an
+# upload's precheck): GC leaves these alone for this long. The commit re-checks every
+# chunk anyway; this keeps that check from ever having to refuse an instance.
+REUSED_WINDOW_S = 3600.0
+REUSED_MAX = 131_072
 WIRE_ZSTD_LEVEL_MAX = 9  # beyond this a level costs far more CPU than it saves bytes
 
 
@@ -71,8 +77,9 @@ def _cctx(level: int) -> Any:
 
 
 class ChunkStore:
-    def __init__(self, env: Any, packs: PackSet) -> None:
+    def __init__(self, env: Any, packs: PackSet, refs: ChunkRefs | None = None) -> None:
         self.env = env
+        self.refs = refs or ChunkRefs(env)
         self.db = env.open_db(b"chunks")
         self.packs_db = env.open_db(b"packs")
         self.locs_db = env.open_db(b"chunk_locs")  # pack, offset -> key: the scrubber's walk
@@ -83,6 +90,8 @@ class ChunkStore:
         # verified on arrival (peers): serving them again at once (a relay, the first
         # replicas of a fresh study) need not decompress and hash them a second time
         self._fresh: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+        self._reused: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+        self.reused_window_s = REUSED_WINDOW_S
 
     # ---- startup --------------------------------------------------------------
 
@@ -109,6 +118,7 @@ class ChunkStore:
         """Append a verified chunk unless held already. Returns the bytes written."""
         # (a damaged chunk is still "held" until the scrubber or a read drops or replaces it)
         if self.has(key):
+            self.note_reuse([key])
             return 0
         with self._lock:
             if key in self._pending:  # another stream raced us to it
@@ -119,6 +129,21 @@ class ChunkStore:
             while len(self._fresh) > FRESH_VERIFIED_MAX:
                 self._fresh.popitem(last=False)
         return length
+
+    def note_reuse(self, keys: list[bytes]) -> None:
+        """An instance about to be committed names these held chunks without sending them."""
+        now = time.monotonic()
+        with self._lock:
+            for key in keys:
+                self._reused[key] = now
+                self._reused.move_to_end(key)
+            while len(self._reused) > REUSED_MAX:
+                self._reused.popitem(last=False)
+
+    def reused_lately(self, key: bytes) -> bool:
+        with self._lock:
+            at = self._reused.get(key)
+        return at is not None and time.monotonic() - at < self.reused_window_s
 
     def _recently_verified(self, key: bytes) -> bool:
         at = self._fresh.get(key)
@@ -132,12 +157,49 @@ class ChunkStore:
             self._pending[key] = ChunkLocation(pack, offset, length, plain_len, flags)
         return length
 
-    def drop(self, txn: Any, key: bytes) -> None:
-        """Forget a damaged chunk (inside a write transaction)."""
+    def drop(self, txn: Any, key: bytes, at: ChunkLocation | None = None) -> bool:
+        """Forget a damaged chunk (inside a write transaction). `at`: only if the index
+        still names that record: compaction may have moved the chunk to a good copy
+        since it was read. Returns whether it was dropped."""
         raw = txn.get(key, db=self.db)
-        if raw is not None:
-            self._unwalk(txn, key, bytes(raw))
-            txn.delete(key, db=self.db)
+        if raw is None or (at is not None and bytes(raw) != at.encode()):
+            return False
+        self._unwalk(txn, key, bytes(raw))
+        txn.delete(key, db=self.db)
+        self._unlive(txn, bytes(raw))
+        return True
+
+    def reclaim(self, txn: Any, key: bytes) -> int:
+        """Take an unneeded chunk out of the index (GC, inside its transaction); its
+        record stays in the pack as dead bytes until the pack is compacted. Returns the
+        record's length (0: it was not indexed)."""
+        raw = txn.get(key, db=self.db)
+        if raw is None:
+            return 0
+        self._unwalk(txn, key, bytes(raw))
+        txn.delete(key, db=self.db)
+        return self._unlive(txn, bytes(raw))
+
+    def _unlive(self, txn: Any, raw: bytes) -> int:
+        try:
+            loc = ChunkLocation.decode(raw)
+        except ChunkCorrupt:
+            return 0
+        self.refs.live_add(txn, loc.pack, -loc.record_len)
+        return loc.record_len
+
+    def relocate(self, key: bytes, plain_len: int, stored: bytes, flags: int,
+                 from_pack: int) -> int:
+        """Compaction: append a verified copy of a live chunk of `from_pack`; the next
+        group commit points the index at it (unless the chunk moved or went meanwhile).
+        Returns the bytes written."""
+        with self._lock:
+            current = self._pending.get(key)
+            if current is not None and current.pack != from_pack:
+                return 0  # already re-appended (ingest, repair): that copy will do
+            pack, offset, length = self.packs.append(key, flags, plain_len, stored)
+            self._pending[key] = ChunkLocation(pack, offset, length, plain_len, flags)
+        return length
 
     def _unwalk(self, txn: Any, key: bytes, raw: bytes) -> None:
         """Take `key`'s record out of the scrubber's walk. A damaged index entry may name
@@ -173,12 +235,19 @@ class ChunkStore:
 
     def index_pending(self, txn: Any, snap: PendingSnapshot) -> None:
         """Inside the group commit's transaction, after the packs were fsync'd."""
+        stamp = now_ms()
         for key, loc in snap.chunks.items():
             old = txn.get(key, db=self.db)
-            if old is not None:  # a repaired chunk: its damaged record leaves the walk
+            if old is not None:  # repaired or compacted: the old record leaves the walk
                 self._unwalk(txn, key, bytes(old))
+                self._unlive(txn, bytes(old))
             txn.put(key, loc.encode(), db=self.db)
             txn.put(_loc_key(loc), key, db=self.locs_db)
+            self.refs.live_add(txn, loc.pack, loc.record_len)
+            if old is None and not self.refs.in_use(txn, key):
+                # no held instance names it yet: an upload's chunk until its manifest
+                # commits (often in this same transaction), else garbage after a grace
+                self.refs.mark_loose(txn, key, stamp)
         for no, length in snap.pack_lengths.items():
             txn.put(struct.pack(">I", no), struct.pack("<Q", length), db=self.packs_db)
 
@@ -196,23 +265,42 @@ class ChunkStore:
     # ---- read side --------------------------------------------------------------
 
     def read_stored(self, key: bytes) -> tuple[ChunkLocation, bytes]:
-        loc = self.locate(key)
+        try:
+            loc = self.locate(key)
+        except ChunkCorrupt as exc:  # a damaged index entry
+            raise ChunkCorrupt(f"chunk {key.hex()[:16]}: {exc}") from exc
         if loc is None:
             raise ChunkMissing(f"chunk {key.hex()[:16]} is not held")
-        header, stored = self.packs.read(loc.pack, loc.offset, loc.record_len)
+        try:
+            return loc, self._read_at(key, loc)
+        except ChunkCorrupt as exc:
+            # compaction may have moved it and removed the old pack since we looked
+            try:
+                again = self.locate(key)
+            except ChunkCorrupt:
+                raise exc from None
+            if again is None or again == loc:
+                raise
+            return again, self._read_at(key, again)
+
+    def _read_at(self, key: bytes, loc: ChunkLocation) -> bytes:
+        try:
+            header, stored = self.packs.read(loc.pack, loc.offset, loc.record_len)
+        except ChunkCorrupt as exc:
+            raise ChunkCorrupt(f"chunk {key.hex()[:16]}: {exc}", loc) from exc
         if header.key != key:
-            raise ChunkCorrupt(f"chunk {key.hex()[:16]}: the record holds another key")
-        return loc, stored
+            raise ChunkCorrupt(f"chunk {key.hex()[:16]}: the record holds another key", loc)
+        return stored
 
     def read(self, key: bytes) -> bytes:
         """The plain bytes of a chunk, verified against its name."""
+        loc, stored = self.read_stored(key)
         try:
-            loc, stored = self.read_stored(key)
             plain = codec.decode(stored, loc.flags, loc.plain_len)
         except ChunkCorrupt as exc:
-            raise ChunkCorrupt(f"chunk {key.hex()[:16]}: {exc}") from exc
+            raise ChunkCorrupt(f"chunk {key.hex()[:16]}: {exc}", loc) from exc
         if len(plain) != loc.plain_len or content_hash(plain) != key:
-            raise ChunkCorrupt(f"chunk {key.hex()[:16]} failed hash verification")
+            raise ChunkCorrupt(f"chunk {key.hex()[:16]} failed hash verification", loc)
         return plain
 
     def for_peer(self, key: bytes, zstd_level: int = 0, replica: bool = False
@@ -226,7 +314,7 @@ class ChunkStore:
             return loc.plain_len, loc.flags, stored  # (the receiver verifies it anyway)
         plain = codec.decode(stored, loc.flags, loc.plain_len)
         if len(plain) != loc.plain_len or content_hash(plain) != key:
-            raise ChunkCorrupt(f"chunk {key.hex()[:16]} failed hash verification")
+            raise ChunkCorrupt(f"chunk {key.hex()[:16]} failed hash verification", loc)
         if zstd_level > 1:
             shuffle = bool(loc.flags & FLAG_SHUFFLE2)
             again = _cctx(zstd_level).compress(codec.shuffle2(plain) if shuffle else plain)
@@ -240,6 +328,8 @@ class ChunkStore:
             for key in keys:
                 if key not in self._pending and (not key or txn.get(key) is None):
                     out.append(key)
+        if len(out) < len(keys):  # the caller will name the others without sending them
+            self.note_reuse([k for k in keys if k not in set(out)])
         return out
 
     def count(self) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pacsmesh.node.errors import ConfigError
+from pacsmesh.node.retention import RetentionSection, parse_retention
 
 # Peers bound how fast a relayed heartbeat may rise (cluster/membership.py
 # GOSSIP_INTERVAL_S_MIN): a node gossiping faster would be taken for a liar.
@@ -29,6 +30,9 @@ class NodeSection:
     listen: str = "0.0.0.0:7400"
     advertise: str = ""
     capacity_bytes: int = 0
+    # a pack file is sealed at this size: big enough to keep few files and descriptors,
+    # small enough to scrub, copy or compact one at a time
+    pack_size_mb: int = 512
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,19 @@ class ScrubSection:
 
 
 @dataclass(frozen=True)
+class GcSection:
+    """Space reclamation (node/gc.py). MB = 10^6 bytes."""
+
+    rate_mb_s: float = 50.0  # bytes copied per second while compacting, at most
+    interval_s: float = 3600.0  # a pass at least this often
+    # an unreferenced chunk is kept this long: an upload in flight names chunks it
+    # sent before its instance commits, and a trimmed copy may be wanted back soon
+    loose_grace_s: float = 86400.0
+    compact_below: float = 0.75  # a pack with a smaller live fraction is rewritten
+    seal_min_dead_mb: float = 64.0  # seal the active pack to compact it past this much dead
+
+
+@dataclass(frozen=True)
 class DrillSection:
     interval_s: float = 0.0  # 0 = no scheduled drills
     count: int = 1
@@ -121,6 +138,8 @@ class Config:
     drill: DrillSection = field(default_factory=DrillSection)
     tls: TlsSection = field(default_factory=TlsSection)
     transfer: TransferSection = field(default_factory=TransferSection)
+    gc: GcSection = field(default_factory=GcSection)
+    retention: RetentionSection = field(default_factory=RetentionSection)
     path: Path | None = None
 
     @property
@@ -198,7 +217,8 @@ def _dicom_tls(dicom: DicomSection, tls: TlsSection) -> DicomSection:
 
 def parse(raw: dict[str, Any], path: Path | None = None) -> Config:
     for section in raw:
-        if section not in ("node", "cluster", "dicom", "scrub", "drill", "tls", "transfer"):
+        if section not in ("node", "cluster", "dicom", "scrub", "drill", "tls", "transfer",
+                           "gc", "retention"):
             raise ConfigError(f"unknown section [{section}]")
     node_raw = dict(raw.get("node", {}))
     if "data_dir" not in node_raw:
@@ -208,6 +228,8 @@ def parse(raw: dict[str, Any], path: Path | None = None) -> Config:
         raise ConfigError(f"[node] lat/lon {node.lat},{node.lon} are not coordinates")
     if node.capacity_bytes < 0:
         raise ConfigError("[node] capacity_bytes must be >= 0")
+    if not 1 <= node.pack_size_mb <= 4096:
+        raise ConfigError("[node] pack_size_mb must be 1 to 4096")
     _check_address(node.listen, "[node] listen")
     if node.advertise:
         _check_address(node.advertise, "[node] advertise")
@@ -255,8 +277,14 @@ def parse(raw: dict[str, Any], path: Path | None = None) -> Config:
             f"[node] listen = {node.listen!r} would serve patient data in plaintext: set "
             "[tls] ca_cert, cert and key (see README, Securing a federation), listen on "
             "127.0.0.1, or set [tls] insecure = true to accept the risk (an alert)")
+    gc = _section(GcSection, raw.get("gc", {}), "gc")
+    if (gc.rate_mb_s <= 0 or gc.interval_s <= 0 or gc.loose_grace_s < 0
+            or gc.seal_min_dead_mb < 0 or not 0 < gc.compact_below <= 1):
+        raise ConfigError("[gc] rate_mb_s and interval_s must be > 0, loose_grace_s and "
+                          "seal_min_dead_mb >= 0, compact_below in (0, 1]")
     return Config(node=node, cluster=cluster, dicom=dicom, scrub=scrub, drill=drill, tls=tls,
-                  transfer=_transfer(raw.get("transfer", {})), path=path)
+                  transfer=_transfer(raw.get("transfer", {})), gc=gc,
+                  retention=parse_retention(raw.get("retention", {})), path=path)
 
 
 def _transfer(raw: Any) -> TransferSection:

@@ -28,6 +28,7 @@ from pacsmesh.node.charset_repair import CharsetRepair
 from pacsmesh.node.config import Config, node_id_for
 from pacsmesh.node.dicom import DicomServer
 from pacsmesh.node.errors import ChunkCorrupt, ChunkMissing, ConfigError, Mismatch, PacsmeshError
+from pacsmesh.node.gc import Collector
 from pacsmesh.node.hlc import HybridClock
 from pacsmesh.node.ingest import LayoutCheck, Prepared, prepare_file, prepare_local
 from pacsmesh.node.scrubber import Scrubber
@@ -87,6 +88,7 @@ class NodeDaemon:
         self.node_id = node_id_for(cfg)
         self.audit = AuditLog(cfg.node.data_dir)
         self.store = Store(cfg.node.data_dir, cfg.node.capacity_bytes,
+                           pack_size_max=cfg.node.pack_size_mb << 20,
                            partitions=cfg.cluster.partitions)
         self.store.audit_sink = self.audit.record_now
         self.clock = HybridClock(
@@ -94,6 +96,7 @@ class NodeDaemon:
         self.pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="io")
         self.runner: Runner | None = None
         self.scrubber = Scrubber(self.store, cfg.scrub.rate_mb_s, cfg.scrub.interval_s)
+        self.gc = Collector(self.store, cfg.gc, self.scrubber.bad_chunk)
         self.drill: Drill | None = None  # restore drills need peers: the cluster sets it
         self.view: ClusterView = LoneView(
             self.store, self.node_id, cfg.node.site, cfg.advertise, cfg.node.lat, cfg.node.lon,
@@ -101,7 +104,7 @@ class NodeDaemon:
         self.server: grpc.aio.Server | None = None
         self._services: list[Callable[[grpc.aio.Server], None]] = []
         self._service_names: list[str] = [node_pb2.DESCRIPTOR.services_by_name["NodeApi"].full_name]
-        self._workers: list[Worker] = [self.scrubber,
+        self._workers: list[Worker] = [self.scrubber, self.gc,
                                        CharsetRepair(self.store, self._read_chunk)]
         self._on_stop: list[Callable[[], Any]] = []
         self._after_stop: list[Callable[[], Any]] = []
@@ -213,6 +216,7 @@ class NodeDaemon:
                           self.listeners, self.remote, self.scrubber, self.drill)
         api.unsafe_alert_after_s = self.cfg.cluster.unsafe_alert_after_s
         api.audit = self.audit
+        api.gc = self.gc
         if (plaintext := self.plaintext_alert()) is not None:
             api.config_alerts.append(plaintext)
         node_pb2_grpc.add_NodeApiServicer_to_server(api, server)

@@ -45,7 +45,12 @@ class StoreFull(PacsmeshError):
 
 
 class ChunkCorrupt(PacsmeshError):
-    pass
+    """`location`: the record that failed (a chunkstore.ChunkLocation), when known: a
+    damaged chunk is dropped only if the index still names that record."""
+
+    def __init__(self, message: str, location: object = None) -> None:
+        super().__init__(message)
+        self.location = location
 
 
 class ChunkMissing(PacsmeshError):

@@ -168,6 +168,7 @@ class IngestSession:
         if len(part.hash) != HASH_LEN or part.plain_len > CHUNK_PLAIN_MAX:
             raise InvalidInstance("protocol error: bad chunk reference")
         if part.have:
+            self.store.chunks.note_reuse([part.hash])  # GC leaves it while we name it
             plain = self.store.chunks.read(part.hash)  # verifies: never dedup onto a bad chunk
             if len(plain) != part.plain_len:
                 raise InvalidInstance(
@@ -284,6 +285,7 @@ def _prepare_whole(store: Store, node_id: str, clock: HybridClock, fp: BinaryIO,
                                   f"of {size} bytes)")
         key = content_hash(plain)
         if store.chunks.has(key):
+            store.chunks.note_reuse([key])  # GC leaves it while we name it
             store.chunks.read(key)  # verifies: never dedup onto a damaged chunk
         else:
             stored, flags = codec.encode(plain, codec.shuffled(ts, offset, layout.header_len))

@@ -191,6 +191,39 @@ class PackSet:
         self._open_active()
         self._sync_dir()
 
+    def remove(self, pack_no: int) -> None:
+        """Unlink a sealed pack the index no longer names (compaction), durably."""
+        if pack_no == self._active_no:
+            raise ValueError("the active pack cannot be removed")
+        self._reads.drop(pack_no)
+        path = self.dir / pack_name(pack_no)
+        try:
+            size = path.stat().st_size
+            os.unlink(path)
+        except FileNotFoundError:
+            size = 0
+        self._sync_dir()
+        with self._lock:
+            self._bytes = max(0, self._bytes - size)
+            self._dirty.discard(pack_no)
+            self._sealed_len.pop(pack_no, None)
+
+    def seal_active(self) -> int:
+        """Start a new active pack, so the current one can be compacted; returns the
+        number of the pack sealed (its records are committed by the next group commit,
+        like any append's)."""
+        with self._lock:
+            sealed = self._active_no
+            self._rotate()
+            return sealed
+
+    @property
+    def active_no(self) -> int:
+        return self._active_no
+
+    def sync_dir(self) -> None:
+        self._sync_dir()
+
     def _sync_dir(self) -> None:
         fd = os.open(self.dir, os.O_RDONLY)
         try:

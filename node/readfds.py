@@ -59,6 +59,19 @@ class ReadFds:
                 del self._slots[key]
                 slot.dropped = True
 
+    def drop(self, key: int) -> None:
+        """Forget `key`'s descriptor (its file is about to be removed): closed now if
+        idle, else when its last borrower leaves."""
+        with self._cond:
+            slot = self._slots.pop(key, None)
+            if slot is None:
+                return
+            if slot.users == 0:
+                self._close(slot)
+                self._cond.notify_all()
+            else:
+                slot.dropped = True
+
     def close(self) -> None:
         """Close every idle descriptor now and every busy one when its user leaves."""
         with self._cond:

@@ -158,7 +158,7 @@ class Scrubber(Worker):
             try:
                 self.store.chunks.read(key)
             except (ChunkCorrupt, ChunkMissing) as exc:
-                self._bad_chunk(key, str(exc))
+                self.bad_chunk(key, getattr(exc, "location", None), str(exc))
                 continue
             self.state.pass_chunks += 1
             self.state.chunks_verified += 1
@@ -166,14 +166,17 @@ class Scrubber(Worker):
             self.state.bytes_verified += loc.plain_len
         return read
 
-    def _bad_chunk(self, key: bytes, why: str) -> None:
+    def bad_chunk(self, key: bytes, at: Any, why: str) -> None:
+        """Drop a chunk found damaged at `at` (a ChunkLocation, None: wherever it is),
+        stop counting its instances as held, and ask for a repair. GC calls this too."""
         st = self.state
+        with self.store.env.begin(write=True) as txn:
+            if not self.store.chunks.drop(txn, key, at):
+                return  # moved to a good copy since it was read (compaction)
         st.corrupt_found += 1
         users = self.store.catalog.manifests_using(key)
         names = self._names(users)
         LOGGER.error("scrub: %s; needed by %s", why, names or "no instance")
-        with self.store.env.begin(write=True) as txn:
-            self.store.chunks.drop(txn, key)
         self.store.unhold(users)  # they must not count as safe copies any more
         if self._try_repair(key, users):
             return

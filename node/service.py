@@ -20,6 +20,7 @@ from pacsmesh.node import alerts as alerts_mod
 from pacsmesh.node import listing
 from pacsmesh.node.audit import AuditLog, Event
 from pacsmesh.node.errors import ChunkCorrupt, ChunkMissing, PacsmeshError
+from pacsmesh.node.gc import Collector
 from pacsmesh.node.hlc import HybridClock
 from pacsmesh.node.ingest import IngestSession, Prepared
 from pacsmesh.node.scrubber import Scrubber
@@ -126,6 +127,7 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
         self.unsafe_alert_after_s = UNSAFE_ALERT_AFTER_S
         self.config_alerts: list[node_pb2.Alert] = []  # e.g. PLAINTEXT: fixed at start
         self.audit: AuditLog | None = None
+        self.gc: Collector | None = None
 
     def _event(self, action: str, outcome: str, study_uid: str = "", instances: int = 0,
                detail: str = "") -> Event:
@@ -436,6 +438,54 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
             self.scrubber.request_pass()
             await self._audit("scrub", "ok", detail="a pass requested now")
         return await self._run(self.scrub_status)
+
+    def gc_status(self) -> node_pb2.GcStatus:
+        assert self.gc is not None
+        st, cfg = self.gc.state, self.gc.cfg
+        totals = self.gc.totals()
+        now_ms = time.time() * 1000
+        return node_pb2.GcStatus(
+            running=st.running, reclaimable_bytes=totals["reclaimable_bytes"],
+            reclaimed_bytes=st.reclaimed_bytes, dead_bytes=totals["dead_bytes"],
+            loose_chunks=totals["loose_chunks"], loose_bytes=totals["loose_bytes"],
+            pack_bytes=totals["pack_bytes"], packs=totals["packs"],
+            pass_packs_done=st.pass_packs_done, pass_packs_total=len(st.pass_packs),
+            pass_bytes_moved=st.pass_bytes_moved,
+            last_pass_completed_age_s=((now_ms - st.last_pass_completed_ms) / 1000
+                                       if st.last_pass_completed_ms else -1.0),
+            rate_mb_s=cfg.rate_mb_s, interval_s=cfg.interval_s,
+            chunks_reclaimed=st.chunks_reclaimed, packs_compacted=st.packs_compacted,
+            node=self.node_id, loose_grace_s=cfg.loose_grace_s)
+
+    async def Gc(self, request: node_pb2.GcRequest,
+                 context: grpc.aio.ServicerContext[Any, Any]) -> node_pb2.GcStatus:
+        if self.gc is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node has no collector")
+        assert self.gc is not None
+        if request.now:
+            self.gc.request_pass()
+            await self._audit("gc", "ok", detail="a pass requested now")
+        return await self._run(self.gc_status)
+
+    async def Retention(self, request: node_pb2.RetentionRequest,
+                        context: grpc.aio.ServicerContext[Any, Any]) -> node_pb2.RetentionReply:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "retention comes with holds")
+        raise AssertionError
+
+    async def Hold(self, request: node_pb2.HoldRequest,
+                   context: grpc.aio.ServicerContext[Any, Any]) -> node_pb2.RetentionReply:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "holds are not built yet")
+        raise AssertionError
+
+    async def Release(self, request: node_pb2.HoldRequest,
+                      context: grpc.aio.ServicerContext[Any, Any]) -> node_pb2.RetentionReply:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "holds are not built yet")
+        raise AssertionError
+
+    async def Delete(self, request: node_pb2.HoldRequest,
+                     context: grpc.aio.ServicerContext[Any, Any]) -> node_pb2.RetentionReply:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "deletion is not built yet")
+        raise AssertionError
 
     async def Drill(self, request: node_pb2.DrillRequest,
                     context: grpc.aio.ServicerContext[Any, Any]) -> node_pb2.DrillReply:

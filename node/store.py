@@ -19,6 +19,7 @@ import logging
 import os
 import queue
 import shutil
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -30,14 +31,16 @@ from typing import Any
 import lmdb
 
 from pacsmesh.node.catalog import Catalog
+from pacsmesh.node.chunkrefs import ChunkRefs
 from pacsmesh.node.chunkstore import ChunkStore, is_lmdb_full
-from pacsmesh.node.errors import DataDirLocked, InvalidInstance, StoreFull
+from pacsmesh.node.errors import ChunkMissing, DataDirLocked, InvalidInstance, StoreFull
 from pacsmesh.node.manifest import decode as manifest_decode
-from pacsmesh.node.packs import PACK_SIZE_MAX, READ_FDS_MAX, PackSet
+from pacsmesh.node.packs import PACK_SIZE_MAX, READ_FDS_MAX, PackSet, pack_name
 from pacsmesh.proto import node_pb2
 
 LOGGER = logging.getLogger(__name__)
 
+_U32 = struct.Struct(">I")
 LMDB_MAP_SIZE = 1 << 40  # address space only (sparse); 1 TiB of index is ~10^9 chunks
 COMMIT_BATCH_MAX = 4096  # manifests per transaction: bounds one commit's latency
 FREE_RESERVE_BYTES = 64 << 20  # kept free so the index can always commit what packs hold
@@ -47,7 +50,7 @@ FREE_CACHE_S = 0.5  # a statvfs per instance costs more than the check is worth
 @dataclass
 class CommitItem:
     manifest_id: bytes
-    raw: bytes
+    raw: bytes  # b"": no manifest, only commit the chunks appended so far (`barrier`)
     manifest: node_pb2.Manifest
     future: Future[bool]
     held: bool = True  # every chunk was appended: record this node as a holder
@@ -71,10 +74,14 @@ class Store:
             sync=True, metasync=True, readahead=False, max_readers=512,
         )
         self.packs = PackSet(data_dir / "packs", pack_size_max, read_fds_max)
-        self.chunks = ChunkStore(self.env, self.packs)
-        self.catalog = Catalog(self.env, partitions)
+        self.refs = ChunkRefs(self.env)
+        self.chunks = ChunkStore(self.env, self.packs, self.refs)
+        self.catalog = Catalog(self.env, partitions, self.refs)
+        self.retired = self.env.open_db(b"retired_packs")
+        self._remove_retired()
         for note in self.packs.recover(self.chunks.committed_pack_lengths()):
             LOGGER.warning("recovery: %s", note)
+        self.refs.backfill(self.catalog.manifests, self.catalog.held)
         self._queue: queue.Queue[CommitItem | None] = queue.Queue()
         self._closed = False
         # writes audit events durably, in the committer's thread (AuditLog.record_now)
@@ -164,7 +171,8 @@ class Store:
             self.packs.sync(sorted(snap.pack_lengths))
             with self.env.begin(write=True) as txn:
                 self.chunks.index_pending(txn, snap)
-                results = [self._add(txn, it, now_ms) for it in batch]
+                results: list[bool | InvalidInstance | ChunkMissing] = [
+                    self._add(txn, it, now_ms) for it in batch]
         except Exception as exc:
             self.chunks.restore_dirty(snap)
             err: Exception = exc
@@ -179,14 +187,15 @@ class Store:
         self.committed_items += len(batch)
         self._audit(batch, results)
         for it, new in zip(batch, results, strict=True):
-            if isinstance(new, InvalidInstance):
+            if isinstance(new, Exception):
                 it.future.set_exception(new)
             else:
                 it.future.set_result(new)
 
-    def _audit(self, batch: list[CommitItem], results: list[bool | InvalidInstance]) -> None:
+    def _audit(self, batch: list[CommitItem],
+               results: list[bool | InvalidInstance | ChunkMissing]) -> None:
         events = [it.audit for it, new in zip(batch, results, strict=True)
-                  if it.audit is not None and not isinstance(new, InvalidInstance)]
+                  if it.audit is not None and not isinstance(new, Exception)]
         if not events:
             return
         try:
@@ -199,8 +208,21 @@ class Store:
                 if it.audit is not None:
                     it.audit_error = str(exc)
 
-    def _add(self, txn: Any, it: CommitItem, now_ms: int) -> bool | InvalidInstance:
+    def _add(self, txn: Any, it: CommitItem, now_ms: int
+             ) -> bool | InvalidInstance | ChunkMissing:
         """One manifest of a group commit; a refused one fails alone, not its batch."""
+        if not it.raw:  # a barrier
+            return False
+        if it.held:
+            # every chunk must be indexed as this commits: GC may have reclaimed one an
+            # ingest found here and named without sending (rare: it waits out a grace)
+            gone = [c.hash for c in it.manifest.chunks
+                    if txn.get(c.hash, db=self.chunks.db) is None]
+            if gone:
+                return ChunkMissing(
+                    f"chunk {gone[0].hex()[:16]} of instance {it.manifest.sop_instance_uid} "
+                    "was reclaimed as unused while the instance was being stored; "
+                    "send it again")
         try:
             return self.catalog.add(txn, it.manifest_id, it.raw, it.manifest,
                                     now_ms if it.held else None)
@@ -241,6 +263,58 @@ class Store:
                 done += txn.get(mid, db=self.catalog.held) is not None
                 self.catalog.unset_held(txn, mid, manifest_decode(bytes(m_raw)))
         return done
+
+    def barrier(self) -> Future[bool]:
+        """Resolves once every chunk appended before this call is durable and indexed
+        (through the group committer, in order with the ingests it serves)."""
+        return self.submit_item(CommitItem(b"", b"", node_pb2.Manifest(), Future(), False))
+
+    # ---- pack removal (compaction) ------------------------------------------------------
+
+    def retire_pack(self, pack_no: int) -> bool:
+        """Remove a pack whose live chunks were all copied elsewhere and committed.
+
+        One transaction checks that no index entry names a record in it and forgets it;
+        only then is the file unlinked. A crash between the two leaves it listed in
+        `retired_packs`, and the next open removes it. Returns False (nothing done) if a
+        chunk still lives there."""
+        key = _U32.pack(pack_no)
+        start = struct.pack(">IQ", pack_no, 0)
+        with self.env.begin(write=True) as txn:
+            cur = txn.cursor(db=self.chunks.locs_db)
+            dead = []
+            ok = cur.set_range(start)
+            while ok and bytes(cur.key()[:4]) == key:
+                loc_key, chunk = bytes(cur.key()), bytes(cur.value())
+                raw = txn.get(chunk, db=self.chunks.db)
+                if raw is not None and bytes(raw)[:12] == struct.pack("<IQ", *struct.unpack(
+                        ">IQ", loc_key)):
+                    return False  # still the indexed copy of `chunk`
+                dead.append(loc_key)
+                ok = cur.next()
+            for loc_key in dead:
+                txn.delete(loc_key, db=self.chunks.locs_db)
+            txn.delete(key, db=self.chunks.packs_db)
+            self.refs.forget_pack(txn, pack_no)
+            txn.put(key, b"", db=self.retired)
+        self.packs.remove(pack_no)
+        with self.env.begin(write=True) as txn:
+            txn.delete(key, db=self.retired)
+        return True
+
+    def _remove_retired(self) -> None:
+        """Packs forgotten by a committed compaction whose files a crash left behind."""
+        with self.env.begin(db=self.retired) as txn:
+            numbers = [_U32.unpack(k)[0] for k in txn.cursor().iternext(values=False)]
+        for no in numbers:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.packs.dir / pack_name(no))
+                LOGGER.warning("recovery: removed %s, compacted before a crash", pack_name(no))
+        if numbers:
+            self.packs.sync_dir()
+            with self.env.begin(write=True, db=self.retired) as txn:
+                for no in numbers:
+                    txn.delete(_U32.pack(no))
 
     def flush(self) -> None:
         """Make every appended chunk durable and indexed (used at shutdown)."""

@@ -456,6 +456,36 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    reply = _call(args, lambda s: s.Gc(node_pb2.GcRequest(now=args.now)))
+    doc = _to_dict(reply)
+    _ints(doc, "reclaimable_bytes", "reclaimed_bytes", "dead_bytes", "loose_chunks",
+          "loose_bytes", "pack_bytes", "pass_bytes_moved", "chunks_reclaimed",
+          "studies_deleted")
+
+    def human() -> None:
+        last = doc["last_pass_completed_age_s"]
+        print(f"space on {doc['node']}: {_human_bytes(doc['pack_bytes'])} in "
+              f"{doc['packs']} packs; {_human_bytes(doc['reclaimable_bytes'])} reclaimable "
+              f"({_human_bytes(doc['dead_bytes'])} dead in packs, "
+              f"{_human_bytes(doc['loose_bytes'])} in {doc['loose_chunks']} unreferenced "
+              f"chunks, freed after {doc['loose_grace_s'] / 3600:g} h)")
+        if doc["running"]:
+            print(f"  pass running: {doc['pass_packs_done']} of {doc['pass_packs_total']} "
+                  f"packs compacted, {_human_bytes(doc['pass_bytes_moved'])} moved")
+        else:
+            print(f"  idle; last pass {'never' if last < 0 else f'{last / 3600:.1f} h ago'}")
+        print(f"  freed {_human_bytes(doc['reclaimed_bytes'])} since creation "
+              f"({doc['packs_compacted']} packs compacted, {doc['chunks_reclaimed']} chunks "
+              f"reclaimed); rate <= {doc['rate_mb_s']:g} MB/s, a pass every "
+              f"{doc['interval_s'] / 3600:g} h")
+        if args.now:
+            print("  a pass was requested")
+
+    _emit(args, doc, human)
+    return 0
+
+
 def cmd_scrub(args: argparse.Namespace) -> int:
     reply = _call(args, lambda s: s.Scrub(node_pb2.ScrubRequest(now=args.now)))
     doc = _to_dict(reply)
@@ -700,6 +730,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _client(sub, "scrub", "progress of the scrubber that re-verifies every chunk")
     p.add_argument("--now", action="store_true", help="start a pass now")
     p.set_defaults(fn=cmd_scrub)
+
+    p = _client(sub, "gc", "space reclamation: what can be freed, what was (operator role)")
+    p.epilog = "example: pacsmesh gc --now"
+    p.add_argument("--now", action="store_true", help="start a pass now")
+    p.set_defaults(fn=cmd_gc)
 
     p = _client(sub, "drill", "restore random studies from other sites and verify every byte")
     p.add_argument("--count", type=int, default=1, help="studies to restore (default 1)")

@@ -32,7 +32,8 @@ def test_aggregates_follow_versions_and_holding(tmp_path: Path) -> None:
         known: dict[bytes, tuple[bytes, object]] = {}
         for step in range(STEPS):
             i = rng.randrange(STUDIES)
-            mid, raw, m, _ = bulkload.manifest_of(i, "o")
+            mid, raw, m, data = bulkload.manifest_of(i, "o")
+            store.chunks.put(m.chunks[0].hash, len(data), data, 0)  # held: chunks are here
             what = rng.random()
             if what < 0.5:  # a new version of the instance (another origin time)
                 m.received_hlc += (step + 1) << 16
@@ -76,8 +77,9 @@ def test_safety_marks_are_durable_and_a_new_change_is_never_cleared(tmp_path: Pa
     """The request to judge a study again is written with the change it follows; a
     verdict clears only the mark it answered, not one a later change made."""
     store = Store(tmp_path / "d", partitions=PARTITIONS)
-    mid, raw, m, _ = bulkload.manifest_of(1, "o")
+    mid, raw, m, data = bulkload.manifest_of(1, "o")
     store.submit(mid, raw, m, held=False).result()
+    store.chunks.put(m.chunks[0].hash, len(data), data, 0)  # (fetched later, below)
     study = m.study_instance_uid
     store.close()
     store = Store(tmp_path / "d", partitions=PARTITIONS)  # a restart keeps the request
