@@ -4,6 +4,7 @@
     ├── ConfigError          the operator's config is wrong
     ├── DataDirLocked        another process owns the data dir
     ├── InvalidInstance      the sender's file is not an instance we can archive
+    ├── LifecycleInvalid     a hold, release or deletion request is malformed
     ├── StoreFull            no room: disk or configured capacity
     ├── ChunkCorrupt         a stored chunk failed verification (never returned)
     ├── ChunkMissing         a chunk the index or a manifest names is not held
@@ -38,6 +39,10 @@ class Mismatch(PacsmeshError):
     def __init__(self, which: str, why: str) -> None:
         super().__init__(why)
         self.which = which  # "SOP Instance UID" or "SOP Class UID"
+
+
+class LifecycleInvalid(PacsmeshError):
+    """A lifecycle record (node/lifecycle.py) is refused; the message says why."""
 
 
 class StoreFull(PacsmeshError):
