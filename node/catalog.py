@@ -52,8 +52,10 @@ from pacsmesh.node import manifest as mf
 from pacsmesh.node.charset import maybe_misdecoded
 from pacsmesh.node.chunkrefs import ChunkRefs
 from pacsmesh.node.dicom_layout import TEXT_FIELDS
-from pacsmesh.node.errors import ConfigError, InvalidInstance
+from pacsmesh.node.errors import ConfigError, InvalidInstance, StudyDeleted
+from pacsmesh.node.expiry_index import ExpiryIndex, expiry_of
 from pacsmesh.node.hashing import content_hash
+from pacsmesh.node.retention import RetentionSection, retain_inputs
 from pacsmesh.node.study_index import StudyIndexes, indexed_values, split_key
 from pacsmesh.proto import node_pb2
 
@@ -122,9 +124,11 @@ class StudyInfo:
 
 class Catalog:
     def __init__(self, env: Any, partitions: int = 1024,
-                 chunk_refs: ChunkRefs | None = None) -> None:
+                 chunk_refs: ChunkRefs | None = None,
+                 retention: RetentionSection | None = None) -> None:
         self.env = env
         self.chunk_refs = chunk_refs or ChunkRefs(env)
+        self.expiry = ExpiryIndex(env, retention or RetentionSection())
         self.partitions = partitions
         self.manifests = env.open_db(b"manifests")
         self.versions = env.open_db(b"versions")
@@ -157,6 +161,7 @@ class Catalog:
         self.indexes.backfill(self.study_recs, self.meta)
         self._upgrade()
         self._queue_text_checks()
+        self.expiry.rebuild_if_needed(self.study_recs, self._fill_retention)
 
     # ---- writes (inside the group commit) ----------------------------------------
 
@@ -166,6 +171,9 @@ class Catalog:
         `held_at_ms`: every chunk is durably here, verified at that time. Raises
         InvalidInstance, leaving nothing written, for a version of a known instance in
         another study or series."""
+        if (gone := self.expiry.deleted_at(txn, m.study_instance_uid)) is not None:
+            raise StudyDeleted(f"study {m.study_instance_uid} was deleted here when its "
+                               f"retention expired ({gone[1]}); it is not stored again")
         if not txn.put(manifest_id, raw, db=self.manifests, overwrite=False):
             if held_at_ms is not None:
                 self.set_held(txn, manifest_id, m, held_at_ms)
@@ -195,6 +203,7 @@ class Catalog:
 
         rec = self._record(txn, m.study_instance_uid)
         before = indexed_values(rec)
+        expiry_before = self.expiry.key(rec) if rec is not None else b""
         if rec is None:  # a new study is unsafe until the cluster says otherwise
             rec = node_pb2.StudyRecord(study_uid=m.study_instance_uid, partition=partition,
                                        first_received_ms=m.received_hlc >> 16)
@@ -229,6 +238,8 @@ class Catalog:
             if m.modality and m.modality not in rec.modalities:
                 rec.modalities.append(m.modality)
             self.indexes.update(txn, m.study_instance_uid, before, rec)
+        _merge_retention(rec, m)
+        self.expiry.update(txn, expiry_before, rec)
         txn.put(m.study_instance_uid.encode(), rec.SerializeToString(), db=self.study_recs)
         self._held_index(txn, rec)
         mark_dirty(txn, self.safety_dirty, [rec.study_uid])
@@ -567,8 +578,8 @@ class Catalog:
         of `index` ("" = study_recs, by study uid; else a field of study_index), with
         their records, stopping at the first key `within` rejects. One short read
         transaction: LMDB cannot reuse freed pages while a reader stays open."""
-        db = (self.unsafe if index == "unsafe" else self.indexes.dbs[index] if index
-              else self.study_recs)
+        db = (self.unsafe if index == "unsafe" else self.expiry.db if index == "expires"
+              else self.indexes.dbs[index] if index else self.study_recs)
         out: list[Scanned] = []
         with self.env.begin() as txn:
             cur = txn.cursor(db=db)
@@ -869,6 +880,109 @@ class Catalog:
                 out.append(fixed)
         return out
 
+    # ---- retention ----------------------------------------------------------------
+
+    def _fill_retention(self, txn: Any, rec: node_pb2.StudyRecord) -> bool:
+        """A record from before retention inputs were kept: fold in every version."""
+        if rec.retain_date or rec.retain_birth or rec.retain_birth_bad or not rec.manifests:
+            return False
+        for mid in self._study_manifest_ids(txn, rec.study_uid):
+            raw = txn.get(mid, db=self.manifests)
+            if raw is not None:
+                _merge_retention(rec, mf.decode(bytes(raw)))
+        return True
+
+    def _study_manifest_ids(self, txn: Any, study_uid: str) -> list[bytes]:
+        prefix = study_uid.encode() + SEP
+        sops: list[bytes] = []
+        cur = txn.cursor(db=self.studies)
+        ok = cur.set_range(prefix)
+        while ok and bytes(cur.key()).startswith(prefix):
+            sops.append(bytes(cur.key()).rsplit(SEP, 1)[1])
+            ok = cur.next()
+        out: list[bytes] = []
+        vcur = txn.cursor(db=self.versions)
+        for sop in sops:
+            vprefix = sop + SEP
+            ok = vcur.set_range(vprefix)
+            while ok and bytes(vcur.key()).startswith(vprefix):
+                out.append(bytes(vcur.key()[len(vprefix) + 8:]))
+                ok = vcur.next()
+        return out
+
+    def is_deleted(self, study_uid: str) -> tuple[int, str] | None:
+        """(deleted at ms, expiry) if this node deleted the study."""
+        with self.env.begin() as txn:
+            return self.expiry.deleted_at(txn, study_uid)
+
+    def expiry_of(self, rec: node_pb2.StudyRecord) -> Any:
+        return expiry_of(self.expiry.policy, rec)
+
+    def delete_study(self, study_uid: str, at_ms: int,
+                     check: Callable[[node_pb2.StudyRecord], bool]) -> tuple[int, int] | None:
+        """Delete every version of a study from this node, in one transaction that first
+        re-checks `check(record)` (expired, not held: the caller's rules). Its chunks
+        become loose (GC reclaims them); the study is remembered as deleted, so no copy
+        offered later is stored again. Returns (manifests, instances) or None."""
+        with self.env.begin(write=True) as txn:
+            rec = self._record(txn, study_uid)
+            if rec is None or not check(rec):
+                return None
+            partition = rec.partition
+            mids = self._study_manifest_ids(txn, study_uid)
+            loaded = [(mid, mf.decode(bytes(raw))) for mid in mids
+                      if (raw := txn.get(mid, db=self.manifests)) is not None]
+            currents = {self.current_id(txn, sop) for sop in {m.sop_instance_uid
+                                                              for _, m in loaded}}
+            instances = 0
+            for mid, m in loaded:
+                sop = m.sop_instance_uid
+                current = mid in currents
+                if txn.delete(mid, db=self.held):
+                    self.chunk_refs.release(txn, (c.hash for c in m.chunks), at_ms)
+                    if current:
+                        self._partition_held(txn, partition, mid, -1)
+                self._need(txn, partition, mid, m.size, -1)
+                for c in m.chunks:
+                    txn.delete(c.hash + mid, db=self.refs)
+                txn.delete(sop.encode() + SEP + _U64.pack(m.received_hlc) + mid,
+                           db=self.versions)
+                if txn.get(m.file_hash, db=self.files) == mid:
+                    txn.delete(m.file_hash, db=self.files)
+                txn.delete(mid, db=self.manifests)
+                txn.delete(mid, db=self.text_check)
+                txn.delete(mid, db=self.text_fix)
+                self._partition_remove(txn, partition, mid)
+                if current:
+                    instances += 1
+                    txn.delete(SEP.join((study_uid.encode(), m.series_instance_uid.encode(),
+                                         sop.encode())), db=self.studies)
+            self._count(txn, b"instances", -instances)
+            self.indexes.update(txn, study_uid, indexed_values(rec), node_pb2.StudyRecord())
+            key = study_uid.encode()
+            self.expiry.remove(txn, rec)
+            self._put_safety(txn, rec, 0, False)  # off the unsafe index
+            txn.delete(key, db=self.safety)
+            txn.delete(key, db=self.safety_dirty)
+            txn.delete(_U32.pack(partition) + key, db=self.part_study)
+            txn.delete(_U32.pack(partition) + key, db=self.held_studies)
+            txn.delete(key, db=self.study_recs)
+            self.expiry.mark_deleted(txn, study_uid, at_ms,
+                                     self.expiry.key(rec).decode())
+        return len(mids), instances
+
+    def _partition_remove(self, txn: Any, partition: int, manifest_id: bytes) -> None:
+        key = _U32.pack(partition)
+        raw = txn.get(key, db=self.partition_db)
+        if raw is None:
+            return
+        count = _U64.unpack(raw[DIGEST_LEN:])[0] - 1
+        if count > 0:
+            txn.put(key, digest_add(bytes(raw[:DIGEST_LEN]), manifest_id, -1) + _U64.pack(count),
+                    db=self.partition_db)
+        else:
+            txn.delete(key, db=self.partition_db)
+
     def take_sweep_request(self) -> bool:
         """True once after an upgrade: every study's safety must be judged afresh."""
         with self.env.begin(write=True, db=self.meta) as txn:
@@ -881,6 +995,16 @@ class Catalog:
                 int(txn.stat(self.manifests)["entries"]),
                 int(txn.stat(self.versions)["entries"]),
             )
+
+
+def _merge_retention(rec: node_pb2.StudyRecord, m: node_pb2.Manifest) -> None:
+    """Fold one version into its study's retention inputs: only ever later."""
+    used, birth, bad = retain_inputs(m.study_date, m.patient_birth_date, m.received_hlc >> 16)
+    rec.retain_date = max(rec.retain_date, used)
+    rec.retain_birth = max(rec.retain_birth, birth)
+    rec.retain_birth_bad = rec.retain_birth_bad or bad
+    if m.modality and m.modality not in rec.modalities:
+        rec.modalities.append(m.modality)  # every version's modality sets the period
 
 
 def _between(low: bytes, high: bytes, rng: random.Random) -> bytes:

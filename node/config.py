@@ -107,6 +107,7 @@ class GcSection:
     loose_grace_s: float = 86400.0
     compact_below: float = 0.75  # a pack with a smaller live fraction is rewritten
     seal_min_dead_mb: float = 64.0  # seal the active pack to compact it past this much dead
+    expiry_check_s: float = 60.0  # how often expired studies are looked for (node/expiry.py)
 
 
 @dataclass(frozen=True)
@@ -278,9 +279,10 @@ def parse(raw: dict[str, Any], path: Path | None = None) -> Config:
             "[tls] ca_cert, cert and key (see README, Securing a federation), listen on "
             "127.0.0.1, or set [tls] insecure = true to accept the risk (an alert)")
     gc = _section(GcSection, raw.get("gc", {}), "gc")
-    if (gc.rate_mb_s <= 0 or gc.interval_s <= 0 or gc.loose_grace_s < 0
+    if (gc.rate_mb_s <= 0 or gc.interval_s <= 0 or gc.loose_grace_s < 0 or gc.expiry_check_s <= 0
             or gc.seal_min_dead_mb < 0 or not 0 < gc.compact_below <= 1):
-        raise ConfigError("[gc] rate_mb_s and interval_s must be > 0, loose_grace_s and "
+        raise ConfigError("[gc] rate_mb_s, interval_s and expiry_check_s must be > 0, "
+                          "loose_grace_s and "
                           "seal_min_dead_mb >= 0, compact_below in (0, 1]")
     return Config(node=node, cluster=cluster, dicom=dicom, scrub=scrub, drill=drill, tls=tls,
                   transfer=_transfer(raw.get("transfer", {})), gc=gc,

@@ -28,9 +28,12 @@ from pacsmesh.node.charset_repair import CharsetRepair
 from pacsmesh.node.config import Config, node_id_for
 from pacsmesh.node.dicom import DicomServer
 from pacsmesh.node.errors import ChunkCorrupt, ChunkMissing, ConfigError, Mismatch, PacsmeshError
+from pacsmesh.node.expiry import ExpiryDeleter
 from pacsmesh.node.gc import Collector
 from pacsmesh.node.hlc import HybridClock
 from pacsmesh.node.ingest import LayoutCheck, Prepared, prepare_file, prepare_local
+from pacsmesh.node.lifecycle import LifecycleBook
+from pacsmesh.node.retention_desk import RetentionDesk
 from pacsmesh.node.scrubber import Scrubber
 from pacsmesh.node.service import (
     ClusterView,
@@ -89,7 +92,7 @@ class NodeDaemon:
         self.audit = AuditLog(cfg.node.data_dir)
         self.store = Store(cfg.node.data_dir, cfg.node.capacity_bytes,
                            pack_size_max=cfg.node.pack_size_mb << 20,
-                           partitions=cfg.cluster.partitions)
+                           partitions=cfg.cluster.partitions, retention=cfg.retention)
         self.store.audit_sink = self.audit.record_now
         self.clock = HybridClock(
             max_ahead_ms=max(1, round(cfg.cluster.max_clock_ahead_s * 1000)))
@@ -97,6 +100,9 @@ class NodeDaemon:
         self.runner: Runner | None = None
         self.scrubber = Scrubber(self.store, cfg.scrub.rate_mb_s, cfg.scrub.interval_s)
         self.gc = Collector(self.store, cfg.gc, self.scrubber.bad_chunk)
+        self.lifecycle = LifecycleBook(self.store.env)
+        self.desk = RetentionDesk(self.store, self.lifecycle, self.node_id)
+        self.expiry = ExpiryDeleter(self.store, self.desk, self.audit, cfg.gc.expiry_check_s)
         self.drill: Drill | None = None  # restore drills need peers: the cluster sets it
         self.view: ClusterView = LoneView(
             self.store, self.node_id, cfg.node.site, cfg.advertise, cfg.node.lat, cfg.node.lon,
@@ -104,7 +110,7 @@ class NodeDaemon:
         self.server: grpc.aio.Server | None = None
         self._services: list[Callable[[grpc.aio.Server], None]] = []
         self._service_names: list[str] = [node_pb2.DESCRIPTOR.services_by_name["NodeApi"].full_name]
-        self._workers: list[Worker] = [self.scrubber, self.gc,
+        self._workers: list[Worker] = [self.scrubber, self.gc, self.expiry,
                                        CharsetRepair(self.store, self._read_chunk)]
         self._on_stop: list[Callable[[], Any]] = []
         self._after_stop: list[Callable[[], Any]] = []
@@ -217,6 +223,7 @@ class NodeDaemon:
         api.unsafe_alert_after_s = self.cfg.cluster.unsafe_alert_after_s
         api.audit = self.audit
         api.gc = self.gc
+        api.desk = self.desk
         if (plaintext := self.plaintext_alert()) is not None:
             api.config_alerts.append(plaintext)
         node_pb2_grpc.add_NodeApiServicer_to_server(api, server)

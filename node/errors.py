@@ -64,3 +64,7 @@ class ChunkMissing(PacsmeshError):
 
 class ProtocolError(PacsmeshError):
     pass
+
+
+class StudyDeleted(InvalidInstance):
+    """A version of a study this node deleted when its retention expired."""

@@ -94,6 +94,7 @@ class LifecycleBook:
         self.released = env.open_db(b"lifecycle_released")
         self.held_db = env.open_db(b"lifecycle_held")
         self.meta = env.open_db(b"lifecycle_meta")
+        self.deletes = env.open_db(b"lifecycle_deletes")  # study uid -> '' (a DELETE exists)
 
     # ---- records ----------------------------------------------------------------------
 
@@ -180,6 +181,8 @@ class LifecycleBook:
     def _index(self, txn: Any, rid: bytes, rec: LifecycleRecord) -> None:
         study = rec.study_uid.encode()
         txn.put(study + SEP + rid, bytes([rec.kind]), db=self.by_study)
+        if rec.kind == DELETE:
+            txn.put(study, b"", db=self.deletes)
         if rec.kind == HOLD:
             if txn.get(study + SEP + rid, db=self.released) is None:
                 self._held_add(txn, study, +1)
@@ -257,6 +260,18 @@ class LifecycleBook:
                     rec = self._record(txn, rid)
                     found.append((rec.at_ms, rid, rec))
         return min(found, key=lambda f: (f[0], f[1]))[2] if found else None
+
+    def delete_requests(self, after: str, limit: int) -> list[str]:
+        """Studies an operator asked to delete, in uid order after `after`."""
+        limit = max(1, min(limit, HELD_PAGE_MAX))
+        out: list[str] = []
+        with self.env.begin(db=self.deletes) as txn:
+            cur = txn.cursor()
+            ok = cur.set_range(after.encode() + SEP) if after else cur.first()
+            while ok and len(out) < limit:
+                out.append(bytes(cur.key()).decode())
+                ok = cur.next()
+        return out
 
     def held_studies(self, after: str, limit: int) -> list[str]:
         """Studies with a hold in force, in uid order after `after`."""

@@ -1,7 +1,8 @@
 """Pages of studies for `pacsmesh ls`: filters through indexes, bounded work per request.
 
 Where the candidates come from: a patient id reads by_patient (in study uid
-order), a date range by_date (in date, then uid order), unsafe studies alone the
+order), a date range by_date (in date, then uid order), expired studies by_expiry
+(in expiry date, then uid order), unsafe studies alone the
 unsafe index (oldest first, kept by the cluster's safety verdicts), anything
 else the study records themselves (in uid order). Every other filter is checked on each
 candidate's record. Reading happens in short transactions of READ_BATCH keys,
@@ -53,6 +54,8 @@ class StudyFilter:
     modality: str = ""
     local: bool = False  # every current instance held here, verified
     unsafe: bool = False  # judged short of safe copies (the caller re-checks live)
+    expired_by: str = ""  # YYYYMMDD: retention expiry on or before this day
+    expiry_key: Callable[[node_pb2.StudyRecord], str] | None = None  # (its YYYYMMDD)
 
     def check(self) -> None:
         for name in ("since", "until"):
@@ -76,6 +79,9 @@ class StudyFilter:
             return False
         if self.modality and self.modality not in rec.modalities:
             return False
+        if self.expired_by and (self.expiry_key is None
+                                or self.expiry_key(rec) > self.expired_by):
+            return False
         return not (self.local and rec.held_instances < rec.instances)
 
 
@@ -90,6 +96,7 @@ class _Source:
 
     def __init__(self, catalog: Catalog, flt: StudyFilter) -> None:
         self.catalog = catalog
+        self.expiry_key: Callable[[node_pb2.StudyRecord], str] | None = None
         self.index = ""
         self.prefix = b""
         self.until = b""
@@ -97,6 +104,9 @@ class _Source:
             self.index, self.prefix = "patient_id", value_key(flt.patient_id) + SEP
         elif flt.dated:
             self.index, self.until = "study_date", flt.until.encode()
+        elif flt.expired_by:
+            self.index, self.until = "expires", flt.expired_by.encode()
+            self.expiry_key = flt.expiry_key
         elif flt.unsafe:
             self.index = "unsafe"
         self.since = flt.since.encode() if self.index == "study_date" else b""
@@ -105,6 +115,13 @@ class _Source:
         """The first key after study `after` ("" = from the beginning)."""
         if self.index == "unsafe":
             return self.catalog.unsafe_key(after) + SEP if after else b""
+        if self.index == "expires":
+            if not after:
+                return b""
+            rec = self.catalog.study_record(after)
+            if rec is None or self.expiry_key is None:
+                raise BadQuery(f"after: study {after} is not in this node's catalog")
+            return value_key(self.expiry_key(rec)) + SEP + after.encode() + SEP
         if self.index == "study_date":
             if not after:
                 return self.since

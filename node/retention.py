@@ -273,3 +273,52 @@ def _shown(text: str) -> str:
     if _DATE_LIKE.fullmatch(text):
         return f"'{text}'"
     return f"({len(text)} characters, not a date)"
+
+
+# ---- a study's retention inputs, kept on its catalog record ------------------------------
+#
+# A study's expiry is computed from the latest date, the latest readable birth date and
+# every modality over all versions ever added, so a re-sent or corrected instance can
+# only make it be kept longer, and nodes that know the same versions agree.
+
+NEVER = "99999999"  # the expiry index's key for "kept until an operator decides"
+
+
+def retain_inputs(study_date: str, birth_date: str, received_ms: int
+                  ) -> tuple[str, str, bool]:
+    """One version's contribution: (date used YYYYMMDD or "", readable birth date or "",
+    whether its birth date is present but unusable: unreadable or after the study)."""
+    study = _read_da(study_date) or _received_date(received_ms)
+    used = study.strftime("%Y%m%d") if study is not None else ""
+    text = birth_date.strip(_PAD)
+    if not text:
+        return used, "", False
+    birth = _read_da(text)
+    if birth is None or (study is not None and birth - study > BIRTH_AFTER_STUDY_MAX):
+        return used, "", True
+    return used, birth.strftime("%Y%m%d"), False
+
+
+def record_expiry(policy: RetentionSection, retain_date: str, retain_birth: str,
+                  birth_bad: bool, modalities: Iterable[str], dated: bool = True) -> Expiry:
+    """The expiry of a study from its record's retention inputs. `dated`: the study has a
+    readable study date (else `retain_date` is the date it was received)."""
+    if birth_bad:
+        return Expiry(None, "a version's birth date is unreadable or after its study: kept "
+                            "until an operator decides")
+    if not retain_date:
+        return Expiry(None, "no study date and no receipt time: kept until an operator "
+                            "decides")
+    exp = expiry(policy, retain_date, retain_birth, modalities, 0)
+    if dated:
+        return exp
+    return Expiry(exp.expires, exp.rule.replace("study date", "no study date: received", 1))
+
+
+def readable_date(text: str) -> bool:
+    return _read_da(text) is not None
+
+
+def expiry_key(exp: Expiry) -> str:
+    """YYYYMMDD, or NEVER: sorts by date, never-expiring last."""
+    return exp.expires.strftime("%Y%m%d") if exp.expires is not None else NEVER

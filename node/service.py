@@ -17,12 +17,13 @@ from typing import Any, Protocol, TypeVar
 import grpc
 
 from pacsmesh.node import alerts as alerts_mod
-from pacsmesh.node import listing
+from pacsmesh.node import listing, retention
 from pacsmesh.node.audit import AuditLog, Event
 from pacsmesh.node.errors import ChunkCorrupt, ChunkMissing, PacsmeshError
 from pacsmesh.node.gc import Collector
 from pacsmesh.node.hlc import HybridClock
 from pacsmesh.node.ingest import IngestSession, Prepared
+from pacsmesh.node.retention_desk import Refused, RetentionDesk
 from pacsmesh.node.scrubber import Scrubber
 from pacsmesh.node.store import Store
 from pacsmesh.node.tls import CALLER
@@ -128,6 +129,7 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
         self.config_alerts: list[node_pb2.Alert] = []  # e.g. PLAINTEXT: fixed at start
         self.audit: AuditLog | None = None
         self.gc: Collector | None = None
+        self.desk: RetentionDesk | None = None
 
     def _event(self, action: str, outcome: str, study_uid: str = "", instances: int = 0,
                detail: str = "") -> Event:
@@ -309,16 +311,21 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
         _, safe = self.view.holders(rec.study_uid, rec.instances)
         if unsafe_only and safe >= self.view.copies():
             return None
+        exp = self.store.catalog.expiry_of(rec).expires
         return node_pb2.StudySummary(
             study_uid=rec.study_uid, patient_id=rec.patient_id, study_date=rec.study_date,
             modalities=sorted(rec.modalities), instances=rec.instances, bytes=rec.bytes,
-            safe_copies=safe)
+            safe_copies=safe, expires=exp.isoformat() if exp else "")
 
     def _study_page(self, request: node_pb2.ListStudiesRequest
                     ) -> listing.Page[node_pb2.StudySummary]:
-        flt = listing.StudyFilter(patient_id=request.patient_id, since=request.since,
-                                  until=request.until, modality=request.modality,
-                                  local=request.local, unsafe=request.unsafe)
+        cat = self.store.catalog
+        flt = listing.StudyFilter(
+            patient_id=request.patient_id, since=request.since, until=request.until,
+            modality=request.modality, local=request.local, unsafe=request.unsafe,
+            expired_by=(retention.today_utc(time.time()).strftime("%Y%m%d")
+                        if request.expired else ""),
+            expiry_key=lambda rec: retention.expiry_key(cat.expiry_of(rec)))
         return listing.list_page(self.store.catalog, flt, request.after, request.limit,
                                  lambda rec: self._summary(rec, request.unsafe))
 
@@ -331,7 +338,8 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         filters = {"patient": bool(request.patient_id), "since": request.since,
                    "until": request.until, "modality": request.modality,
-                   "local": request.local, "unsafe": request.unsafe}
+                   "local": request.local, "unsafe": request.unsafe,
+                   "expired": request.expired}
         shown = ", ".join(f"{k}={v}" for k, v in filters.items() if v)  # no patient IDs
         await self._audit("ls", "ok", instances=len(page.items),
                           detail=f"{len(page.items)} studies listed" + (f"; {shown}"
@@ -455,7 +463,8 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
                                        if st.last_pass_completed_ms else -1.0),
             rate_mb_s=cfg.rate_mb_s, interval_s=cfg.interval_s,
             chunks_reclaimed=st.chunks_reclaimed, packs_compacted=st.packs_compacted,
-            node=self.node_id, loose_grace_s=cfg.loose_grace_s)
+            node=self.node_id, loose_grace_s=cfg.loose_grace_s,
+            studies_deleted=self.store.catalog.expiry.deleted_count())
 
     async def Gc(self, request: node_pb2.GcRequest,
                  context: grpc.aio.ServicerContext[Any, Any]) -> node_pb2.GcStatus:
@@ -469,23 +478,52 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
 
     async def Retention(self, request: node_pb2.RetentionRequest,
                         context: grpc.aio.ServicerContext[Any, Any]) -> node_pb2.RetentionReply:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "retention comes with holds")
-        raise AssertionError
+        desk = await self._desk(context)
+        try:
+            reply = await self._run(desk.report, request.study_uid)
+        except Refused as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        await self._audit("retention", "ok", request.study_uid, detail=reply.state)
+        return reply
 
     async def Hold(self, request: node_pb2.HoldRequest,
                    context: grpc.aio.ServicerContext[Any, Any]) -> node_pb2.RetentionReply:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "holds are not built yet")
-        raise AssertionError
+        desk = await self._desk(context)
+        return await self._lifecycle("hold", desk.hold, request, context)
 
     async def Release(self, request: node_pb2.HoldRequest,
                       context: grpc.aio.ServicerContext[Any, Any]) -> node_pb2.RetentionReply:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "holds are not built yet")
-        raise AssertionError
+        desk = await self._desk(context)
+        return await self._lifecycle("release", desk.release, request, context)
 
     async def Delete(self, request: node_pb2.HoldRequest,
                      context: grpc.aio.ServicerContext[Any, Any]) -> node_pb2.RetentionReply:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "deletion is not built yet")
-        raise AssertionError
+        desk = await self._desk(context)
+        return await self._lifecycle("delete", desk.request_delete, request, context)
+
+    async def _desk(self, context: grpc.aio.ServicerContext[Any, Any]) -> RetentionDesk:
+        if self.desk is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node keeps no retention")
+        assert self.desk is not None
+        return self.desk
+
+    async def _lifecycle(self, action: str,
+                         fn: Callable[[str, str, str], node_pb2.RetentionReply],
+                         request: node_pb2.HoldRequest,
+                         context: grpc.aio.ServicerContext[Any, Any]) -> node_pb2.RetentionReply:
+        """A hold, release or deletion request: done and audited, or refused and audited
+        with the reason (the study is never touched by a refused one)."""
+        if not request.reason.strip():
+            await self._audit(action, "refused", request.study_uid, detail="no reason given")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{action} needs --reason: say why, for the audit trail")
+        try:
+            reply = await self._run(fn, request.study_uid, request.reason, CALLER.get().who)
+        except Refused as exc:
+            await self._audit(action, "refused", request.study_uid, detail=str(exc))
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        await self._audit(action, "ok", request.study_uid, detail=request.reason)
+        return reply
 
     async def Drill(self, request: node_pb2.DrillRequest,
                     context: grpc.aio.ServicerContext[Any, Any]) -> node_pb2.DrillReply:

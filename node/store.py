@@ -36,6 +36,7 @@ from pacsmesh.node.chunkstore import ChunkStore, is_lmdb_full
 from pacsmesh.node.errors import ChunkMissing, DataDirLocked, InvalidInstance, StoreFull
 from pacsmesh.node.manifest import decode as manifest_decode
 from pacsmesh.node.packs import PACK_SIZE_MAX, READ_FDS_MAX, PackSet, pack_name
+from pacsmesh.node.retention import RetentionSection
 from pacsmesh.proto import node_pb2
 
 LOGGER = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ class CommitItem:
 class Store:
     def __init__(self, data_dir: Path, capacity_bytes: int = 0,
                  pack_size_max: int = PACK_SIZE_MAX, partitions: int = 1024,
-                 read_fds_max: int = READ_FDS_MAX) -> None:
+                 read_fds_max: int = READ_FDS_MAX,
+                 retention: RetentionSection | None = None) -> None:
         self.data_dir = data_dir
         self.capacity_bytes = capacity_bytes
         self._free_at, self._free_cached, self._admitted_since_check = -1e9, 0, 0
@@ -76,7 +78,7 @@ class Store:
         self.packs = PackSet(data_dir / "packs", pack_size_max, read_fds_max)
         self.refs = ChunkRefs(self.env)
         self.chunks = ChunkStore(self.env, self.packs, self.refs)
-        self.catalog = Catalog(self.env, partitions, self.refs)
+        self.catalog = Catalog(self.env, partitions, self.refs, retention)
         self.retired = self.env.open_db(b"retired_packs")
         self._remove_retired()
         for note in self.packs.recover(self.chunks.committed_pack_lengths()):

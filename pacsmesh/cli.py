@@ -7,6 +7,7 @@ With --json, stdout carries exactly one JSON document and nothing else.
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
 import json
 import logging
@@ -333,14 +334,15 @@ def _study_dict(st: node_pb2.StudySummary) -> dict[str, Any]:
     """The CONTRACT's fields, built directly: MessageToDict costs ~30 us a study."""
     return {"study_uid": st.study_uid, "patient_id": st.patient_id,
             "study_date": st.study_date, "modalities": list(st.modalities),
-            "instances": st.instances, "bytes": st.bytes, "safe_copies": st.safe_copies}
+            "instances": st.instances, "bytes": st.bytes, "safe_copies": st.safe_copies,
+            "expires": st.expires or None}
 
 
 def _ls_request(args: argparse.Namespace, after: str) -> node_pb2.ListStudiesRequest:
     return node_pb2.ListStudiesRequest(
         local=args.local, limit=args.limit, after=after, patient_id=args.patient,
         since=args.since or "", until=args.until or "", modality=args.modality,
-        unsafe=args.unsafe)
+        unsafe=args.unsafe, expired=args.expired)
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -366,7 +368,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         for d in studies:
             print(f"{d['study_uid']}  {d['patient_id']:<12} {d['study_date']:<8} "
                   f"{','.join(d['modalities']):<6} {d['instances']:>6} inst "
-                  f"{_human_bytes(d['bytes']):>10}  {d['safe_copies']} safe copies")
+                  f"{_human_bytes(d['bytes']):>10}  {d['safe_copies']} safe copies"
+                  f"  expires {d['expires'] or 'never (see retention)'}")
         if after:
             print(f"more: repeat with --after {after} for the next page")
 
@@ -383,6 +386,55 @@ def _ls_json(studies: list[dict[str, Any]], next_: str | None) -> str:
     rows = ",\n".join(f"    {json.dumps(d)}" for d in studies)
     body = f"[\n{rows}\n  ]" if rows else "[]"
     return f'{{\n  "studies": {body},\n  "next": {json.dumps(next_)}\n}}\n'
+
+
+def cmd_retention(args: argparse.Namespace) -> int:
+    request = node_pb2.RetentionRequest(study_uid=args.study_uid)
+    return _retention_reply(args, _call(args, lambda s: s.Retention(request)))
+
+
+def cmd_hold(args: argparse.Namespace) -> int:
+    request = node_pb2.HoldRequest(study_uid=args.study_uid, reason=args.reason)
+    return _retention_reply(args, _call(args, lambda s: s.Hold(request)))
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    request = node_pb2.HoldRequest(study_uid=args.study_uid, reason=args.reason)
+    return _retention_reply(args, _call(args, lambda s: s.Release(request)))
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    request = node_pb2.HoldRequest(study_uid=args.study_uid, reason=args.reason)
+    return _retention_reply(args, _call(args, lambda s: s.Delete(request)))
+
+
+def _retention_reply(args: argparse.Namespace, reply: node_pb2.RetentionReply) -> int:
+    doc: dict[str, Any] = {"study_uid": reply.study_uid, "expires": reply.expires or None,
+           "rule": reply.rule, "held": reply.held, "state": reply.state,
+           "deletable_on": reply.deletable_on or None, "delete_expired": reply.delete_expired,
+           "delete_granted": reply.delete_granted, "node": reply.node,
+           "holds": [{"id": h.id.hex(), "reason": h.reason, "who": h.who, "node": h.node,
+                      "at": _iso_ms(h.at_ms)} for h in reply.holds]}
+
+    def human() -> None:
+        print(f"study {doc['study_uid']}: {doc['state']}; expires "
+              f"{doc['expires'] or 'never automatically'} ({doc['rule'] or 'no record here'})")
+        if doc["deletable_on"]:
+            print(f"  deletable from {doc['deletable_on']} "
+                  + ("(the policy deletes it then)" if doc["delete_expired"] else
+                     "(deleted only if an operator asks: [retention] delete_expired is off)"))
+        for h in doc["holds"]:
+            print(f"  LEGAL HOLD since {h['at']} by {h['who']} at {h['node']}: {h['reason']}")
+        if doc["delete_granted"]:
+            print("  an operator asked for its deletion (pacsmesh delete)")
+
+    _emit(args, doc, human)
+    return 0
+
+
+def _iso_ms(ms: int) -> str:
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
 
 
 def cmd_locate(args: argparse.Namespace) -> int:
@@ -716,9 +768,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", default="", metavar="M", help="a modality in the study")
     p.add_argument("--unsafe", action="store_true",
                    help="only studies with fewer safe copies than required")
+    p.add_argument("--expired", action="store_true",
+                   help="only studies past their retention expiry (what could go)")
     p.add_argument("--all", action="store_true",
                    help="follow next to the end: every page in one answer")
     p.set_defaults(fn=cmd_ls)
+
+    p = _client(sub, "retention", "a study's retention: expiry date, the rule that set it, "
+                                  "legal holds")
+    p.epilog = "example: pacsmesh retention 1.2.840.113619.2.55.3 --json"
+    p.add_argument("study_uid", type=_study_uid)
+    p.set_defaults(fn=cmd_retention)
+
+    for name, fn, what, example in (
+            ("hold", cmd_hold, "place a legal hold: the study is never deleted while held "
+                               "(operator role)", "--reason 'litigation 2026-114'"),
+            ("release", cmd_release, "end the legal holds on a study (operator role)",
+             "--reason 'case closed'"),
+            ("delete", cmd_delete, "ask every node to delete a study whose retention expired "
+                                   "(operator role; refused, and audited, before)",
+             "--reason 'retention expired, board decision 12'")):
+        p = _client(sub, name, what)
+        p.epilog = f"example: pacsmesh {name} 1.2.840.113619.2.55.3 {example}"
+        p.add_argument("study_uid", type=_study_uid)
+        p.add_argument("--reason", required=True, metavar="TEXT",
+                       help="why: kept in the audit trail and on every node")
+        p.set_defaults(fn=fn)
 
     p = _client(sub, "locate", "where a study's copies are, and whether it is safe")
     p.add_argument("study_uid")

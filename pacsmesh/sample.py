@@ -31,6 +31,7 @@ class StudySpec:
     patient_name: str = "DOE^JANE"
     modality: str = "CT"
     study_date: str = "20260101"
+    birth_date: str = "19700101"
     seed: int = 0
     # Noise (HU, sigma) outside the body too, as a real scanner's: 0 leaves the air
     # flat, which compresses ~3.3x and flatters compression; benchmarks use 12 (~2x,
@@ -81,7 +82,7 @@ def make_instance(spec: StudySpec, series_no: int, instance_no: int) -> Dataset:
     ds.SeriesInstanceUID = se_uid
     ds.PatientID = spec.patient_id
     ds.PatientName = spec.patient_name
-    ds.PatientBirthDate = "19700101"
+    ds.PatientBirthDate = spec.birth_date
     ds.PatientSex = "F"
     ds.StudyDate = spec.study_date
     ds.StudyTime = "120000"

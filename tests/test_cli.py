@@ -51,7 +51,7 @@ def test_views_follow_the_contract(node: NodeProc, study_dir: Path) -> None:
     assert study == {"study_uid": uid, "patient_id": "PM000001", "study_date": "20260101",
                      "modalities": ["CT"], "instances": 30,
                      "bytes": sum(p.stat().st_size for p in study_dir.rglob("*.dcm")),
-                     "safe_copies": 1}
+                     "safe_copies": 1, "expires": "2033-01-01"}  # 7 years, the default
     assert cli_json("ls", "--local", node=node.address)["studies"] == ls["studies"]
     loc = cli_json("locate", uid, node=node.address)
     (holder,) = loc["holders"]

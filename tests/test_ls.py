@@ -67,7 +67,11 @@ def test_pages_walk_every_study_once_in_order(node: NodeProc, studies: list[Synt
     want = min(studies, key=lambda s: s.study_uid)
     assert first == {"study_uid": want.study_uid, "patient_id": want.patient_id,
                      "study_date": want.study_date, "modalities": [want.modality],
-                     "instances": 1, "bytes": first["bytes"], "safe_copies": int(want.held)}
+                     "instances": 1, "bytes": first["bytes"], "safe_copies": int(want.held),
+                     "expires": first["expires"]}
+    d = want.study_date  # the default policy: 7 years from the study date
+    assert first["expires"] in (f"{int(d[:4]) + 7}-{d[4:6]}-{d[6:]}",
+                                f"{int(d[:4]) + 7}-03-01")  # (Feb 29 lands on Mar 1)
 
 
 def test_default_page_and_human_output(node: NodeProc, studies: list[Synth]) -> None:
