@@ -15,6 +15,7 @@ from pathlib import Path
 from pacsmesh.cluster.bandwidth import Shaper, limits_from_config
 from pacsmesh.cluster.drill import Drills, DrillWorker
 from pacsmesh.cluster.gossip import GossipWorker, me_as_member, new_membership
+from pacsmesh.cluster.lifecycle_worker import LifecycleWorker
 from pacsmesh.cluster.membership import ClusterSettings
 from pacsmesh.cluster.peer_service import PeerService
 from pacsmesh.cluster.peers import Peers
@@ -31,6 +32,7 @@ from pacsmesh.cluster.workers import (
     ProofAuditWorker,
     TrimWorker,
 )
+from pacsmesh.node import retention
 from pacsmesh.node.config import Config
 from pacsmesh.node.daemon import NodeDaemon
 from pacsmesh.proto import peer_pb2, peer_pb2_grpc
@@ -62,7 +64,8 @@ def build(cfg: Config) -> NodeDaemon:
     c = cfg.cluster
     state = ClusterState(daemon.node_id, c.partitions, c.copies, c.min_distance_miles,
                          c.dead_after_s, c.gossip_interval_s)
-    settings = ClusterSettings(c.copies, c.min_distance_miles, c.partitions)
+    settings = ClusterSettings(c.copies, c.min_distance_miles, c.partitions,
+                               retention.fingerprint(cfg.retention))
     me = me_as_member(daemon.node_id, cfg.node.site, cfg.node.lat, cfg.node.lon, cfg.advertise,
                       next_incarnation(cfg.node.data_dir))
     # our real size from the first record on: a weight of zero until the first gossip
@@ -103,7 +106,13 @@ def build(cfg: Config) -> NodeDaemon:
     daemon.drill = drills.run
     view.drills = drills
     daemon.remote = replicator.read_remote
+    lifecycle = LifecycleWorker(daemon.lifecycle, state, peers, daemon.node_id, replicator._run,
+                                interval_s=background, confirm_within_s=max(60.0, 6 * background))
+    daemon.desk.listeners.append(lifecycle.made)
+    daemon.expiry.confirmed = lifecycle.deletion_blocker
+    daemon.expiry.on_deleted.append(lambda uids: replicator.held_changed(set(uids)))
     service = PeerService(gossip, replicator)
+    service.lifecycle = lifecycle
     daemon.add_service(lambda server: peer_pb2_grpc.add_PeerApiServicer_to_server(service, server),
                        peer_pb2.DESCRIPTOR.services_by_name["PeerApi"].full_name)
     # anti-entropy is the safety net under announce; a few gossip rounds apart is plenty
@@ -112,7 +121,7 @@ def build(cfg: Config) -> NodeDaemon:
                    HoldingsWorker(replicator, max(0.5, 2 * c.gossip_interval_s)),
                    HeldDeltaWorker(replicator),
                    ProofAuditWorker(replicator, c.proof_audit_interval_s),
-                   trim, safety):
+                   trim, safety, lifecycle):
         daemon.add_worker(worker)
     if cfg.drill.interval_s > 0:
         daemon.add_worker(DrillWorker(drills, cfg.drill.interval_s, cfg.drill.count))

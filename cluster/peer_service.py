@@ -12,11 +12,15 @@ import grpc
 
 from pacsmesh.cluster import antientropy, holdings
 from pacsmesh.cluster.gossip import GossipWorker
+from pacsmesh.cluster.lifecycle_worker import LifecycleWorker
 from pacsmesh.cluster.membership import ADDRESS_LENGTH_MAX
 from pacsmesh.cluster.relay import RELAY_GRACE_S, RELAY_WAIT_MAX_S
 from pacsmesh.cluster.transfer import DEFERRED, GET_MANIFESTS_MAX, REPLY_BYTES_MAX, Replicator
 from pacsmesh.node.catalog import partition_of
 from pacsmesh.node.errors import ChunkCorrupt, ChunkMissing
+from pacsmesh.node.lifecycle import ADD_MAX as LIFECYCLE_ADD_MAX
+from pacsmesh.node.lifecycle import PAGE_MAX as LIFECYCLE_PAGE_MAX
+from pacsmesh.node.lifecycle import LifecycleBook
 from pacsmesh.node.tls import CALLER
 from pacsmesh.proto import peer_pb2, peer_pb2_grpc
 
@@ -46,6 +50,7 @@ class PeerService(peer_pb2_grpc.PeerApiServicer):
     def __init__(self, gossip: GossipWorker, replicator: Replicator) -> None:
         self.gossip = gossip
         self.r = replicator
+        self.lifecycle: LifecycleWorker | None = None
 
     async def Gossip(self, request: peer_pb2.GossipMessage, context: Any
                      ) -> peer_pb2.GossipReply:
@@ -79,18 +84,31 @@ class PeerService(peer_pb2_grpc.PeerApiServicer):
 
     async def GetLifecycleDigest(self, request: peer_pb2.LifecycleDigestRequest, context: Any
                                  ) -> peer_pb2.LifecycleDigest:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "lifecycle records not built yet")
-        raise AssertionError
+        book = await self._book(context)
+        digest, count = await self.r._run(book.digest)
+        return peer_pb2.LifecycleDigest(digest=digest, count=count)
 
     async def GetLifecycleRecords(self, request: peer_pb2.LifecycleRecordsRequest, context: Any
                                   ) -> peer_pb2.LifecycleRecords:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "lifecycle records not built yet")
-        raise AssertionError
+        book = await self._book(context)
+        limit = max(1, min(request.limit or LIFECYCLE_PAGE_MAX, LIFECYCLE_PAGE_MAX))
+        raws, more = await self.r._run(book.page, request.after, limit)
+        return peer_pb2.LifecycleRecords(records=raws, more=more)
 
     async def PushLifecycle(self, request: peer_pb2.LifecyclePush, context: Any
                             ) -> peer_pb2.LifecyclePushReply:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "lifecycle records not built yet")
-        raise AssertionError
+        await self._book(context)
+        assert self.lifecycle is not None
+        if len(request.records) > LIFECYCLE_ADD_MAX:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "too many records")
+        added = await self.lifecycle.accept(list(request.records), CALLER.get().who)
+        return peer_pb2.LifecyclePushReply(added=added)
+
+    async def _book(self, context: Any) -> LifecycleBook:
+        if self.lifecycle is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "lifecycle records not served")
+        assert self.lifecycle is not None
+        return self.lifecycle.book
 
     async def PushHeld(self, request: peer_pb2.HeldDelta, context: Any
                        ) -> peer_pb2.HeldDeltaReply:

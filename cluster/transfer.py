@@ -117,6 +117,7 @@ class Replicator:
         # peer -> (failures, last study, unix time): claims it could not prove; replaced
         self.failed_proofs: dict[str, tuple[int, str, float]] = {}
         self.future_refused = 0
+        self.deleted_refused = 0  # manifests of studies deleted here, offered again
         # source -> refusals; replaced, never mutated (API threads read it)
         self.future_refusals: dict[str, FutureRefusals] = {}
         self._future_lock = threading.Lock()
@@ -306,6 +307,13 @@ class Replicator:
                 continue
             if why := mf.problem(m):
                 LOGGER.warning("refusing a manifest from %s: %s", source, why)
+                continue
+            if self.store.catalog.is_deleted(m.study_instance_uid):
+                # deleted here when its retention expired: a node that was away offers
+                # it back until it deletes it too; never stored again
+                self.deleted_refused += 1
+                LOGGER.debug("refusing a manifest of deleted study %s from %s",
+                             m.study_instance_uid, source)
                 continue
             if not self.clock.observe(m.received_hlc):
                 # Not stored: as the newest version of its instance, a stamp far in the
