@@ -25,6 +25,9 @@ from pacsmesh.proto import peer_pb2
 
 LOGGER = logging.getLogger(__name__)
 RPC_TIMEOUT_S = 20.0
+# Deleting by date trusts this node's calendar: a node whose clock runs this far ahead
+# of a live peer's (a wrong NTP server, a stepped VM) waits rather than delete early.
+CLOCK_AHEAD_MAX_S = 86_400.0
 T = TypeVar("T")
 
 
@@ -139,6 +142,12 @@ class LifecycleWorker(Worker):
         if len(members) > 1 and 2 * (len(alive) + 1) <= len(members):
             return (f"only {len(alive) + 1} of {len(members)} members are alive here: the "
                     "smaller side of a split cannot know every legal hold")
+        behind = {peer: -skew for peer, skew in self.state.clock_skew_s.items()
+                  if peer in alive and -skew > CLOCK_AHEAD_MAX_S}
+        if behind:
+            peer, ahead = max(behind.items(), key=lambda item: item[1])
+            return (f"this node's clock is {ahead / 86400:.1f} days ahead of {peer}'s: "
+                    "deleting by date waits until the clocks agree (fix NTP)")
         ours = self.book.digest()
         now = time.monotonic()
         if self.sync.confirmed(now, alive, ours, alone_ok=not alive):

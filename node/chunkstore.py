@@ -132,7 +132,7 @@ class ChunkStore:
 
     def note_reuse(self, keys: list[bytes]) -> None:
         """An instance about to be committed names these held chunks without sending them."""
-        now = time.monotonic()
+        now = time.time()  # wall clock: compared with when a chunk became loose
         with self._lock:
             for key in keys:
                 self._reused[key] = now
@@ -140,10 +140,13 @@ class ChunkStore:
             while len(self._reused) > REUSED_MAX:
                 self._reused.popitem(last=False)
 
-    def reused_lately(self, key: bytes) -> bool:
+    def reused_since(self, key: bytes, since_ms: int) -> bool:
+        """Did an ingest find `key` here since it became loose (at `since_ms`), lately?
+        A mark from before (the chunk was held, then let go) does not count."""
         with self._lock:
             at = self._reused.get(key)
-        return at is not None and time.monotonic() - at < self.reused_window_s
+        return (at is not None and at * 1000 >= since_ms
+                and time.time() - at < self.reused_window_s)
 
     def _recently_verified(self, key: bytes) -> bool:
         at = self._fresh.get(key)

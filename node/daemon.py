@@ -224,6 +224,7 @@ class NodeDaemon:
         api.audit = self.audit
         api.gc = self.gc
         api.desk = self.desk
+        api.expiry = self.expiry
         if (plaintext := self.plaintext_alert()) is not None:
             api.config_alerts.append(plaintext)
         node_pb2_grpc.add_NodeApiServicer_to_server(api, server)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pacsmesh.node.audit import AuditLog, Event
 from pacsmesh.node.retention_desk import RetentionDesk
 from pacsmesh.node.store import Store
-from pacsmesh.node.study_index import split_key
+from pacsmesh.node.study_index import SEP, split_key
 from pacsmesh.node.worker import Worker, WorkerState
 from pacsmesh.proto import node_pb2
 
@@ -49,6 +49,7 @@ class ExpiryDeleter(Worker):
         self.paused = ""  # why the last check could not delete (status shows it)
         self._paused_logged = -1e9
         self.deleted = 0  # since start
+        self._resume = b""  # where the next check reads the expiry index from
         self.on_deleted: list[Callable[[list[str]], None]] = []
 
     async def step(self) -> WorkerState:
@@ -82,9 +83,12 @@ class ExpiryDeleter(Worker):
         if policy.delete_expired:
             cutoff = (self.desk.today() - dt.timedelta(days=policy.grace_days)).strftime(
                 "%Y%m%d").encode()
-            for _, uid, _ in self.store.catalog.scan(
-                    "expires", b"", CANDIDATES_MAX, lambda k: split_key(k)[0] <= cutoff):
-                uids[uid] = None
+            rows = self.store.catalog.scan("expires", self._resume, CANDIDATES_MAX,
+                                           lambda k: split_key(k)[0] <= cutoff)
+            # held studies stay in the index: the next check goes on past them, and
+            # starts over once it reached the cutoff
+            self._resume = rows[-1][0] + SEP if len(rows) == CANDIDATES_MAX else b""
+            uids.update((uid, None) for _, uid, _ in rows)
         uids.update(dict.fromkeys(self.desk.book.delete_requests("", CANDIDATES_MAX)))
         recs = self.store.catalog.study_records_of(uids)
         return [uid for uid, rec in recs.items() if not self.desk.why_not_deletable(rec)]

@@ -159,7 +159,7 @@ class Collector(Worker):
             return False
         cutoff = now_ms - int(self.cfg.loose_grace_s * 1000)
         due = [key for key, since, _ in page
-               if since < cutoff and not self.store.chunks.reused_lately(key)]
+               if since < cutoff and not self.store.chunks.reused_since(key, since)]
         if due:
             reclaimed = 0
             with self.store.env.begin(write=True) as txn:

@@ -263,21 +263,16 @@ class LifecycleBook:
 
     def delete_requests(self, after: str, limit: int) -> list[str]:
         """Studies an operator asked to delete, in uid order after `after`."""
-        limit = max(1, min(limit, HELD_PAGE_MAX))
-        out: list[str] = []
-        with self.env.begin(db=self.deletes) as txn:
-            cur = txn.cursor()
-            ok = cur.set_range(after.encode() + SEP) if after else cur.first()
-            while ok and len(out) < limit:
-                out.append(bytes(cur.key()).decode())
-                ok = cur.next()
-        return out
+        return self._uid_page(self.deletes, after, limit)
 
     def held_studies(self, after: str, limit: int) -> list[str]:
         """Studies with a hold in force, in uid order after `after`."""
+        return self._uid_page(self.held_db, after, limit)
+
+    def _uid_page(self, db: Any, after: str, limit: int) -> list[str]:
         limit = max(1, min(limit, HELD_PAGE_MAX))
         out: list[str] = []
-        with self.env.begin(db=self.held_db) as txn:
+        with self.env.begin(db=db) as txn:
             cur = txn.cursor()
             ok = cur.set_range(after.encode() + SEP) if after else cur.first()
             while ok and len(out) < limit:

@@ -20,6 +20,7 @@ from pacsmesh.node import alerts as alerts_mod
 from pacsmesh.node import listing, retention
 from pacsmesh.node.audit import AuditLog, Event
 from pacsmesh.node.errors import ChunkCorrupt, ChunkMissing, PacsmeshError
+from pacsmesh.node.expiry import ExpiryDeleter
 from pacsmesh.node.gc import Collector
 from pacsmesh.node.hlc import HybridClock
 from pacsmesh.node.ingest import IngestSession, Prepared
@@ -130,6 +131,7 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
         self.audit: AuditLog | None = None
         self.gc: Collector | None = None
         self.desk: RetentionDesk | None = None
+        self.expiry: ExpiryDeleter | None = None
 
     def _event(self, action: str, outcome: str, study_uid: str = "", instances: int = 0,
                detail: str = "") -> Event:
@@ -413,6 +415,11 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
                 self.node_id, self.scrubber.overdue(int(time.time() * 1000)),
                 self.scrubber.interval_s, st.corrupt_found, st.repaired,
                 list(st.unrepairable.values()))
+        if self.expiry is not None and self.expiry.paused:
+            out.append(node_pb2.Alert(
+                severity="warning", code="RETENTION_PAUSED",
+                message=f"on {self.node_id}: {self.expiry.paused}; nothing is deleted "
+                        "until that is resolved"))
         return out
 
     async def Status(self, request: node_pb2.StatusRequest,

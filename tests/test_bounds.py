@@ -52,6 +52,7 @@ from pacsmesh.cluster.wire import gossip_from_pb, gossip_to_pb
 from pacsmesh.node import manifest as mf
 from pacsmesh.node.hashing import content_hash
 from pacsmesh.node.hlc import HLC_MAX, HybridClock, encode
+from pacsmesh.node.retention import RetentionSection, fingerprint
 from pacsmesh.node.store import Store
 from pacsmesh.proto import peer_pb2, peer_pb2_grpc
 from tests.catalogfill import Synth, manifest_of
@@ -142,7 +143,7 @@ def test_a_far_future_version_is_refused_and_the_genuine_one_stays_current(
 
 
 def test_gossip_worker_refuses_impostors_and_bounds_what_peers_claim() -> None:
-    settings = ClusterSettings(3, 250.0, PARTITIONS)
+    settings = ClusterSettings(3, 250.0, PARTITIONS, fingerprint(RetentionSection()))
     me = me_as_member("boston", "Boston", 42.36, -71.06, "127.0.0.1:1", 1)
     state = ClusterState("boston", PARTITIONS, 3, 250.0, 600.0)
     worker = GossipWorker(new_membership(me, settings, [], 1.0, None, 600.0), state, Peers(),
@@ -249,7 +250,7 @@ def test_forged_max_hlc_version_changes_nothing(federation: Federation) -> None:
 def test_forged_gossip_of_a_dead_node_changes_nothing(federation: Federation) -> None:
     c = federation.cluster
     boston, chicago, _ = c.members
-    settings = ClusterSettings(3, 250.0, PARTITIONS)
+    settings = ClusterSettings(3, 250.0, PARTITIONS, fingerprint(RetentionSection()))
     rogue = NodeId("rogue")
     # The rogue reads the table like any member: its empty push is answered in full.
     hello = gossip_to_pb(GossipMessage(rogue, "127.0.0.1:1", settings, ()), time.time())

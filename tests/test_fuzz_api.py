@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from pacsmesh.cluster.membership import ClusterSettings
 from pacsmesh.cluster.wire import settings_to_pb
 from pacsmesh.node.hashing import content_hash
+from pacsmesh.node.retention import RetentionSection, fingerprint
 from pacsmesh.proto import node_pb2, peer_pb2
 from pacsmesh.sample import StudySpec, make_instance, study_uid
 from tests.clusterproc import PARTITIONS, cluster_settings
@@ -83,7 +84,7 @@ def all_methods() -> dict[str, Method]:
 
 
 METHODS = all_methods()
-assert len(METHODS) == 9 + 14, sorted(METHODS)  # NodeApi (with Audit) + PeerApi
+assert len(METHODS) == 14 + 17, sorted(METHODS)  # NodeApi + PeerApi
 
 
 class Node:
@@ -113,7 +114,7 @@ class Node:
 
     def gossip_as_peer(self) -> None:
         """Make PEER a member, so its PushHeld reaches the holdings cache."""
-        settings = ClusterSettings(3, 250.0, PARTITIONS)
+        settings = ClusterSettings(3, 250.0, PARTITIONS, fingerprint(RetentionSection()))
         record = peer_pb2.MemberRecord(node_id=PEER, site="Seattle", lat=47.6, lon=-122.3,
                                        address="127.0.0.1:9", capacity_bytes=1 << 40,
                                        incarnation=1, heartbeat=1, state="alive")

@@ -112,6 +112,34 @@ def test_filters_match_brute_force(node: NodeProc, studies: list[Synth]) -> None
     assert {d["safe_copies"] for d in local} == {1}
 
 
+def _expires(s: Synth) -> str:
+    """The default policy, computed here on its own: 7 years, MG 7 (no by_modality)."""
+    y, md = int(s.study_date[:4]) + 7, s.study_date[4:]
+    return f"{y}{md}" if md != "0229" else f"{y}0301"
+
+
+def test_expired_pages_match_brute_force(node: NodeProc, studies: list[Synth]) -> None:
+    """Thousands of expired studies (dated 2015-2025, kept 7 years): `ls --expired`
+    pages through them in expiry-date order, a page of 1000 at a time, each once."""
+    today = time.strftime("%Y%m%d", time.gmtime())
+    want = sorted((s for s in studies if _expires(s) <= today),
+                  key=lambda s: (_expires(s), s.study_uid))
+    assert len(want) > 5 * 1000  # far more than a page
+    seen: list[str] = []
+    after: list[str] = []
+    while True:
+        doc = ls(node, "--expired", "--limit", "1000", *after)
+        seen += [d["study_uid"] for d in doc["studies"]]
+        for d in doc["studies"]:
+            assert d["expires"] is not None and d["expires"].replace("-", "") <= today, d
+        if doc["next"] is None:
+            break
+        after = ["--after", doc["next"]]
+    assert seen == [s.study_uid for s in want]
+    mixed = ls(node, "--expired", "--modality", "MG", "--all")["studies"]
+    assert [d["study_uid"] for d in mixed] == [s.study_uid for s in want if s.modality == "MG"]
+
+
 def test_a_filter_matching_nothing_answers_at_once(node: NodeProc) -> None:
     started = time.monotonic()
     assert ls(node, "--modality", "XA") == {"studies": [], "next": None}

@@ -17,6 +17,7 @@ import pytest
 
 from pacsmesh.cluster.membership import ClusterSettings
 from pacsmesh.node import pki
+from pacsmesh.node.retention import RetentionSection, fingerprint
 from pacsmesh.node.tls import load_files
 from pacsmesh.proto import node_pb2, node_pb2_grpc
 from tests.clusterproc import CITIES, cluster_settings, make_study, wait_for
@@ -98,7 +99,7 @@ def test_a_lying_member_with_a_valid_certificate_loses_no_copy(
                   load_files(d / "ca.pem", d / "mallory.pem", d / "mallory.key"),
                   [boston.address], boston.address,
                   ClusterSettings(COPIES, settings["min_distance_miles"],
-                                  settings["partitions"]),
+                                  settings["partitions"], fingerprint(RetentionSection())),
                   settings["gossip_interval_s"], settings["dead_after_s"]).start()
     try:
         def everyone_caught_it() -> bool:

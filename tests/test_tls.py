@@ -19,6 +19,7 @@ import pytest
 from pacsmesh.node import pki
 from pacsmesh.node.config import parse
 from pacsmesh.node.errors import ConfigError
+from pacsmesh.node.retention import RetentionSection, fingerprint
 from pacsmesh.proto import node_pb2, node_pb2_grpc, peer_pb2, peer_pb2_grpc
 from tests.clusterproc import CITIES, cluster_settings, make_study, wait_for
 from tests.nodeproc import NodeProc, cli
@@ -416,7 +417,9 @@ def test_members_invented_by_hearsay_get_no_copies(tmp_path: Path) -> None:
             reply = peer_pb2_grpc.PeerApiStub(ch).Gossip(peer_pb2.GossipMessage(
                 sender="mallory", address="127.0.0.1:2", members=[ghost],
                 settings=peer_pb2.Settings(copies=3, min_distance_miles=250.0,
-                                           partitions=64)), timeout=5)
+                                           partitions=64,
+                                           retention=fingerprint(RetentionSection()))),
+                timeout=5)
         assert reply is not None
 
         def flagged() -> bool:
