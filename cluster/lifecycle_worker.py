@@ -1,9 +1,11 @@
 """Drives the lifecycle sync (cluster/lifecycle_sync.py) over gRPC, pushes records made
 here to every alive peer at once, and tells the expiry deleter whether it may delete.
 
-Deletion waits unless this node is among a majority of the members it knows alive
-(the smaller side of a split cannot vouch for holds placed on the larger) and the
-sync confirms its record set equals every alive peer's.
+Deletion waits unless this node has been up for `settle_s` (dead_after_s: by then
+it has heard from the cluster), is among a majority of the members it knows alive
+(the smaller side of a split cannot vouch for holds placed on the larger), reaches
+a peer if it was given seeds, and the sync confirms its record set equals every
+alive peer's.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ class LifecycleWorker(Worker):
 
     def __init__(self, book: LifecycleBook, state: ClusterState, peers: Peers, node_id: str,
                  run: Callable[..., Awaitable[Any]], interval_s: float,
-                 confirm_within_s: float) -> None:
+                 confirm_within_s: float, settle_s: float = 0.0,
+                 has_seeds: bool = False) -> None:
         self.book = book
         self.state = state
         self.peers = peers
@@ -48,6 +51,10 @@ class LifecycleWorker(Worker):
         self._outbox: list[bytes] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._news = asyncio.Event()
+        # just started, a node knows few members (or none): deletion waits until it
+        # has heard from the cluster, and a node told of seeds never counts as alone
+        self._settled_at = time.monotonic() + settle_s
+        self.has_seeds = has_seeds
 
     # ---- the worker --------------------------------------------------------------------
 
@@ -137,8 +144,13 @@ class LifecycleWorker(Worker):
 
     def deletion_blocker(self) -> str:
         """"" when this node knows every hold the live cluster knows; else why not."""
+        left = self._settled_at - time.monotonic()
+        if left > 0:
+            return f"membership is still settling after the start ({left:.0f} s more)"
         members = self.state.snapshot.members
         alive = self._alive()
+        if not alive and self.has_seeds:
+            return "no peer is reachable to confirm the legal holds it knows"
         if len(members) > 1 and 2 * (len(alive) + 1) <= len(members):
             return (f"only {len(alive) + 1} of {len(members)} members are alive here: the "
                     "smaller side of a split cannot know every legal hold")
@@ -150,7 +162,7 @@ class LifecycleWorker(Worker):
                     "deleting by date waits until the clocks agree (fix NTP)")
         ours = self.book.digest()
         now = time.monotonic()
-        if self.sync.confirmed(now, alive, ours, alone_ok=not alive):
+        if self.sync.confirmed(now, alive, ours, alone_ok=not alive and not self.has_seeds):
             return ""
         waiting = self.sync.unconfirmed(now, alive, ours)
         return ("holds and deletion requests not yet confirmed equal with "

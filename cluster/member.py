@@ -107,7 +107,8 @@ def build(cfg: Config) -> NodeDaemon:
     view.drills = drills
     daemon.remote = replicator.read_remote
     lifecycle = LifecycleWorker(daemon.lifecycle, state, peers, daemon.node_id, replicator._run,
-                                interval_s=background, confirm_within_s=max(60.0, 6 * background))
+                                interval_s=background, confirm_within_s=max(60.0, 6 * background),
+                                settle_s=c.dead_after_s, has_seeds=bool(c.seeds))
     daemon.desk.listeners.append(lifecycle.made)
     daemon.expiry.confirmed = lifecycle.deletion_blocker
     daemon.expiry.on_deleted.append(lambda uids: replicator.held_changed(set(uids)))

@@ -308,7 +308,7 @@ class Replicator:
             if why := mf.problem(m):
                 LOGGER.warning("refusing a manifest from %s: %s", source, why)
                 continue
-            if self.store.catalog.is_deleted(m.study_instance_uid):
+            if self.store.catalog.refuses(m):
                 # deleted here when its retention expired: a node that was away offers
                 # it back until it deletes it too; never stored again
                 self.deleted_refused += 1

@@ -42,6 +42,7 @@ import logging
 import os
 import random
 import struct
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -147,6 +148,9 @@ class Catalog:
         self.unsafe = env.open_db(b"unsafe")
         self.meta = env.open_db(b"meta")
         self.refs = env.open_db(b"chunk_refs")  # chunk hash + manifest id -> '' (held ones)
+        # manifests unheld because a chunk was found damaged: their chunks stay counted
+        # as needed (GC keeps the good ones) until repaired, trimmed or deleted
+        self.damaged = env.open_db(b"unheld_damaged")
         with env.begin(write=True, db=self.meta) as txn:
             stored = txn.get(b"partitions")
             if stored is None:
@@ -171,9 +175,12 @@ class Catalog:
         `held_at_ms`: every chunk is durably here, verified at that time. Raises
         InvalidInstance, leaving nothing written, for a version of a known instance in
         another study or series."""
-        if (gone := self.expiry.deleted_at(txn, m.study_instance_uid)) is not None:
-            raise StudyDeleted(f"study {m.study_instance_uid} was deleted here when its "
-                               f"retention expired ({gone[1]}); it is not stored again")
+        if (why := self.refusal(txn, m)) is not None:
+            raise StudyDeleted(why)
+        if txn.delete(m.study_instance_uid.encode(), db=self.expiry.deleted):
+            LOGGER.warning("study %s, deleted here when its retention expired, is stored "
+                           "again: a version this node had not seen keeps it longer",
+                           m.study_instance_uid)
         if not txn.put(manifest_id, raw, db=self.manifests, overwrite=False):
             if held_at_ms is not None:
                 self.set_held(txn, manifest_id, m, held_at_ms)
@@ -299,15 +306,24 @@ class Catalog:
         if not was_held:  # so a damaged chunk leads to the instances that need it
             for c in m.chunks:
                 txn.put(c.hash + manifest_id, b"", db=self.refs)
-            self.chunk_refs.hold(txn, (c.hash for c in m.chunks))
+            if not txn.delete(manifest_id, db=self.damaged):  # (else still counted)
+                self.chunk_refs.hold(txn, (c.hash for c in m.chunks))
         if not was_held and self.current_id(txn, m.sop_instance_uid) == manifest_id:
             self._adjust_held(txn, m.study_instance_uid, manifest_id, +1)
 
-    def unset_held(self, txn: Any, manifest_id: bytes, m: node_pb2.Manifest) -> None:
-        """A copy was dropped (trimmed) or found bad: it must not count any more."""
+    def unset_held(self, txn: Any, manifest_id: bytes, m: node_pb2.Manifest,
+                   damaged: bool = False) -> None:
+        """A copy was dropped (trimmed) or found bad (`damaged`): it must not count any
+        more. A damaged one keeps its chunks counted as needed: the good ones stay for
+        the repair, which fetches only what is bad."""
         if not txn.delete(manifest_id, db=self.held):
+            if not damaged and txn.delete(manifest_id, db=self.damaged):
+                self.chunk_refs.release(txn, (c.hash for c in m.chunks))  # trimmed after all
             return
-        self.chunk_refs.release(txn, (c.hash for c in m.chunks))  # GC may reclaim them
+        if damaged:
+            txn.put(manifest_id, b"", db=self.damaged)
+        else:
+            self.chunk_refs.release(txn, (c.hash for c in m.chunks))  # GC may reclaim them
         self._need(txn, partition_of(m.study_instance_uid, self.partitions), manifest_id,
                    m.size, +1)
         if self.current_id(txn, m.sop_instance_uid) == manifest_id:
@@ -910,6 +926,24 @@ class Catalog:
                 ok = vcur.next()
         return out
 
+    def refusal(self, txn: Any, m: node_pb2.Manifest) -> str | None:
+        """Why `m` is not stored: its study was deleted here and, with this version
+        folded in, is still deletable. (A version that keeps it longer, one this node
+        never saw, means it was not expired after all: `add` stores it again.)"""
+        gone = self.expiry.deleted_record(txn, m.study_instance_uid)
+        if gone is None:
+            return None
+        _merge_retention(gone, m)
+        if self.expiry.deletable(gone, time.time()):
+            return (f"study {m.study_instance_uid} was deleted here when its retention "
+                    "expired; it is not stored again")
+        return None
+
+    def refuses(self, m: node_pb2.Manifest) -> bool:
+        """A read-only `refusal` (peers' manifests are checked before they are queued)."""
+        with self.env.begin() as txn:
+            return self.refusal(txn, m) is not None
+
     def is_deleted(self, study_uid: str) -> tuple[int, str] | None:
         """(deleted at ms, expiry) if this node deleted the study."""
         with self.env.begin() as txn:
@@ -942,6 +976,8 @@ class Catalog:
                     self.chunk_refs.release(txn, (c.hash for c in m.chunks), at_ms)
                     if current:
                         self._partition_held(txn, partition, mid, -1)
+                elif txn.delete(mid, db=self.damaged):
+                    self.chunk_refs.release(txn, (c.hash for c in m.chunks), at_ms)
                 self._need(txn, partition, mid, m.size, -1)
                 for c in m.chunks:
                     txn.delete(c.hash + mid, db=self.refs)
@@ -967,8 +1003,7 @@ class Catalog:
             txn.delete(_U32.pack(partition) + key, db=self.part_study)
             txn.delete(_U32.pack(partition) + key, db=self.held_studies)
             txn.delete(key, db=self.study_recs)
-            self.expiry.mark_deleted(txn, study_uid, at_ms,
-                                     self.expiry.key(rec).decode())
+            self.expiry.mark_deleted(txn, rec, at_ms)
         return len(mids), instances
 
     def _partition_remove(self, txn: Any, partition: int, manifest_id: bytes) -> None:

@@ -87,6 +87,13 @@ class ChunkRefs:
         txn.put(key, _LOOSE.pack(at_ms, length), db=self.loose)
         self._add(txn, b"loose_bytes", length)
 
+    def forget_loose(self, txn: Any, key: bytes) -> None:
+        self._unloose(txn, key)
+
+    def live_of(self, txn: Any, pack: int) -> int:
+        raw = txn.get(_U32.pack(pack), db=self.pack_live)
+        return _U64.unpack(raw)[0] if raw is not None else 0
+
     def _unloose(self, txn: Any, key: bytes) -> None:
         raw = txn.get(key, db=self.loose)
         if raw is not None:

@@ -170,6 +170,7 @@ class ChunkStore:
         self._unwalk(txn, key, bytes(raw))
         txn.delete(key, db=self.db)
         self._unlive(txn, bytes(raw))
+        self.refs.forget_loose(txn, key)  # a new copy starts its own grace
         return True
 
     def reclaim(self, txn: Any, key: bytes) -> int:
@@ -332,7 +333,8 @@ class ChunkStore:
                 if key not in self._pending and (not key or txn.get(key) is None):
                     out.append(key)
         if len(out) < len(keys):  # the caller will name the others without sending them
-            self.note_reuse([k for k in keys if k not in set(out)])
+            gone = set(out)
+            self.note_reuse([k for k in keys if k not in gone])
         return out
 
     def count(self) -> int:

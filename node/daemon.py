@@ -99,7 +99,7 @@ class NodeDaemon:
         self.pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="io")
         self.runner: Runner | None = None
         self.scrubber = Scrubber(self.store, cfg.scrub.rate_mb_s, cfg.scrub.interval_s)
-        self.gc = Collector(self.store, cfg.gc, self.scrubber.bad_chunk)
+        self.gc = Collector(self.store, cfg.gc, self.scrubber.report_suspect)
         self.lifecycle = LifecycleBook(self.store.env)
         self.desk = RetentionDesk(self.store, self.lifecycle, self.node_id)
         self.expiry = ExpiryDeleter(self.store, self.desk, self.audit, cfg.gc.expiry_check_s)

@@ -50,6 +50,7 @@ class ExpiryDeleter(Worker):
         self._paused_logged = -1e9
         self.deleted = 0  # since start
         self._resume = b""  # where the next check reads the expiry index from
+        self._resume_asked = ""  # and the operators' deletion requests
         self.on_deleted: list[Callable[[list[str]], None]] = []
 
     async def step(self) -> WorkerState:
@@ -89,7 +90,9 @@ class ExpiryDeleter(Worker):
             # starts over once it reached the cutoff
             self._resume = rows[-1][0] + SEP if len(rows) == CANDIDATES_MAX else b""
             uids.update((uid, None) for _, uid, _ in rows)
-        uids.update(dict.fromkeys(self.desk.book.delete_requests("", CANDIDATES_MAX)))
+        asked = self.desk.book.delete_requests(self._resume_asked, CANDIDATES_MAX)
+        self._resume_asked = asked[-1] if len(asked) == CANDIDATES_MAX else ""
+        uids.update(dict.fromkeys(asked))
         recs = self.store.catalog.study_records_of(uids)
         return [uid for uid, rec in recs.items() if not self.desk.why_not_deletable(rec)]
 
@@ -100,24 +103,39 @@ class ExpiryDeleter(Worker):
 
             def check(rec: node_pb2.StudyRecord) -> bool:
                 nonlocal rule
-                rule = self.store.catalog.expiry_of(rec).rule
-                return not self.desk.why_not_deletable(rec)
+                rule = self.desk.why_not_deletable(rec)
+                return not rule
 
-            done = self.store.catalog.delete_study(uid, int(time.time() * 1000), check)
-            if done is None:
+            rec = self.store.catalog.study_record(uid)
+            if rec is None:
+                continue
+            asked = self.desk.book.delete_requested(uid)
+            detail = (f"retention expired: {self.store.catalog.expiry_of(rec).rule}; "
+                      + (f"deletion asked by {asked.who}: {asked.reason}" if asked else
+                         "[retention] delete_expired is on"))
+            try:
+                # the trail says so before the study goes: a crash between the two
+                # leaves an event for a deletion the next check then does, never a
+                # deletion without one
+                self._audit(uid, rec.instances, "ok", f"deleting: {detail}")
+                done = self.store.catalog.delete_study(uid, int(time.time() * 1000), check)
+            except Exception as exc:  # one study's failure must not stop the others
+                LOGGER.exception("retention: deleting study %s failed", uid)
+                self._audit(uid, rec.instances, "failed", f"{detail}; {exc}")
+                continue
+            if done is None:  # changed meanwhile (a hold, a new version): kept
+                self._audit(uid, rec.instances, "refused",
+                            f"{detail}; not deleted: {rule or 'it changed meanwhile'}")
                 continue
             manifests, instances = done
             gone.append(uid)
             self.deleted += 1
-            asked = self.desk.book.delete_requested(uid)
-            detail = (f"retention expired: {rule}; "
-                      + (f"deletion asked by {asked.who}: {asked.reason}" if asked else
-                         "[retention] delete_expired is on")
-                      + f"; {manifests} versions removed")
-            LOGGER.info("retention: study %s deleted (%d instances): %s", uid, instances,
-                        detail)
-            if self.audit is not None:
-                self.audit.record(Event(time=time.time(), who="retention", role="node",
-                                        address="", action="expire", outcome="ok",
-                                        study_uid=uid, instances=instances, detail=detail))
+            LOGGER.info("retention: study %s deleted (%d instances, %d versions): %s", uid,
+                        instances, manifests, detail)
         return gone
+
+    def _audit(self, uid: str, instances: int, outcome: str, detail: str) -> None:
+        if self.audit is not None:
+            self.audit.record(Event(time=time.time(), who="retention", role="node",
+                                    address="", action="expire", outcome=outcome,
+                                    study_uid=uid, instances=instances, detail=detail))

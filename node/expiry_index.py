@@ -1,17 +1,22 @@
 """Studies by expiry date, so what expires is found without walking the archive.
 
     by_expiry   expires YYYYMMDD (or NEVER) \\0 study uid -> ''
-    deleted     study uid -> deleted ms(8) expires YYYYMMDD   (studies deleted here)
+    deleted     study uid -> deleted ms(8) expires YYYYMMDD(8) StudyRecord (its
+                retention inputs: studies deleted here)
 
 One key per study, moved in the transaction that changes the study's retention
 inputs (catalog.add). The key depends on the policy: the policy's fingerprint is
 kept beside the index, and a node opened with another policy rebuilds it once.
 `deleted` remembers what this node deleted, so a copy of it offered later (by a
-node that was offline across the expiry) is refused instead of stored again.
+node that was offline across the expiry) is refused instead of stored again;
+unless that copy is a version this node never saw that keeps the study longer
+(a later date, a modality kept longer): then it is not expired after all, and
+is stored again.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import struct
 from collections.abc import Callable
@@ -59,14 +64,42 @@ class ExpiryIndex:
 
     # ---- deleted studies ----------------------------------------------------------
 
-    def mark_deleted(self, txn: Any, study_uid: str, at_ms: int, expires: str) -> None:
-        txn.put(study_uid.encode(), _U64.pack(at_ms) + expires.encode(), db=self.deleted)
+    def mark_deleted(self, txn: Any, rec: node_pb2.StudyRecord, at_ms: int) -> None:
+        keep = node_pb2.StudyRecord(
+            study_uid=rec.study_uid, study_date=rec.study_date, modalities=rec.modalities,
+            retain_date=rec.retain_date, retain_birth=rec.retain_birth,
+            retain_birth_bad=rec.retain_birth_bad, first_received_ms=rec.first_received_ms)
+        txn.put(rec.study_uid.encode(), _U64.pack(at_ms) + self.key(rec)
+                + keep.SerializeToString(), db=self.deleted)
 
     def deleted_at(self, txn: Any, study_uid: str) -> tuple[int, str] | None:
         raw = txn.get(study_uid.encode(), db=self.deleted) if study_uid else None
         if raw is None:
             return None
-        return _U64.unpack(bytes(raw[:8]))[0], bytes(raw[8:]).decode()
+        return _U64.unpack(bytes(raw[:8]))[0], bytes(raw[8:16]).decode()
+
+    def deleted_record(self, txn: Any, study_uid: str) -> node_pb2.StudyRecord | None:
+        raw = txn.get(study_uid.encode(), db=self.deleted) if study_uid else None
+        if raw is None:
+            return None
+        rec = node_pb2.StudyRecord()
+        rec.ParseFromString(bytes(raw[16:]))
+        return rec
+
+    def first_deletable(self, rec: node_pb2.StudyRecord) -> dt.date | None:
+        """Expiry plus grace, and never sooner than grace_days after it was received:
+        a study that arrives with an old date (an unset modality clock, a typo, a
+        migration) is kept at least that long, whatever its date says."""
+        first = retention.deletable_on(expiry_of(self.policy, rec), self.policy)
+        if first is None:
+            return None
+        received = retention.today_utc(rec.first_received_ms / 1000) + dt.timedelta(
+            days=self.policy.grace_days)
+        return max(first, received)
+
+    def deletable(self, rec: node_pb2.StudyRecord, now_s: float) -> bool:
+        first = self.first_deletable(rec)
+        return first is not None and retention.today_utc(now_s) >= first
 
     def deleted_count(self) -> int:
         with self.env.begin() as txn:

@@ -229,19 +229,20 @@ class Collector(Worker):
             if walked.pack != pack_no:
                 return moved, last, False
             last = walked.offset
-            loc = chunks.locate(key)
-            if loc is None or (loc.pack, loc.offset) != (pack_no, walked.offset):
-                continue  # not the indexed copy any more
             try:
+                loc = chunks.locate(key)
+                if loc is None or (loc.pack, loc.offset) != (pack_no, walked.offset):
+                    continue  # not the indexed copy any more
                 header, stored = self.store.packs.read(pack_no, loc.offset, loc.record_len)
                 plain = codec.decode(stored, loc.flags, loc.plain_len)
                 if header.key != key or content_hash(plain) != key:
                     raise ChunkCorrupt(f"chunk {key.hex()[:16]} failed hash verification",
                                        loc)
-            except ChunkCorrupt as exc:
+            except (ChunkCorrupt, OSError) as exc:
+                # left where it is (so its pack stays) for the scrubber to drop and repair
                 LOGGER.error("gc: %s while compacting pack %d; not copied", exc, pack_no)
                 if self.on_bad is not None:
-                    self.on_bad(key, loc, str(exc))
+                    self.on_bad(key, getattr(exc, "location", None), str(exc))
                 continue
             moved += chunks.relocate(key, loc.plain_len, stored, loc.flags, pack_no)
             if moved >= COMPACT_BATCH_BYTES:

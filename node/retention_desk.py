@@ -43,14 +43,24 @@ class RetentionDesk:
 
     # ---- the rule ------------------------------------------------------------------
 
+    def first_deletable(self, rec: node_pb2.StudyRecord) -> dt.date | None:
+        return self.store.catalog.expiry.first_deletable(rec)
+
+    def state(self, rec: node_pb2.StudyRecord) -> str:
+        exp = self.store.catalog.expiry_of(rec)
+        if exp.expires is None or self.today() < exp.expires:
+            return "kept"
+        first = self.first_deletable(rec)
+        return "deletable" if first is not None and self.today() >= first else "expired"
+
     def why_not_deletable(self, rec: node_pb2.StudyRecord) -> str:
         """"" if the study may be deleted now, else why not."""
         exp = self.store.catalog.expiry_of(rec)
-        state = retention.status(exp, self.policy, self.today())
-        if state != "deletable":
-            first = retention.deletable_on(exp, self.policy)
+        if self.state(rec) != "deletable":
+            first = self.first_deletable(rec)
             return (f"not deletable before {first.isoformat()} ({exp.rule}, then "
-                    f"{self.policy.grace_days} days of grace)" if first else
+                    f"{self.policy.grace_days} days of grace, counted from its expiry and "
+                    "from its arrival here)" if first else
                     f"never deleted automatically ({exp.rule})")
         if self.book.held(rec.study_uid):
             return "a legal hold is in force"
@@ -80,9 +90,9 @@ class RetentionDesk:
         exp = self.store.catalog.expiry_of(rec)
         out.expires = exp.expires.isoformat() if exp.expires else ""
         out.rule = exp.rule
-        first = retention.deletable_on(exp, self.policy)
+        first = self.first_deletable(rec)
         out.deletable_on = first.isoformat() if first else ""
-        out.state = retention.status(exp, self.policy, self.today())
+        out.state = self.state(rec)
         return out
 
     # ---- requests (operator) -----------------------------------------------------------
@@ -110,8 +120,8 @@ class RetentionDesk:
         if rec is None:
             raise Refused(f"study {study_uid} is not in this node's catalog")
         exp = self.store.catalog.expiry_of(rec)
-        if retention.status(exp, self.policy, self.today()) != "deletable":
-            first = retention.deletable_on(exp, self.policy)
+        if self.state(rec) != "deletable":
+            first = self.first_deletable(rec)
             raise Refused(
                 f"study {study_uid} is kept until "
                 + (f"{first.isoformat()} ({exp.rule}, plus {self.policy.grace_days} days "

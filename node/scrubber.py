@@ -18,6 +18,7 @@ status says "overdue" when it does not.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import time
@@ -34,6 +35,7 @@ LOGGER = logging.getLogger(__name__)
 SCRUB_BATCH_CHUNKS = 64  # chunks verified between two progress saves (~64 MB at most)
 UNREPAIRABLE_KEPT_MAX = 100  # names of damaged instances kept for the alert
 REPAIR_RETRY_S = 60.0  # an unrepairable chunk is retried this often (a peer may come back)
+SUSPECTS_MAX = 10_000  # reported damaged chunks waiting; more are found by the next pass
 _STATE_KEY = b"scrub_state"
 
 # (chunk key, manifest ids that need it) -> True once a verified copy is back in the store
@@ -71,6 +73,10 @@ class Scrubber(Worker):
         self.state = self._load()
         self._meta = store.catalog.meta
         self._retry_at = 0.0
+        # chunks another worker (GC) found damaged: handled here, in this worker's
+        # step, so repair and the scrub state stay in one place
+        self._suspects: collections.deque[tuple[bytes, Any, str]] = collections.deque(
+            maxlen=SUSPECTS_MAX)
 
     # ---- persistence --------------------------------------------------------------
 
@@ -116,8 +122,16 @@ class Scrubber(Worker):
             st.last_pass_completed_ms = min(st.last_pass_completed_ms, now_ms)
             st.pass_started_ms = min(st.pass_started_ms, now_ms)
 
+    def report_suspect(self, key: bytes, at: Any, why: str) -> None:
+        """A chunk found damaged elsewhere (any thread): dropped and repaired next step."""
+        self._suspects.append((key, at, why))
+
     async def step(self) -> WorkerState:
         loop = asyncio.get_running_loop()
+        while self._suspects:
+            key, at, why = self._suspects.popleft()
+            await loop.run_in_executor(None, self.bad_chunk, key, at, why)
+            await loop.run_in_executor(None, self._save)
         st = self.state
         now_ms = int(time.time() * 1000)
         self._clock_stepped_back(now_ms)
@@ -177,7 +191,7 @@ class Scrubber(Worker):
         users = self.store.catalog.manifests_using(key)
         names = self._names(users)
         LOGGER.error("scrub: %s; needed by %s", why, names or "no instance")
-        self.store.unhold(users)  # they must not count as safe copies any more
+        self.store.unhold(users, damaged=True)  # not safe copies any more; repairable
         if self._try_repair(key, users):
             return
         if len(st.unrepairable) < UNREPAIRABLE_KEPT_MAX:

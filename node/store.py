@@ -231,9 +231,10 @@ class Store:
         except InvalidInstance as exc:
             return exc
 
-    def unhold(self, manifest_ids: list[bytes]) -> int:
-        """Stop counting this node as a holder of these manifests (trimmed or found bad).
-        The chunks stay until garbage collection; the catalog no longer relies on them."""
+    def unhold(self, manifest_ids: list[bytes], damaged: bool = False) -> int:
+        """Stop counting this node as a holder of these manifests (trimmed, or found bad:
+        `damaged`, whose chunks GC keeps for the repair). Chunks no held manifest needs
+        any more are reclaimed by garbage collection."""
         done = 0
         with self.env.begin(write=True) as txn:
             for mid in manifest_ids:
@@ -241,7 +242,7 @@ class Store:
                 if raw is None:
                     continue
                 before = txn.get(mid, db=self.catalog.held) is not None
-                self.catalog.unset_held(txn, mid, manifest_decode(bytes(raw)))
+                self.catalog.unset_held(txn, mid, manifest_decode(bytes(raw)), damaged)
                 done += before
         return done
 
@@ -280,9 +281,18 @@ class Store:
         only then is the file unlinked. A crash between the two leaves it listed in
         `retired_packs`, and the next open removes it. Returns False (nothing done) if a
         chunk still lives there."""
+        if pack_no == self.packs.active_no:
+            return False
         key = _U32.pack(pack_no)
         start = struct.pack(">IQ", pack_no, 0)
         with self.env.begin(write=True) as txn:
+            if self.refs.live_of(txn, pack_no) > 0:
+                # the walk missed something the index counts there (e.g. a data dir
+                # whose walk entries predate the scrubber): never unlink live bytes
+                LOGGER.error("%s: %d live bytes by the index's count though the walk finds "
+                             "none; not removed", pack_name(pack_no),
+                             self.refs.live_of(txn, pack_no))
+                return False
             cur = txn.cursor(db=self.chunks.locs_db)
             dead = []
             ok = cur.set_range(start)

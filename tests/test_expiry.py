@@ -115,3 +115,32 @@ def test_nothing_is_deleted_with_delete_expired_off(tmp_path: Path) -> None:
     _run(deleter)
     assert deleter.deleted == 0 and store.catalog.study_count() == 600
     store.close()
+
+
+def test_a_version_that_keeps_a_deleted_study_longer_brings_it_back(tmp_path: Path) -> None:
+    """Deleted here under what this node knew; a version it never saw (an MG series,
+    kept 10 years) means the study was not expired: it is stored again. Another CT
+    version is refused."""
+    from tests.catalogfill import manifest_of
+    study = Synth(study_uid="1.2.826.0.1.3680043.10.1455.9.77.1", patient_id="P1",
+                  patient_name="A^B", study_date="20180601", modality="CT", accession="A1")
+    filled_data_dir(tmp_path, [study])
+    store = Store(tmp_path, retention=POLICY)
+    desk = RetentionDesk(store, LifecycleBook(store.env), "n1")
+    deleter = ExpiryDeleter(store, desk, None, check_s=0.001)
+    _run(deleter)
+    assert store.catalog.is_deleted(study.study_uid) is not None
+    again = manifest_of(study, b"a CT version", 2 << 40)
+    again.sop_instance_uid += ".2"
+    mid, raw = mf.encode(again)
+    with pytest.raises(StudyDeleted):
+        store.submit(mid, raw, again, held=False).result(10)
+    mammo = manifest_of(study, b"an MG version", 3 << 40)
+    mammo.sop_instance_uid += ".3"
+    mammo.modality = "MG"
+    mid, raw = mf.encode(mammo)
+    assert store.submit(mid, raw, mammo, held=False).result(10) is True
+    assert store.catalog.is_deleted(study.study_uid) is None
+    rec = store.catalog.study_record(study.study_uid)
+    assert rec is not None and desk.state(rec) == "kept"  # 2018 + 10 years
+    store.close()

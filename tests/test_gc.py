@@ -254,3 +254,26 @@ def test_a_damaged_record_is_not_copied_and_its_pack_stays(tmp_path: Path) -> No
     assert bad == [victim]
     assert path.exists()  # still the indexed copy: never removed, never copied as good
     store.close()
+
+
+def test_a_copy_unheld_for_damage_keeps_its_good_chunks_until_repaired(tmp_path: Path) -> None:
+    """The scrubber unholds every instance naming a damaged chunk; their other chunks
+    must survive GC (a repair fetches only the bad one), and a repair that holds them
+    again must not count them twice."""
+    store = Store(tmp_path)
+    good, bad = _chunk(1), _chunk(2)
+    mid, m = _instance(store, 1, [good, bad])
+    store.unhold([mid], damaged=True)
+    assert not store.catalog.is_held(mid)
+    collector = Collector(store, CFG, clock=lambda: time.time() + 2 * GRACE_S)
+    _run_pass(collector)
+    assert store.chunks.read(content_hash(good)) == good  # kept for the repair
+    store.submit(mid, mf.encode(m)[1], m).result(10)  # repaired: held again
+    assert _users(store) == {content_hash(good): b"\x00\x00\x00\x01",
+                             content_hash(bad): b"\x00\x00\x00\x01"}
+    store.unhold([mid], damaged=True)
+    store.unhold([mid])  # then trimmed after all: now the chunks may go
+    store.chunks.reused_window_s = 0
+    _run_pass(collector)
+    assert not store.chunks.has(content_hash(good)) and _users(store) == {}
+    store.close()

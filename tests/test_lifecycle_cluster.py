@@ -175,8 +175,14 @@ def _gc_pass(node: NodeProc) -> dict[str, Any]:
 
 def test_a_migrated_archive_keeps_its_expired_studies_until_asked(tmp_path: Path) -> None:
     """Studies dated long ago arrive (a migration): with delete_expired off they are
-    reported, never deleted, until an operator asks; then they go everywhere."""
-    c = _cluster(tmp_path, RETENTION, None, None)
+    reported, never deleted, until an operator asks, and not before grace_days after
+    they arrived (a wrong or ancient date never makes a fresh arrival deletable); then
+    they go everywhere."""
+    lib = faultclock.shim()
+    if lib is None:
+        pytest.skip("no C compiler for the wall-clock shim (apt install gcc libc6-dev)")
+    clock = faultclock.Clock(tmp_path / "clock")
+    c = _cluster(tmp_path, RETENTION, clock, lib)
     old, old_dir = _study(tmp_path, 1, study_date="20080315")  # expired in 2015
     recent, recent_dir = _study(tmp_path, 2, study_date=_years_ago(1))
     boston, chicago, _ = c.members
@@ -187,6 +193,9 @@ def test_a_migrated_archive_keeps_its_expired_studies_until_asked(tmp_path: Path
         _wait_safe(boston, {old, recent}, 3)
         for node in c.members:
             assert _uids(node, "--expired") == {old}
+        res = cli("delete", old, "--reason", "too soon", node=chicago.address)
+        assert res.returncode == 1 and "kept until" in res.stderr, res.stderr  # arrived today
+        clock.set(31 * DAY_S)
         time.sleep(3)  # six expiry checks: nothing is deleted
         for node in c.members:
             assert _uids(node) == {old, recent}
