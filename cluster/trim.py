@@ -36,12 +36,16 @@ from pacsmesh.cluster import repair
 from pacsmesh.cluster.messages import StudyHoldingAsk, StudyHoldingGive
 from pacsmesh.cluster.safety import Holding, Position
 
-RETRY_S = 30.0  # a partition whose trim was not decided is looked at again after this
+# a partition whose trim was not decided is looked at again after this: six background
+# intervals of the worker (30 s at the default gossip interval of 1 s)
+RETRY_S = 30.0
+RETRY_INTERVALS = 6
 STUDIES_PER_STEP_MAX = 256  # studies of one partition examined per step
 
 
 class TrimPlanner:
-    def __init__(self) -> None:
+    def __init__(self, retry_s: float = RETRY_S) -> None:
+        self.retry_s = retry_s
         self._queue: collections.deque[int] = collections.deque()
         self._queued: set[int] = set()
         self._later: dict[int, float] = {}  # partition -> when to look again
@@ -54,7 +58,8 @@ class TrimPlanner:
                 self._queue.append(p)
 
     def retry_later(self, partition: int, now: float) -> None:
-        self._later[partition] = min(self._later.get(partition, now + RETRY_S), now + RETRY_S)
+        again = now + self.retry_s
+        self._later[partition] = min(self._later.get(partition, again), again)
 
     def next(self, now: float) -> int | None:
         if self._later:

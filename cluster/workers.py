@@ -33,7 +33,14 @@ from pacsmesh.cluster.messages import (
 )
 from pacsmesh.cluster.peers import RPC_TIMEOUT_S
 from pacsmesh.cluster.transfer import BATCH_THREADS, Replicator
-from pacsmesh.cluster.trim import STUDIES_PER_STEP_MAX, TrimCase, TrimPlanner, TrimRound, eligible
+from pacsmesh.cluster.trim import (
+    RETRY_INTERVALS,
+    STUDIES_PER_STEP_MAX,
+    TrimCase,
+    TrimPlanner,
+    TrimRound,
+    eligible,
+)
 from pacsmesh.node.alerts import DISK_REFUSE_REPLICAS_FRACTION
 from pacsmesh.node.catalog import partition_of
 from pacsmesh.node.worker import Worker, WorkerState
@@ -288,7 +295,7 @@ class TrimWorker(Worker):
     def __init__(self, r: Replicator, interval_s: float) -> None:
         self.r = r
         self.idle_s = interval_s
-        self.planner = TrimPlanner()
+        self.planner = TrimPlanner(RETRY_INTERVALS * interval_s)
 
     def on_placement_change(self) -> None:
         """Partitions placed elsewhere now where we hold something: worth a look."""
