@@ -111,6 +111,11 @@ class GcSection:
 
 
 @dataclass(frozen=True)
+class MetricsSection:
+    listen: str = ""  # "HOST:PORT": Prometheus /metrics; "" = off
+
+
+@dataclass(frozen=True)
 class DrillSection:
     interval_s: float = 0.0  # 0 = no scheduled drills
     count: int = 1
@@ -141,6 +146,7 @@ class Config:
     transfer: TransferSection = field(default_factory=TransferSection)
     gc: GcSection = field(default_factory=GcSection)
     retention: RetentionSection = field(default_factory=RetentionSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     path: Path | None = None
 
     @property
@@ -219,7 +225,7 @@ def _dicom_tls(dicom: DicomSection, tls: TlsSection) -> DicomSection:
 def parse(raw: dict[str, Any], path: Path | None = None) -> Config:
     for section in raw:
         if section not in ("node", "cluster", "dicom", "scrub", "drill", "tls", "transfer",
-                           "gc", "retention"):
+                           "gc", "retention", "metrics"):
             raise ConfigError(f"unknown section [{section}]")
     node_raw = dict(raw.get("node", {}))
     if "data_dir" not in node_raw:
@@ -284,9 +290,13 @@ def parse(raw: dict[str, Any], path: Path | None = None) -> Config:
         raise ConfigError("[gc] rate_mb_s, interval_s and expiry_check_s must be > 0, "
                           "loose_grace_s and "
                           "seal_min_dead_mb >= 0, compact_below in (0, 1]")
+    metrics = _section(MetricsSection, raw.get("metrics", {}), "metrics")
+    if metrics.listen:
+        _check_address(metrics.listen, "[metrics] listen")
     return Config(node=node, cluster=cluster, dicom=dicom, scrub=scrub, drill=drill, tls=tls,
                   transfer=_transfer(raw.get("transfer", {})), gc=gc,
-                  retention=parse_retention(raw.get("retention", {})), path=path)
+                  retention=parse_retention(raw.get("retention", {})), metrics=metrics,
+                  path=path)
 
 
 def _transfer(raw: Any) -> TransferSection:

@@ -33,6 +33,7 @@ from pacsmesh.node.gc import Collector
 from pacsmesh.node.hlc import HybridClock
 from pacsmesh.node.ingest import LayoutCheck, Prepared, prepare_file, prepare_local
 from pacsmesh.node.lifecycle import LifecycleBook
+from pacsmesh.node.metrics import MetricsServer
 from pacsmesh.node.retention_desk import RetentionDesk
 from pacsmesh.node.scrubber import Scrubber
 from pacsmesh.node.service import (
@@ -225,6 +226,13 @@ class NodeDaemon:
         api.gc = self.gc
         api.desk = self.desk
         api.expiry = self.expiry
+        if self.cfg.metrics.listen:
+            try:
+                metrics = MetricsServer(api, self.cfg.metrics.listen)
+            except OSError as exc:
+                raise ConfigError(f"[metrics] listen = {self.cfg.metrics.listen!r}: "
+                                  f"{exc.strerror}") from exc
+            self._after_stop.append(metrics.close)
         if (plaintext := self.plaintext_alert()) is not None:
             api.config_alerts.append(plaintext)
         node_pb2_grpc.add_NodeApiServicer_to_server(api, server)
