@@ -126,6 +126,7 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
         self.scrubber = scrubber
         self.drill = drill
         self.growth = alerts_mod.GrowthTracker()
+        self.member_growth: dict[str, alerts_mod.GrowthTracker] = {}  # peers, by id
         self.unsafe_alert_after_s = UNSAFE_ALERT_AFTER_S
         self.config_alerts: list[node_pb2.Alert] = []  # e.g. PLAINTEXT: fixed at start
         self.audit: AuditLog | None = None
@@ -385,6 +386,7 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
                         f"copies; the oldest for {oldest_age / 3600:.1f} h: check peers and "
                         "placement"))
         nodes = self.view.nodes()
+        self._member_days_until_full(nodes)
         chunk_bytes = self.store.packs.bytes_total()
         return node_pb2.StatusReply(
             repair=self.view.repair(),
@@ -394,6 +396,20 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
             alerts=alerts, answered_by=self.node_id, chunk_bytes=chunk_bytes,
             last_drill=self.view.last_drill(), days_until_full=self._days_until_full(),
             links=self.view.links(), transfer=self.view.transfer())
+
+    def _member_days_until_full(self, nodes: list[node_pb2.NodeStatus]) -> None:
+        """Each member's days until full, from its used bytes as gossip reported them over
+        the calls of the last week (this node's own from its disk)."""
+        for n in nodes:
+            if n.id == self.node_id:
+                n.days_until_full = self._days_until_full()
+                continue
+            growth = self.member_growth.setdefault(n.id, alerts_mod.GrowthTracker())
+            growth.add(n.used_bytes)
+            days = alerts_mod.days_until_full(n.free_bytes, growth.bytes_per_day(n.used_bytes))
+            n.days_until_full = -1.0 if days is None else days
+        for gone in set(self.member_growth) - {n.id for n in nodes}:
+            del self.member_growth[gone]
 
     def _days_until_full(self) -> float:
         used = self.store.used_bytes()

@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from pacsmesh.progress import meter, watching
 from pacsmesh.proto import node_pb2, node_pb2_grpc
 
 DEFAULT_NODE = "127.0.0.1:7400"
@@ -66,15 +67,35 @@ def _emit(args: argparse.Namespace, doc: dict[str, Any], human: Callable[[], Non
         human()
 
 
+_HINTS = {  # what to try, by gRPC status, after the node's own explanation
+    grpc.StatusCode.UNAUTHENTICATED: "pass your certificate: --ca/--cert/--key, or "
+                                     "PACSMESH_CA, PACSMESH_CERT and PACSMESH_KEY",
+    grpc.StatusCode.PERMISSION_DENIED: "ask whoever holds the cluster CA for a certificate "
+                                       "with that role (pacsmesh ca issue NAME --role ROLE)",
+    grpc.StatusCode.NOT_FOUND: "check the UID; `pacsmesh ls` lists what the cluster holds",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "the node did not answer in time: is it overloaded "
+                                       "or its disk stalled? `pacsmesh status` and its log",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "the node is full or busy: `pacsmesh status` shows "
+                                        "its disk and alerts",
+    grpc.StatusCode.UNIMPLEMENTED: "the node runs an older pacsmesh without this command: "
+                                   "upgrade it",
+    grpc.StatusCode.INTERNAL: "a fault on the node: its log says more",
+    grpc.StatusCode.UNKNOWN: "a fault on the node: its log says more",
+}
+
+
 def _rpc_error(exc: grpc.RpcError, node: str) -> Failed:
+    """One line: what happened, as the node said it, and what to try."""
     code = exc.code()
     if code == grpc.StatusCode.UNAVAILABLE:
         return Failed(f"cannot reach node {node}: {exc.details()} (is it running, is the "
                       "port right, and does TLS match: --ca/--cert/--key for a node with "
                       "[tls], none for a plaintext one?)")
+    hint = _HINTS.get(code)
+    what = exc.details() or code.name.lower().replace("_", " ")
     if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
-        return Failed(f"refused by node {node}: {exc.details()}")
-    return Failed(f"{code.name}: {exc.details()}")
+        what = f"refused by node {node}: {what}"
+    return Failed(f"{what} ({code.name}: {hint})" if hint else f"{what} ({code.name})")
 
 
 def _human_bytes(n: float) -> str:
@@ -176,17 +197,19 @@ def cmd_put(args: argparse.Namespace) -> int:
 
     files, problems = expand(args.paths)
     started = time.monotonic()
+    sizes = [_size(p) for p in files]
     with _channel(args) as ch:
         try:  # one empty precheck: a refused role fails once, not once per file
             node_pb2_grpc.NodeApiStub(ch).Precheck(node_pb2.PrecheckRequest(), timeout=30)
         except grpc.RpcError as exc:
             raise _rpc_error(exc, args.node) from exc
-        up = Uploader(ch)
-        up.report.rejected.extend(problems)
-        try:
-            report = up.put(files)
-        except grpc.RpcError as exc:
-            raise _rpc_error(exc, args.node) from exc
+        with meter(f"put {len(files):,} files", sum(sizes), args.json, unit="bytes") as bar:
+            up = Uploader(ch, on_settled=lambda ref: bar.advance(sizes[ref]))
+            up.report.rejected.extend(problems)
+            try:
+                report = up.put(files)
+            except grpc.RpcError as exc:
+                raise _rpc_error(exc, args.node) from exc
         seconds = time.monotonic() - started
         doc = report.as_json()
         doc["seconds"] = round(seconds, 3)
@@ -214,6 +237,13 @@ def cmd_put(args: argparse.Namespace) -> int:
 
     _emit(args, doc, human)
     return 0 if ok else 1
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0  # it will be rejected with the reason when it is read
 
 
 def _wait_safe(ch: grpc.Channel, studies: list[str], timeout_s: float,
@@ -292,7 +322,14 @@ def cmd_get(args: argparse.Namespace) -> int:
         raise Failed(f"study UID {problem}")
     with _channel(args) as ch:
         try:
-            report = get_study(ch, args.study_uid, Path(args.out))
+            total = None
+            if watching(args.json):  # how many to expect, for the bar (one more call)
+                total = node_pb2_grpc.NodeApiStub(ch).Locate(
+                    node_pb2.LocateRequest(study_uid=args.study_uid), timeout=30).instances
+            with meter(f"get {args.study_uid[-24:]}", total, args.json,
+                       unit="instances") as bar:
+                report = get_study(ch, args.study_uid, Path(args.out),
+                                   on_instance=lambda _n: bar.advance())
         except grpc.RpcError as exc:
             raise _rpc_error(exc, args.node) from exc
 
@@ -363,13 +400,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 break
 
     def human() -> None:
+        from pacsmesh import screens
+
         if not studies:
             print("no studies" if not after else "no matching studies in this page")
-        for d in studies:
-            print(f"{d['study_uid']}  {d['patient_id']:<12} {d['study_date']:<8} "
-                  f"{','.join(d['modalities']):<6} {d['instances']:>6} inst "
-                  f"{_human_bytes(d['bytes']):>10}  {d['safe_copies']} safe copies"
-                  f"  expires {d['expires'] or 'never (see retention)'}")
+        else:
+            screens.show(screens.studies_table(studies, None))
         if after:
             print(f"more: repeat with --after {after} for the next page")
 
@@ -438,25 +474,28 @@ def _iso_ms(ms: int) -> str:
 
 
 def cmd_locate(args: argparse.Namespace) -> int:
-    reply = _call(args, lambda s: s.Locate(node_pb2.LocateRequest(study_uid=args.study_uid)))
+    def ask(stub: node_pb2_grpc.NodeApiStub) -> tuple[Any, Any]:
+        located = stub.Locate(node_pb2.LocateRequest(study_uid=args.study_uid))
+        # where the holders are, for the distances between them (not in --json's answer)
+        return located, None if args.json else stub.Status(node_pb2.StatusRequest())
+
+    reply, status = _call(args, ask)
     doc = _to_dict(reply)
     _ints(doc, "instances", "safe_copies", "required_copies")
     for h in doc["holders"]:
         _ints(h, "instances")
 
     def human() -> None:
-        state = "SAFE" if doc["safe"] else "NOT SAFE"
-        print(f"{doc['study_uid']}: {doc['instances']} instances, {doc['safe_copies']} of "
-              f"{doc['required_copies']} safe copies: {state}")
-        for h in doc["holders"]:
-            print(f"  {h['node']:<20} {h['site']:<16} {h['instances']} instances")
+        from pacsmesh import screens
+
+        where = {n.id: (n.lat, n.lon) for n in status.nodes}
+        screens.show(screens.locate_screen(doc, where, status.min_distance_miles))
 
     _emit(args, doc, human)
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    reply = _call(args, lambda s: s.Status(node_pb2.StatusRequest()))
+def _status_doc(reply: node_pb2.StatusReply) -> dict[str, Any]:
     doc = _to_dict(reply)
     _ints(doc, "copies", "studies", "instances", "safe_studies", "unsafe_studies",
           "stored_bytes", "chunk_bytes")
@@ -469,47 +508,83 @@ def cmd_status(args: argparse.Namespace) -> int:
         _ints(link, "sent_bytes", "received_bytes")
     _ints(doc.get("transfer", {}), "sent_fresh_bytes", "sent_repair_bytes",
           "sent_rebalance_bytes")
+    return doc
 
-    def human() -> None:
-        print(f"cluster: {len(doc['nodes'])} nodes, {doc['copies']} copies at sites >= "
-              f"{doc['min_distance_miles']:g} miles apart (answered by {doc['answered_by']})")
-        for n in doc["nodes"]:
-            print(f"  {n['id']:<20} {n['site']:<16} {n['state']:<8} {n['address']:<22} "
-                  f"used {_human_bytes(n['used_bytes'])}, free {_human_bytes(n['free_bytes'])}")
-            if n.get("backlog_instances"):
-                print(f"    backlog: {_backlog_line(n)}")
-        for link in doc.get("links", []):
-            print(f"  link {doc['answered_by']} <-> {link['peer']}: sent "
-                  f"{_human_bytes(link['sent_bytes'])} "
-                  f"({_human_bytes(int(link.get('sent_bytes_per_s', 0)))}/s), received "
-                  f"{_human_bytes(link['received_bytes'])} "
-                  f"({_human_bytes(int(link.get('received_bytes_per_s', 0)))}/s)")
-        t = doc.get("transfer", {})
-        if t.get("rate_mb_s") or t.get("bulk_rate_mb_s") or t.get("bulk_window"):
-            window = t.get("bulk_window") or "always"
-            print(f"  outbound limits: {t.get('rate_mb_s') or 'unlimited'} MB/s, bulk "
-                  f"{t.get('bulk_rate_mb_s') or 'up to that'} MB/s in window {window} "
-                  f"({'open' if t.get('bulk_window_open') else 'closed'} now)")
-        print(f"studies: {doc['studies']} ({doc['instances']} instances), safe "
-              f"{doc['safe_studies']}, unsafe {doc['unsafe_studies']}"
-              + (f", oldest unsafe {doc['oldest_unsafe_age_s']:.0f} s"
-                 if doc["unsafe_studies"] else ""))
-        for d in doc.get("last_drill", []):
-            state = "ok" if d["ok"] else f"FAILED: {d['error']}"
-            print(f"last drill: {d['study_uid'] or '-'} from {d['source_site'] or '-'}: {state}")
-        if doc.get("days_until_full", -1) >= 0:
-            print(f"storage: full in {doc['days_until_full']:.0f} days at the recent rate")
-        for a in doc["alerts"]:
-            print(f"  [{a['severity'].upper()}] {a['code']}: {a['message']}")
-        if not doc["alerts"]:
-            print("  no alerts")
 
-    _emit(args, doc, human)
+def cmd_status(args: argparse.Namespace) -> int:
+    from pacsmesh import screens
+
+    if args.watch is not None:
+        return _watch_status(args)
+    reply = _call(args, lambda s: s.Status(node_pb2.StatusRequest()))
+    doc = _status_doc(reply)
+    _emit(args, doc, lambda: screens.show(screens.status_screen(reply, doc)))
     return 0
+
+
+def _watch_status(args: argparse.Namespace) -> int:
+    """The status screen, refreshed in place every --watch seconds until Ctrl-C. A node
+    that stops answering is shown as such, and watched until it answers again."""
+    from rich.console import Group
+    from rich.live import Live
+    from rich.text import Text
+
+    from pacsmesh import screens
+
+    if args.json:
+        raise Usage("--watch refreshes a screen; for scripts, call status --json in a loop")
+    out = screens.console()
+    with _channel(args) as ch, Live(Text("asking " + args.node), console=out,
+                                    auto_refresh=False) as live:
+        stub = node_pb2_grpc.NodeApiStub(ch)
+        try:
+            while True:
+                stamp = time.strftime("%H:%M:%S")
+                try:
+                    reply = stub.Status(node_pb2.StatusRequest(), timeout=10)
+                    screen: Any = screens.status_screen(reply, _status_doc(reply))
+                except grpc.RpcError as exc:
+                    screen = Text(f"HEALTH_UNKNOWN: {_rpc_error(exc, args.node)}",
+                                  style="bold red")
+                live.update(Group(
+                    screen, Text(f"{stamp}, every {args.watch:g} s; Ctrl-C to stop",
+                                 style="dim")), refresh=True)
+                time.sleep(args.watch)
+        except KeyboardInterrupt:
+            return 0
+
+
+def _follow_pass(args: argparse.Namespace, what: str, ask: Callable[[], Any],
+                 done_of: Callable[[Any], tuple[float, float]], unit: str) -> Any:
+    """After `--now` at a terminal: a bar for the pass until it ends (Ctrl-C stops
+    watching; the pass goes on). Returns the last status."""
+    requested = time.monotonic()
+    seen_running = False
+    reply = ask()
+    with meter(what, None, args.json, unit=unit) as bar:
+        try:
+            while True:
+                reply = ask()
+                if reply.running:
+                    seen_running = True
+                    done, total = done_of(reply)
+                    bar.total(total)
+                    bar.set(done)
+                ended = 0 <= reply.last_pass_completed_age_s < time.monotonic() - requested
+                if not reply.running and (seen_running or ended):
+                    return reply
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            print(f"stopped watching; the {what} pass goes on", file=sys.stderr)
+            return reply
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
     reply = _call(args, lambda s: s.Gc(node_pb2.GcRequest(now=args.now)))
+    if args.now and watching(args.json):
+        reply = _follow_pass(
+            args, "gc", lambda: _call(args, lambda s: s.Gc(node_pb2.GcRequest())),
+            lambda r: (r.pass_packs_done, r.pass_packs_total), "packs")
     doc = _to_dict(reply)
     _ints(doc, "reclaimable_bytes", "reclaimed_bytes", "dead_bytes", "loose_chunks",
           "loose_bytes", "pack_bytes", "pass_bytes_moved", "chunks_reclaimed",
@@ -540,6 +615,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 def cmd_scrub(args: argparse.Namespace) -> int:
     reply = _call(args, lambda s: s.Scrub(node_pb2.ScrubRequest(now=args.now)))
+    if args.now and watching(args.json):
+        reply = _follow_pass(
+            args, "scrub", lambda: _call(args, lambda s: s.Scrub(node_pb2.ScrubRequest())),
+            lambda r: (r.pass_chunks, r.total_chunks), "chunks")
     doc = _to_dict(reply)
     _ints(doc, "pass_chunks", "total_chunks", "chunks_verified", "bytes_verified",
           "corrupt_found", "repaired")
@@ -565,9 +644,18 @@ def cmd_scrub(args: argparse.Namespace) -> int:
 
 
 def cmd_drill(args: argparse.Namespace) -> int:
-    reply = _call(args, lambda s: s.Drill(node_pb2.DrillRequest(count=args.count)))
+    if watching(args.json) and args.count > 1:
+        # one study a call, so the bar moves (the node picks each at random)
+        found: list[node_pb2.DrillResult] = []
+        with meter("drill", args.count, args.json, unit="studies") as bar:
+            for _ in range(args.count):
+                found += _call(args, lambda s: s.Drill(node_pb2.DrillRequest(count=1))).results
+                bar.advance()
+    else:
+        found = list(_call(args, lambda s: s.Drill(
+            node_pb2.DrillRequest(count=args.count))).results)
     results = []
-    for r in reply.results:
+    for r in found:
         d = _to_dict(r)
         _ints(d, "instances", "bytes")
         results.append(d)
@@ -637,6 +725,14 @@ def _duration(text: str) -> float:
     return value
 
 
+def cmd_completion(args: argparse.Namespace) -> int:
+    """Generated from the parser itself (shtab), so it cannot drift from the commands."""
+    import shtab
+
+    sys.stdout.write(shtab.complete(build_parser(), shell=args.shell))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pacsmesh.demo import run_demo
 
@@ -686,6 +782,8 @@ def _client(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
                    help="your certificate, from `pacsmesh ca issue` (default $PACSMESH_CERT)")
     p.add_argument("--key", default=os.environ.get("PACSMESH_KEY", ""), metavar="PEM",
                    help="your private key (default $PACSMESH_KEY)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the traceback of an unexpected error")
     return p
 
 
@@ -721,7 +819,12 @@ def cmd_ca(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pacsmesh", description="Peer-to-peer DICOM archive: N verified copies at "
-                                     "sites at least D miles apart.")
+                                     "sites at least D miles apart.",
+        epilog="examples: pacsmesh demo\n"
+               "          pacsmesh status --node boston.example:7400\n"
+               "          pacsmesh COMMAND --help   (each command has an example)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an unexpected error (or PACSMESH_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("node", help="run a node in the foreground")
@@ -733,7 +836,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_node)
 
     p = _client(sub, "health", "exit 0 when the node's gRPC health service says SERVING")
-    p.epilog = "example (a container healthcheck): pacsmesh health --node 127.0.0.1:7400"
+    p.epilog = "example: pacsmesh health --node 127.0.0.1:7400   (a container healthcheck)"
     p.add_argument("--service", default="", metavar="NAME",
                    help="a gRPC service name (default: the whole server)")
     p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
@@ -741,6 +844,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_health)
 
     p = _client(sub, "put", "store DICOM files or folders (recursively)")
+    p.epilog = ("example: pacsmesh put /media/cdrom/DICOM --wait-safe\n"
+                "         (exit 0 only when every file is stored and, with --wait-safe, "
+                "every study safe)")
     p.add_argument("paths", nargs="+")
     p.add_argument("--wait-safe", nargs="?", type=float, const=WAIT_SAFE_DEFAULT_S,
                    default=None, metavar="SECONDS",
@@ -748,12 +854,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_put)
 
     p = _client(sub, "get", "restore a study, byte-identical and verified")
+    p.epilog = "example: pacsmesh get 1.2.840.113619.2.55.3 --out /srv/restore"
     p.add_argument("study_uid")
     p.add_argument("--out", required=True, help="folder to restore into")
     p.set_defaults(fn=cmd_get)
 
     p = _client(sub, "ls", "list studies, a page at a time (in study UID order; with "
                            "--since/--until and no --patient, by study date)")
+    p.epilog = ("example: pacsmesh ls --since 20260101 --modality MR\n"
+                "         pacsmesh ls --unsafe --all --json   (every study short of copies)")
     p.add_argument("--local", action="store_true", help="only what this node holds, verified")
     p.add_argument("--limit", type=_page_size, default=LS_LIMIT_DEFAULT, metavar="N",
                    help=f"studies per page (default {LS_LIMIT_DEFAULT}, at most "
@@ -795,14 +904,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="why: kept in the audit trail and on every node")
         p.set_defaults(fn=fn)
 
-    p = _client(sub, "locate", "where a study's copies are, and whether it is safe")
+    p = _client(sub, "locate", "where a study's copies are, how far apart, and whether "
+                               "it is safe")
+    p.epilog = "example: pacsmesh locate 1.2.840.113619.2.55.3"
     p.add_argument("study_uid")
     p.set_defaults(fn=cmd_locate)
 
-    p = _client(sub, "status", "the cluster at a glance")
+    p = _client(sub, "status", "the cluster at a glance: health, sites, studies, alerts")
+    p.epilog = "example: pacsmesh status --watch        (refreshes every 2 s; Ctrl-C stops)"
+    p.add_argument("--watch", nargs="?", type=float, const=2.0, default=None,
+                   metavar="SECONDS", help="refresh in place every SECONDS (default 2)")
     p.set_defaults(fn=cmd_status)
 
     p = _client(sub, "scrub", "progress of the scrubber that re-verifies every chunk")
+    p.epilog = "example: pacsmesh scrub --now   (at a terminal, follows the pass; Ctrl-C stops " \
+               "watching)"
     p.add_argument("--now", action="store_true", help="start a pass now")
     p.set_defaults(fn=cmd_scrub)
 
@@ -812,6 +928,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_gc)
 
     p = _client(sub, "drill", "restore random studies from other sites and verify every byte")
+    p.epilog = "example: pacsmesh drill --count 5   (exit 0 only if every restore verified)"
     p.add_argument("--count", type=int, default=1, help="studies to restore (default 1)")
     p.set_defaults(fn=cmd_drill)
 
@@ -825,7 +942,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_audit)
 
     p = sub.add_parser("ca", help="the cluster's certificate authority",
-                       description="Create the cluster CA, issue and revoke certificates.")
+                       description="Create the cluster CA, issue and revoke certificates.",
+                       epilog="example: pacsmesh ca init --dir pki && pacsmesh ca issue "
+                              "alice --role operator --dir pki")
     ca_sub = p.add_subparsers(dest="ca_command", required=True)
     q = ca_sub.add_parser("init", help="create DIR/ca.pem and DIR/ca.key (0600)",
                           epilog="example: pacsmesh ca init --dir /etc/pacsmesh/pki")
@@ -852,17 +971,36 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_ca)
 
+    p = sub.add_parser("completion", help="print a shell completion script",
+                       description="Print the completion script for bash or zsh.")
+    p.epilog = ("example: pacsmesh completion bash > /etc/bash_completion.d/pacsmesh\n"
+                "         pacsmesh completion zsh > \"${fpath[1]}/_pacsmesh\"")
+    p.add_argument("shell", choices=["bash", "zsh"])
+    p.set_defaults(fn=cmd_completion)
+
     p = sub.add_parser("demo", help="run a local cluster with sample studies")
+    p.epilog = "example: pacsmesh demo --keep-running   (then open the status pages it prints)"
     p.add_argument("--dir", default="", help="work folder (default: a new temporary one)")
     p.add_argument("--instances", type=int, default=40, help="instances per sample study")
     p.add_argument("--keep-running", action="store_true",
                    help="keep the cluster up until Ctrl-C after the walkthrough")
     p.set_defaults(fn=cmd_demo)
+    _keep_line_breaks(parser)
     return parser
+
+
+def _keep_line_breaks(parser: argparse.ArgumentParser) -> None:
+    """Examples are laid out by hand: every parser prints its epilog as written."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _keep_line_breaks(child)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("PACSMESH_DEBUG") == "1"
     try:
         code: int = args.fn(args)
         return code
@@ -874,6 +1012,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except grpc.RpcError as exc:  # a call not wrapped where it is made
+        if debug:
+            raise
+        node = getattr(args, "node", "?")
+        print(f"pacsmesh {args.command}: {_rpc_error(exc, node)}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a file or folder of ours: say which, and why
+        if debug:
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"pacsmesh {args.command}: cannot use{where}: {exc.strerror or exc} (check "
+              "the path, its permissions and the free space)", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if debug:
+            raise
+        print(f"pacsmesh {args.command}: unexpected error: {type(exc).__name__}: {exc}\n"
+              "  run it again with --debug for the details, and report them with the "
+              "command you ran", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

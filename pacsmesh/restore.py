@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,10 @@ class _Sink:
             self.tmp.unlink()
 
 
-def get_study(channel: grpc.Channel, study_uid: str, out: Path) -> GetReport:
+def get_study(channel: grpc.Channel, study_uid: str, out: Path,
+              on_instance: Callable[[int], None] | None = None) -> GetReport:
+    """Restore every instance of a study into out/STUDY/SERIES/SOP.dcm, each verified
+    against its manifest; `on_instance(bytes)` after each one is in place or failed."""
     stub = node_pb2_grpc.NodeApiStub(channel)
     report = GetReport(study_uid=study_uid, out_dir=str(out))
     started = time.monotonic()
@@ -97,6 +101,8 @@ def get_study(channel: grpc.Channel, study_uid: str, out: Path) -> GetReport:
                 else:
                     report.instances += 1
                     report.bytes += sink.size
+                if on_instance is not None:
+                    on_instance(sink.size)
                 sink = None
             elif kind == "error":
                 if sink is not None:

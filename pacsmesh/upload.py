@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,8 +170,10 @@ def _parts(plan: FilePlan, send: set[bytes]
 
 
 class Uploader:
-    def __init__(self, channel: grpc.Channel) -> None:
+    def __init__(self, channel: grpc.Channel,
+                 on_settled: Callable[[int], None] | None = None) -> None:
         self.stub = node_pb2_grpc.NodeApiStub(channel)
+        self.on_settled = on_settled  # called with a file's ref once it has its outcome
         self.report = PutReport()
         self.paths: dict[str, Path] = {}
         self._settled: set[int] = set()  # refs with an outcome; each file gets exactly one
@@ -188,7 +190,9 @@ class Uploader:
             if ref in self._settled:
                 return False
             self._settled.add(ref)
-            return True
+        if self.on_settled is not None:
+            self.on_settled(ref)
+        return True
 
     def _requests(self, files: list[tuple[int, Path]], pool: ThreadPoolExecutor,
                   zpool: ThreadPoolExecutor) -> Iterator[node_pb2.IngestMessage]:

@@ -780,6 +780,7 @@ class NodeStatus(_message.Message):
     RECEIVE_BYTES_PER_S_FIELD_NUMBER: _builtins.int
     DRAIN_S_FIELD_NUMBER: _builtins.int
     WAITING_FIELD_NUMBER: _builtins.int
+    DAYS_UNTIL_FULL_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     site: _builtins.str
     address: _builtins.str
@@ -800,6 +801,8 @@ class NodeStatus(_message.Message):
     """backlog at that rate; -1: not moving"""
     waiting: _builtins.str
     """why not, if a sender deferred it (bulk window...)"""
+    days_until_full: _builtins.float
+    """at its growth as this node saw it; -1: unknown"""
     def __init__(
         self,
         *,
@@ -818,10 +821,11 @@ class NodeStatus(_message.Message):
         receive_bytes_per_s: _builtins.float = ...,
         drain_s: _builtins.float = ...,
         waiting: _builtins.str = ...,
+        days_until_full: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backlog_bytes", b"backlog_bytes", "backlog_instances", b"backlog_instances", "backlog_oldest_age_s", b"backlog_oldest_age_s", "capacity_bytes", b"capacity_bytes", "drain_s", b"drain_s", "free_bytes", b"free_bytes", "id", b"id", "lat", b"lat", "lon", b"lon", "receive_bytes_per_s", b"receive_bytes_per_s", "site", b"site", "state", b"state", "used_bytes", b"used_bytes", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backlog_bytes", b"backlog_bytes", "backlog_instances", b"backlog_instances", "backlog_oldest_age_s", b"backlog_oldest_age_s", "capacity_bytes", b"capacity_bytes", "days_until_full", b"days_until_full", "drain_s", b"drain_s", "free_bytes", b"free_bytes", "id", b"id", "lat", b"lat", "lon", b"lon", "receive_bytes_per_s", b"receive_bytes_per_s", "site", b"site", "state", b"state", "used_bytes", b"used_bytes", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

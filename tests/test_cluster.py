@@ -10,6 +10,7 @@ with a deadline; every process is stopped in a finally.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,13 @@ def test_replicate_put_wait_safe_locate_get_ls(tmp_path: Path) -> None:
         assert doc["required_copies"] == 3 and doc["instances"] == study.instances
         assert {h["site"] for h in doc["holders"]} == {"Boston", "Chicago", "Denver"}
         assert all(h["instances"] == study.instances for h in doc["holders"])
+        human = cli("locate", study.uid, node=chicago.address)
+        assert human.returncode == 0, human.stderr
+        assert f"{study.uid}: {study.instances} instances, 3 of 3 safe copies: SAFE" \
+            in human.stdout, human.stdout
+        # the distance between every two holders, against the 250-mile rule
+        assert re.search(r"^Boston - Chicago +8\d\d +yes$", human.stdout, re.M), human.stdout
+        assert re.search(r"^Chicago - Denver +9\d\d +yes$", human.stdout, re.M), human.stdout
 
         out = tmp_path / "out"
         got = cli_json("get", study.uid, "--out", str(out), node=denver.address)
@@ -100,6 +108,8 @@ def test_replicate_put_wait_safe_locate_get_ls(tmp_path: Path) -> None:
         assert (status["studies"], status["safe_studies"], status["unsafe_studies"]) == (1, 1, 0)
         assert status["oldest_unsafe_age_s"] == 0
         assert status["alerts"] == [], status["alerts"]
+        screen = cli("status", node=denver.address).stdout.splitlines()
+        assert screen[0] == "HEALTH_OK" and "no alerts" in screen, screen
         for n in status["nodes"]:
             assert n["state"] == "alive" and n["free_bytes"] > 0, n
             assert n["used_bytes"] > 0, n  # everyone holds a copy
@@ -145,6 +155,12 @@ def test_membership_crash_suspect_dead_restart_same_id(tmp_path: Path) -> None:
         dead_alert = next(a for a in doc["alerts"] if a["code"] == "NODE_DEAD")
         assert denver_id in dead_alert["message"] and "Denver" in dead_alert["message"]
         assert dead_alert["severity"] == "critical"
+        # what a person reads: the verdict first, the dead site's row, what to do
+        human = cli("status", node=chicago.address).stdout
+        first = human.splitlines()[0]
+        assert first.startswith("HEALTH_CRITICAL: 1 node dead") and denver_id in first, human
+        assert re.search(rf"^{denver_id} +Denver +dead ", human, re.M), human
+        assert re.search(r"^CRITICAL +NODE_DEAD +node " + denver_id, human, re.M), human
         print(f"after kill -9: suspect at {seen['suspect']:.1f} s, dead at {seen['dead']:.1f} s")
 
         restarted = time.monotonic()

@@ -80,7 +80,8 @@ def test_default_page_and_human_output(node: NodeProc, studies: list[Synth]) -> 
     res = cli("ls", "--limit", "3", node=node.address)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
-    assert len(lines) == 4 and "safe copies" in lines[0]
+    assert len(lines) == 5 and lines[0].split() == [
+        "study", "patient", "date", "mod", "inst", "size", "safe", "expires"], lines
     assert lines[-1] == f"more: repeat with --after {uids_of(studies, lambda s: True)[2]} " \
                         "for the next page"
 
