@@ -72,10 +72,14 @@ class Cluster:
         self.workdir = workdir
         self.sites = sites
         self.ports = {s.node_id: _free_port() for s in sites}
+        self.web_ports = {s.node_id: _free_port() for s in sites}  # status page, /metrics
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def address(self, node_id: str) -> str:
         return f"127.0.0.1:{self.ports[node_id]}"
+
+    def web(self, node_id: str) -> str:
+        return f"127.0.0.1:{self.web_ports[node_id]}"
 
     def config(self, s: DemoSite) -> Path:
         seeds = [self.address(o.node_id) for o in self.sites if o is not s][:2]
@@ -87,6 +91,7 @@ class Cluster:
             "", "[cluster]",
             "seeds = [" + ", ".join(f'"{x}"' for x in seeds) + "]",
             f"gossip_interval_s = {GOSSIP_INTERVAL_S}", f"dead_after_s = {DEAD_AFTER_S}", "",
+            "[metrics]", f'listen = "{self.web(s.node_id)}"', "",
         ])
         path = self.workdir / f"{s.node_id}.toml"
         path.write_text(text)
@@ -171,7 +176,7 @@ def run_demo(args: argparse.Namespace) -> int:
         for s in sites:
             cluster.start(s)
             print(f"  {s.node_id:<10} {s.site:<10} ({s.lat:.2f}, {s.lon:.2f}) on "
-                  f"{cluster.address(s.node_id)}")
+                  f"{cluster.address(s.node_id)}; status page http://{cluster.web(s.node_id)}/")
         print("  Boston and New York are ~190 miles apart: they never count as two of the "
               "3 copies, which must be >= 250 miles apart")
         cluster.wait_ready()
@@ -220,6 +225,8 @@ def run_demo(args: argparse.Namespace) -> int:
         _run("ls", "--node", boston)
         if args.keep_running:
             _say("the cluster keeps running; press Ctrl-C to stop every node")
+            print(f"  open http://{cluster.web('boston-1')}/ in a browser (every node has "
+                  f"one), or run: pacsmesh status --watch --node {boston}")
             with contextlib.suppress(KeyboardInterrupt):
                 while any(p.poll() is None for p in cluster.procs.values()):
                     time.sleep(1)
