@@ -304,6 +304,9 @@ class DicomServer:
     def _prune_fast(self) -> None:
         """Forget fast associations that ended (under `_slots`; the list is shared
         with the AE, which counts them against max_associations)."""
+        for a in self.fast:
+            if not a.is_alive():  # ended without on_ended (an error): still not active
+                self.meter.ended(a, released=False)
         self.fast[:] = [a for a in self.fast if a.is_alive()]
 
     def _fast_established(self, conn: Connection, assoc: FastAssociation) -> None:
