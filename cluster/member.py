@@ -85,6 +85,7 @@ def build(cfg: Config) -> NodeDaemon:
     replicator = Replicator(store, state, peers, daemon.node_id, cfg.advertise, daemon.clock,
                             daemon.pool)
     replicator.proof_identity = daemon.node_id if daemon.tls is not None else ""
+    replicator.telemetry = daemon.telemetry
     t = cfg.transfer
     replicator.fresh_s, replicator.wire_zstd_level = t.fresh_s, t.wire_zstd_level
     replicator.shaper = Shaper(limits_from_config(t.rate_mb_s, t.bulk_rate_mb_s, t.bulk_window,

@@ -49,6 +49,7 @@ from pacsmesh.node.errors import ChunkCorrupt, ChunkMissing, PacsmeshError
 from pacsmesh.node.hashing import content_hash, possession_proof
 from pacsmesh.node.hlc import HybridClock, to_seconds
 from pacsmesh.node.store import Store
+from pacsmesh.node.telemetry import Telemetry
 from pacsmesh.proto import node_pb2, peer_pb2
 
 LOGGER = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ class Replicator:
         self.inflight_since: dict[bytes, int] = {}
         self.unfetched: dict[bytes, int] = {}
         self.plain_in = LinkCounter()  # plain bytes of chunks received: the drain rate
+        self.telemetry = Telemetry()  # copies received; the daemon's, once composed
 
     async def close(self) -> None:
         self.batch_pool.shutdown(wait=False, cancel_futures=True)
@@ -426,21 +428,23 @@ class Replicator:
         for purpose in sorted(by_purpose):
             missing |= self._fetch_chunks(by_purpose[purpose], purpose)
         fetched_at = time.monotonic()
-        held = 0
+        held = held_bytes = 0
         futures = []
         for mid, raw, m in wanted:
             if not any(c.hash in missing for c in m.chunks):
-                futures.append(self.store.submit(mid, raw, m, held=True))
+                futures.append((m.size, self.store.submit(mid, raw, m, held=True)))
                 self.unfetched.pop(mid, None)
             elif len(self.unfetched) < UNFETCHED_TRACKED_MAX:
                 self.unfetched[mid] = int(to_seconds(m.received_hlc) * 1000)
-        for fut in futures:
+        for size, fut in futures:
             try:
                 fut.result()
                 held += 1
+                held_bytes += size
             except PacsmeshError as exc:
                 LOGGER.error("could not commit a replica: %s", exc)
         self.fetched_manifests += held
+        self.telemetry.replicated(held, held_bytes)
         self.held_changed({m.study_instance_uid for _, _, m in wanted})
         LOGGER.debug("replicated %d of %d instances in %.2f s + commit %.2f s", held,
                      len(wanted), fetched_at - started, time.monotonic() - fetched_at)

@@ -35,6 +35,7 @@ from pacsmesh.node.ingest import LayoutCheck, Prepared, prepare_file, prepare_lo
 from pacsmesh.node.lifecycle import LifecycleBook
 from pacsmesh.node.metrics import MetricsServer
 from pacsmesh.node.retention_desk import RetentionDesk
+from pacsmesh.node.rpc_meter import MeterInterceptor
 from pacsmesh.node.scrubber import Scrubber
 from pacsmesh.node.service import (
     ClusterView,
@@ -45,6 +46,7 @@ from pacsmesh.node.service import (
     StoredListener,
 )
 from pacsmesh.node.store import CommitItem, Store
+from pacsmesh.node.telemetry import Telemetry
 from pacsmesh.node.tls import (
     Caller,
     Gate,
@@ -90,6 +92,7 @@ class NodeDaemon:
                                       cfg.path, cfg.tls.revoked_serials)
             self.gate = Gate(revocations, self._refused)
         self.node_id = node_id_for(cfg)
+        self.telemetry = Telemetry()  # requests, ingest, replication: counted as they happen
         self.audit = AuditLog(cfg.node.data_dir)
         self.store = Store(cfg.node.data_dir, cfg.node.capacity_bytes,
                            pack_size_max=cfg.node.pack_size_mb << 20,
@@ -120,7 +123,8 @@ class NodeDaemon:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.dicom: DicomServer | None = None  # the DICOM listener, when configured
         if cfg.dicom.listen or cfg.dicom.tls_listen:  # bad TLS files fail here, before serving
-            self.dicom = DicomServer(self, cfg.dicom, cfg.node.data_dir, self._dicom_revoked())
+            self.dicom = DicomServer(self, cfg.dicom, cfg.node.data_dir, self._dicom_revoked(),
+                                     self.telemetry)
 
     # seams for the cluster composition root
     def add_service(self, register: Callable[[grpc.aio.Server], None], full_name: str) -> None:
@@ -217,8 +221,10 @@ class NodeDaemon:
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        # the meter first: it wraps the gate, so refused calls count with their code
         server = grpc.aio.server(options=GRPC_OPTIONS,
-                                 interceptors=[GateInterceptor(self.gate)])
+                                 interceptors=[MeterInterceptor(self.telemetry),
+                                               GateInterceptor(self.gate)])
         api = NodeService(self.store, self.node_id, self.clock, self.view, self.pool,
                           self.listeners, self.remote, self.scrubber, self.drill)
         api.unsafe_alert_after_s = self.cfg.cluster.unsafe_alert_after_s
@@ -226,6 +232,7 @@ class NodeDaemon:
         api.gc = self.gc
         api.desk = self.desk
         api.expiry = self.expiry
+        api.telemetry = self.telemetry
         if self.cfg.metrics.listen:
             try:
                 metrics = MetricsServer(api, self.cfg.metrics.listen)

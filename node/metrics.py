@@ -3,13 +3,20 @@ as metric families an operator's Prometheus scrapes and alerts on.
 
 Every figure is read at scrape time from the same counters the CLI's views use
 (constant cost at any archive size), so the scrape and `pacsmesh status` never
-disagree. Names follow Prometheus conventions: base units in the name, `_total`
-for counters. The HTTP server is prometheus_client's own, in its own thread.
+disagree. What leaves no figure of its own (gRPC and DICOM requests, associations,
+instances received) is counted as it happens by the node's Telemetry
+(telemetry.py), whose families are yielded here too: one registry for everything.
+Names follow Prometheus conventions: base units in the name, `_total` for
+counters. The HTTP server is prometheus_client's own, in its own thread.
+
+Every node reports the cluster as it sees it (members, safety) and itself (disk,
+requests, scrub, GC); dashboards take max() of the former over nodes.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -48,6 +55,7 @@ class NodeCollector(Collector):
         yield gauge("days_until_full", "Days until this node's storage is full at the "
                     "recent rate (-1: not growing).", st.days_until_full)
         yield gauge("chunk_bytes", "Bytes of this node's pack files.", st.chunk_bytes)
+        yield from self._disk(next((n for n in st.nodes if n.id == me), None))
         yield counter("manifests_committed", "Manifests made durable by group commits "
                       "(ingest and replication).", api.store.committed_items)
         yield counter("group_commits", "Group commits (fsync pairs).", api.store.commits)
@@ -62,6 +70,15 @@ class NodeCollector(Collector):
                                     "has to copy.", labels=["node"])
         backlog_n = GaugeMetricFamily("pacsmesh_node_backlog_instances", "Instances a member "
                                       "still has to copy.", labels=["node"])
+        capacity = GaugeMetricFamily("pacsmesh_node_capacity_bytes", "Storage a member "
+                                     "offers (0: its disk's free space).", labels=["node"])
+        backlog_age = GaugeMetricFamily("pacsmesh_node_backlog_oldest_age_seconds", "Age of "
+                                        "the oldest instance a member waits for (0: none).",
+                                        labels=["node"])
+        receiving = GaugeMetricFamily("pacsmesh_node_receive_bytes_per_second", "Chunk bytes "
+                                      "a member has been receiving lately.", labels=["node"])
+        drain = GaugeMetricFamily("pacsmesh_node_drain_seconds", "A member's backlog at its "
+                                  "receive rate (-1: not moving).", labels=["node"])
         for n in st.nodes:
             for s in STATES:
                 state.add_metric([n.id, n.site, s], 1.0 if n.state == s else 0.0)
@@ -69,16 +86,46 @@ class NodeCollector(Collector):
             free.add_metric([n.id], n.free_bytes)
             backlog.add_metric([n.id], n.backlog_bytes)
             backlog_n.add_metric([n.id], n.backlog_instances)
-        yield from (state, used, free, backlog, backlog_n)
+            capacity.add_metric([n.id], n.capacity_bytes)
+            backlog_age.add_metric([n.id], n.backlog_oldest_age_s)
+            receiving.add_metric([n.id], n.receive_bytes_per_s)
+            drain.add_metric([n.id], n.drain_s)
+        yield from (state, used, free, backlog, backlog_n, capacity, backlog_age, receiving,
+                    drain)
 
         sent = CounterMetricFamily("pacsmesh_link_sent_bytes", "Chunk bytes sent to a peer.",
                                    labels=["peer"])
         received = CounterMetricFamily("pacsmesh_link_received_bytes", "Chunk bytes "
                                        "received from a peer.", labels=["peer"])
+        sent_rate = GaugeMetricFamily("pacsmesh_link_sent_bytes_per_second", "Chunk bytes "
+                                      "sent to a peer, over the last 10 s.", labels=["peer"])
+        received_rate = GaugeMetricFamily("pacsmesh_link_received_bytes_per_second", "Chunk "
+                                          "bytes received from a peer, over the last 10 s.",
+                                          labels=["peer"])
         for link in st.links:
             sent.add_metric([link.peer], link.sent_bytes)
             received.add_metric([link.peer], link.received_bytes)
-        yield from (sent, received)
+            sent_rate.add_metric([link.peer], link.sent_bytes_per_s)
+            received_rate.add_metric([link.peer], link.received_bytes_per_s)
+        yield from (sent, received, sent_rate, received_rate)
+        by_purpose = CounterMetricFamily("pacsmesh_transfer_sent_bytes", "Chunk bytes sent "
+                                         "to peers, by purpose.", labels=["purpose"])
+        t = st.transfer
+        for purpose, n_bytes in (("fresh", t.sent_fresh_bytes), ("repair", t.sent_repair_bytes),
+                                 ("rebalance", t.sent_rebalance_bytes)):
+            by_purpose.add_metric([purpose], n_bytes)
+        yield by_purpose
+        r = st.repair
+        yield gauge("repair_backlog_instances", "Instances every alive member still has "
+                    "to copy, as last reported.", r.backlog_instances)
+        yield gauge("repair_backlog_bytes", "Bytes every alive member still has to copy.",
+                    r.backlog_bytes)
+        yield gauge("repair_bytes_per_second", "Rate the repair backlog is shrinking at.",
+                    r.bytes_per_s)
+        yield gauge("repair_eta_seconds", "Until every study is safe again at the recent "
+                    "rate (-1: unknown).", r.eta_s)
+        yield gauge("repair_stalled", "1 if re-protection made no progress lately.",
+                    1.0 if r.stalled else 0.0)
 
         alerts = GaugeMetricFamily("pacsmesh_alerts", "Alerts in force, by severity and "
                                    "code (what status lists).", labels=["severity", "code"])
@@ -94,6 +141,15 @@ class NodeCollector(Collector):
         for d in st.last_drill:
             drill_ok.add_metric([d.study_uid], 1.0 if d.ok else 0.0)
         yield drill_ok
+        last_at = max((d.at_s for d in st.last_drill), default=0.0)
+        yield gauge("drill_last_age_seconds", "Since the last restore drill (-1: none since "
+                    "this node started).", max(0.0, time.time() - last_at) if last_at else -1.0)
+        yield gauge("drill_last_studies", "Studies the last restore drill restored.",
+                    len(st.last_drill))
+        yield gauge("drill_last_failed_studies", "Studies the last restore drill could not "
+                    "restore and verify.", sum(1 for d in st.last_drill if not d.ok))
+        yield gauge("drill_last_duration_seconds", "Longest restore of a study in the last "
+                    "drill.", max((d.seconds for d in st.last_drill), default=0.0))
 
         if api.scrubber is not None:
             sc = api.scrub_status()
@@ -110,6 +166,11 @@ class NodeCollector(Collector):
                         "ended (-1: never).", sc.last_pass_completed_age_s)
             yield gauge("scrub_overdue", "1 if no full pass ended within the interval.",
                         1.0 if sc.overdue else 0.0)
+            yield gauge("scrub_running", "1 while a scrub pass runs.", 1.0 if sc.running else 0.0)
+            yield gauge("scrub_pass_chunks", "Chunks the running pass has verified.",
+                        sc.pass_chunks)
+            yield gauge("scrub_chunks", "Chunks a pass verifies (every chunk held here).",
+                        sc.total_chunks)
         if api.gc is not None:
             g = api.gc_status()
             yield counter("gc_reclaimed_bytes", "Pack bytes freed by compaction.",
@@ -119,7 +180,35 @@ class NodeCollector(Collector):
                           g.chunks_reclaimed)
             yield counter("retention_studies_deleted", "Studies deleted here when their "
                           "retention expired.", g.studies_deleted)
+            yield counter("gc_packs_compacted", "Pack files rewritten without their unneeded "
+                          "chunks.", g.packs_compacted)
+            yield gauge("gc_dead_bytes", "Bytes of unneeded chunks still in pack files.",
+                        g.dead_bytes)
+            yield gauge("gc_running", "1 while a GC pass runs.", 1.0 if g.running else 0.0)
+            yield gauge("gc_last_pass_age_seconds", "Since the last GC pass ended (-1: never).",
+                        g.last_pass_completed_age_s)
+        telemetry = getattr(api, "telemetry", None)
+        if telemetry is not None:
+            yield from telemetry.collect()
         LOGGER.debug("metrics scraped for %s", me)
+
+    def _disk(self, mine: Any) -> Iterator[Metric]:
+        """This node's own storage and name, unlabelled: what a per-node panel plots.
+        `mine`: this node's NodeStatus in the status reply (None: not a member yet)."""
+        used = mine.used_bytes if mine is not None else self.api.store.used_bytes()
+        free = mine.free_bytes if mine is not None else self.api.store.free_bytes()
+        capacity = self.api.store.capacity_bytes or used + free
+        yield GaugeMetricFamily("pacsmesh_disk_used_bytes", "Bytes this node's data uses.",
+                                value=used)
+        yield GaugeMetricFamily("pacsmesh_disk_free_bytes", "Bytes this node may still "
+                                "fill.", value=free)
+        yield GaugeMetricFamily("pacsmesh_disk_capacity_bytes", "Bytes this node may hold: "
+                                "[node] capacity_bytes, else used and free together.",
+                                value=capacity)
+        info = GaugeMetricFamily("pacsmesh_node_info", "1, labelled with this node's id and "
+                                 "site.", labels=["node", "site"])
+        info.add_metric([self.api.node_id, mine.site if mine is not None else ""], 1.0)
+        yield info
 
 
 class MetricsServer:

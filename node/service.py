@@ -27,6 +27,7 @@ from pacsmesh.node.ingest import IngestSession, Prepared
 from pacsmesh.node.retention_desk import Refused, RetentionDesk
 from pacsmesh.node.scrubber import Scrubber
 from pacsmesh.node.store import Store
+from pacsmesh.node.telemetry import Telemetry
 from pacsmesh.node.tls import CALLER
 from pacsmesh.node.uids import uid_problem
 from pacsmesh.proto import node_pb2, node_pb2_grpc
@@ -39,6 +40,8 @@ UNSAFE_ALERT_AFTER_S = 3600.0  # an instance not safe off-site within an hour is
 DRILL_COUNT_MAX = 100  # studies per drill request
 AUDIT_PAGE_DEFAULT = 1000
 INGEST_BATCH_BYTES_MAX = 8 << 20  # received bytes held before handing them to a worker
+INGEST_OUTCOMES = {Outcome.STORED: "stored", Outcome.DUPLICATE: "duplicate",
+                   Outcome.REJECTED: "rejected"}  # as pacsmesh_ingest_instances_total says
 
 
 class ClusterView(Protocol):
@@ -133,6 +136,7 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
         self.gc: Collector | None = None
         self.desk: RetentionDesk | None = None
         self.expiry: ExpiryDeleter | None = None
+        self.telemetry = Telemetry()  # the daemon's own replaces it
 
     def _event(self, action: str, outcome: str, study_uid: str = "", instances: int = 0,
                detail: str = "") -> Event:
@@ -178,6 +182,7 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
             try:
                 await asyncio.wrap_future(self.store.submit(p.manifest_id, p.raw, p.manifest))
                 outcome = Outcome.STORED  # held here now (new, or known from a peer before)
+                self.telemetry.ingested("put", "stored", p.manifest.size)
                 for listener in self.listeners:
                     listener(p.manifest_id, p.raw, p.manifest)
                 await results.put(node_pb2.IngestResult(
@@ -225,6 +230,8 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
         finished = False
         try:
             while (item := await results.get()) is not None:
+                if item.outcome != Outcome.STORED:  # stored ones were counted with their size
+                    self.telemetry.ingested("put", INGEST_OUTCOMES[item.outcome])
                 if item.outcome == Outcome.REJECTED:
                     rejected += 1
                 elif item.study_instance_uid:

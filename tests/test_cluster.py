@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import re
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pacsmesh.proto import node_pb2, node_pb2_grpc
 from tests.clusterproc import (
@@ -36,7 +38,7 @@ from tests.clusterproc import (
     states,
     wait_for,
 )
-from tests.nodeproc import NodeProc, cli, cli_json
+from tests.nodeproc import NodeProc, cli, cli_json, free_port
 
 # Upper bounds, far above what a healthy run takes (reported in the test output),
 # so a slow CI machine does not fail them.
@@ -67,8 +69,12 @@ def put_safe(node: str, studies: list[Study], wait_s: float = SAFE_TIMEOUT_S) ->
 
 def test_replicate_put_wait_safe_locate_get_ls(tmp_path: Path) -> None:
     study = make_study(tmp_path / "in", 1)
-    cities = [("boston", "Boston"), ("chicago", "Chicago"), ("denver", "Denver")]
-    with cluster_of(tmp_path / "c", *cities) as c:
+    c = Cluster(tmp_path / "c")
+    for node_id, city in [("boston", "Boston"), ("chicago", "Chicago"), ("denver", "Denver")]:
+        c.add(node_id, city)
+    metrics = f"127.0.0.1:{free_port()}"  # chicago's: it receives its copy from boston
+    c.members[1].extra["metrics"] = {"listen": metrics}
+    with started(c):
         boston, chicago, denver = c.members
         c.wait_converged()
         t0 = time.monotonic()
@@ -113,6 +119,15 @@ def test_replicate_put_wait_safe_locate_get_ls(tmp_path: Path) -> None:
         for n in status["nodes"]:
             assert n["state"] == "alive" and n["free_bytes"] > 0, n
             assert n["used_bytes"] > 0, n  # everyone holds a copy
+        # chicago counted the copies it received, not as client ingest
+        with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as reply:
+            samples = [s for f in text_string_to_metric_families(reply.read().decode())
+                       for s in f.samples]
+        scraped = {s.name: s.value for s in samples if not s.labels}
+        assert sum(s.value for s in samples if s.name == "pacsmesh_ingest_instances_total") == 0
+        sent = sum(p.stat().st_size for p in study.folder.rglob("*") if p.is_file())
+        assert scraped["pacsmesh_replication_received_instances_total"] == study.instances
+        assert scraped["pacsmesh_replication_received_bytes_total"] == sent
 
 
 def test_membership_crash_suspect_dead_restart_same_id(tmp_path: Path) -> None:

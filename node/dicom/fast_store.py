@@ -47,6 +47,7 @@ LOGGER = logging.getLogger(__name__)
 SPOOL_MEMORY_MAX = 32 << 20  # bytes of one instance held in memory; the rest to a file
 PREAMBLE = b"\x00" * 128 + b"DICM"
 PEEK_STALL_S = 0.5  # an A-ASSOCIATE-RQ that stops arriving this long goes to pynetdicom
+STATUS_ABORTED = -1  # for `Policy.on_request`: the response never went out
 
 
 @dataclass
@@ -155,6 +156,9 @@ class Policy:
     max_pdu: int
     enter: Callable[[], bool]  # takes an association slot, or False at the limit
     leave: Callable[[], None]
+    # told of every request answered: (service, final status, seconds from the whole
+    # request received to its response sent); STATUS_ABORTED: the response could not go
+    on_request: Callable[[str, int, float], None] = lambda service, code, seconds: None
 
 
 def eligible(rq: ul.AssociateRq, supported: frozenset[str]) -> bool:
@@ -306,8 +310,8 @@ class StoreAssociation:
         field_, message_id = cmd.get(0x0100), int(cmd.get(0x0110, 0))
         sop_class, ts = self.accepted[context_id]
         if field_ == ul.C_ECHO_RQ:
-            self._send(context_id, ul.response(ul.C_ECHO_RSP, message_id, ul.VERIFICATION, "",
-                                               0x0000))
+            self._answer("C-ECHO", time.perf_counter(), 0x0000, context_id, ul.response(
+                ul.C_ECHO_RSP, message_id, ul.VERIFICATION, "", 0x0000))
             return
         if field_ != ul.C_STORE_RQ:
             raise ul.UlError(f"command 0x{int(field_ or 0):04x} is not served on a storage "
@@ -323,6 +327,7 @@ class StoreAssociation:
         self.current = _Store(context_id, message_id, sop_class, instance, ts, received)
 
     def _stored(self, cur: _Store) -> None:
+        started = time.perf_counter()
         try:
             code, comment = self.store(self.assoc, cur.sop_class, cur.sop_instance,
                                        cur.received)
@@ -332,8 +337,18 @@ class StoreAssociation:
             self.assoc.stored += 1
         else:
             self.assoc.refused += 1
-        self._send(cur.context_id, ul.response(ul.C_STORE_RSP, cur.message_id, cur.sop_class,
-                                               cur.sop_instance, code, comment))
+        self._answer("C-STORE", started, code, cur.context_id, ul.response(
+            ul.C_STORE_RSP, cur.message_id, cur.sop_class, cur.sop_instance, code, comment))
+
+    def _answer(self, service: str, started: float, code: int, context_id: int,
+                command: bytes) -> None:
+        """Send a request's response, and tell the policy how it went."""
+        try:
+            self._send(context_id, command)
+        except BaseException:
+            self.policy.on_request(service, STATUS_ABORTED, time.perf_counter() - started)
+            raise
+        self.policy.on_request(service, code, time.perf_counter() - started)
 
     def _send(self, context_id: int, command: bytes) -> None:
         self.assoc.sock.sendall(ul.p_data(context_id, command))

@@ -60,11 +60,13 @@ from pacsmesh.node.dicom.archive import Archive
 from pacsmesh.node.dicom.commitment import STORAGE_COMMITMENT_PUSH, Commitment
 from pacsmesh.node.dicom.fast_store import FastAssociation
 from pacsmesh.node.dicom.listener import BACKSTOP_S, Guard, GuardedServer, tls_context
+from pacsmesh.node.dicom.meter import DicomMeter
 from pacsmesh.node.dicom.query import FindScp
 from pacsmesh.node.dicom.retrieve import RetrieveScp
 from pacsmesh.node.dicom.store_scp import StoreScp
 from pacsmesh.node.dicom.trail import Trail
 from pacsmesh.node.errors import PacsmeshError
+from pacsmesh.node.telemetry import Telemetry
 
 LOGGER = logging.getLogger(__name__)
 
@@ -126,9 +128,12 @@ class DicomServer:
     cannot) and serves from pynetdicom's threads; `stop` lets work in flight end."""
 
     def __init__(self, archive: Archive, cfg: DicomSection, data_dir: Path,
-                 revoked: Callable[[int], bool] | None = None) -> None:
-        """`revoked`: whether a serial is revoked by the CA that signs TLS clients."""
+                 revoked: Callable[[int], bool] | None = None,
+                 telemetry: Telemetry | None = None) -> None:
+        """`revoked`: whether a serial is revoked by the CA that signs TLS clients.
+        `telemetry`: the node's, where requests and associations are counted."""
         self.archive, self.cfg, self.revoked = archive, cfg, revoked
+        self.meter = DicomMeter(telemetry if telemetry is not None else Telemetry())
         self.tls = (tls_context(Path(cfg.tls_cert), Path(cfg.tls_key), Path(cfg.tls_client_ca))
                     if cfg.tls_listen else None)  # ConfigError: a file is wrong
         self.tmp_dir = data_dir / TMP_DIR_NAME
@@ -137,7 +142,7 @@ class DicomServer:
                                    self._on_refused_connection)
         self.trail = Trail(archive.audit, self.admission)
         self.admission.on_tick = self.trail.flush
-        self.store = StoreScp(archive, self.trail)
+        self.store = StoreScp(archive, self.trail, self.meter.telemetry)
         self.find = FindScp(archive.store.catalog, cfg.ae_title, self.trail)
         self.retrieve = RetrieveScp(archive, dict(cfg.destinations), self.tmp_dir, self.trail)
         self.commitment = Commitment(archive, cfg.ae_title, dict(cfg.destinations),
@@ -150,7 +155,7 @@ class DicomServer:
         self.fast_policy = fast_store.Policy(
             supported=STORAGE_CLASSES, syntaxes=STORAGE_SYNTAXES,
             allowed_calling=frozenset(cfg.allowed_calling_aets), max_pdu=PDU_RECEIVE_MAX,
-            enter=self._enter, leave=lambda: None)
+            enter=self._enter, leave=lambda: None, on_request=self.meter.request)
 
     def _build_ae(self) -> Any:
         _configure_pynetdicom()
@@ -195,6 +200,8 @@ class DicomServer:
             (evt.EVT_RELEASED, self._on_ended),
             (evt.EVT_ABORTED, self._on_ended),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
+            (evt.EVT_DIMSE_RECV, self.meter.on_dimse_recv),
+            (evt.EVT_DIMSE_SENT, self.meter.on_dimse_sent),
         ]
         self.admission.start()
         try:
@@ -297,21 +304,27 @@ class DicomServer:
     def _prune_fast(self) -> None:
         """Forget fast associations that ended (under `_slots`; the list is shared
         with the AE, which counts them against max_associations)."""
+        for a in self.fast:
+            if not a.is_alive():  # ended without on_ended (an error): still not active
+                self.meter.ended(a, released=False)
         self.fast[:] = [a for a in self.fast if a.is_alive()]
 
     def _fast_established(self, conn: Connection, assoc: FastAssociation) -> None:
         with self._slots:
             self.fast.append(assoc)
+        self.meter.established(assoc)
         self.admission.attach(conn, assoc)
         self.admission.requested(assoc)
         self.admission.established(assoc)
 
     def _fast_refused(self, assoc: FastAssociation, kind: str, why: str) -> None:
+        self.meter.rejected()
         if kind == "limit":
             why = f"more than {self.cfg.max_associations} associations at once"
         self.trail.refused_association(assoc, kind, why)
 
     def _fast_ended(self, assoc: FastAssociation, how: str, seconds: float) -> None:
+        self.meter.ended(assoc, released=how == "released")
         stored, refused = self.store.counts.pop(id(assoc), [0, 0])
         requestor = assoc.requestor
         level = logging.INFO if how == "released" else logging.WARNING
@@ -350,12 +363,14 @@ class DicomServer:
     def _on_established(self, event: Any) -> None:
         self.admission.established(event.assoc)
         self._started[id(event.assoc)] = time.monotonic()
+        self.meter.established(event.assoc)
 
     def _on_conn_close(self, event: Any) -> None:
         """Closed before its A-ASSOCIATE-RQ: if it got that far only by sending what is
         not DICOM (pynetdicom aborted it, Sta13), that is a refusal to record; a peer
         that merely closed (a port probe) is not."""
         assoc = event.assoc
+        self.meter.ended(assoc, released=False)  # unless released or aborted already
         state = assoc.dul.state_machine.current_state  # the state the close came in
         conn = self.admission.transport_closed(assoc)
         if conn is not None and state == "Sta13" and not conn.cut:
@@ -372,6 +387,7 @@ class DicomServer:
         stored, refused = self.store.counts.pop(key, [0, 0])
         requestor = event.assoc.requestor
         how = "released" if event.event == evt.EVT_RELEASED else "aborted"
+        self.meter.ended(event.assoc, released=how == "released")
         seconds = time.monotonic() - started if started is not None else 0.0
         level = logging.INFO if how == "released" else logging.WARNING
         work = f": {stored} instances stored, {refused} refused" if stored or refused else ""
@@ -379,6 +395,7 @@ class DicomServer:
                    requestor.ae_title, requestor.address, requestor.port, how, seconds, work)
 
     def _on_rejected(self, event: Any) -> None:
+        self.meter.rejected()
         requestor = event.assoc.requestor
         allowed = self.cfg.allowed_calling_aets
         if allowed and requestor.ae_title not in allowed:

@@ -33,6 +33,7 @@ from pacsmesh.node.dicom.status import SUCCESS, status
 from pacsmesh.node.dicom.trail import Trail
 from pacsmesh.node.dicom_layout import Layout
 from pacsmesh.node.errors import Mismatch, PacsmeshError
+from pacsmesh.node.telemetry import Telemetry
 from pacsmesh.proto import node_pb2
 
 LOGGER = logging.getLogger(__name__)
@@ -85,8 +86,10 @@ def mismatch(layout: Layout, sop_class_uid: str, sop_instance_uid: str) -> tuple
 
 
 class StoreScp:
-    def __init__(self, archive: Archive, trail: Trail) -> None:
+    def __init__(self, archive: Archive, trail: Trail, telemetry: Telemetry | None = None
+                 ) -> None:
         self.archive, self.trail = archive, trail
+        self.telemetry = telemetry if telemetry is not None else Telemetry()
         # per association (by id): [stored, refused]; read and dropped when it ends
         self.counts: dict[int, list[int]] = {}
 
@@ -103,9 +106,11 @@ class StoreScp:
         """Store one received instance; blocks until durable or refused, and until its
         audit event is durable. (status, error comment)."""
         slot = AuditSlot()
-        (code, comment), study, detail = self._store(assoc, sop_class, sop_instance, received,
-                                                     slot)
+        (code, comment), study, detail, outcome = self._store(assoc, sop_class, sop_instance,
+                                                              received, slot)
         ok = code == STATUS_SUCCESS
+        size = len(received) if isinstance(received, bytes) else received.size
+        self.telemetry.ingested("c-store", outcome, size)
         try:
             if slot.error:
                 raise OSError(slot.error)
@@ -121,9 +126,10 @@ class StoreScp:
 
     def _store(self, assoc: Any, sop_class: str, sop_instance: str,
                received: bytes | Received, slot: AuditSlot
-               ) -> tuple[tuple[int, str], str, str]:
-        """((status, comment), the study UID if known, what happened in words). A new
-        instance's audit event goes in `slot`, for the group commit to write."""
+               ) -> tuple[tuple[int, str], str, str, str]:
+        """((status, comment), the study UID if known, what happened in words, and the
+        outcome: stored, duplicate or rejected). A new instance's audit event goes in
+        `slot`, for the group commit to write."""
         calling = assoc.requestor.ae_title
         study = ""
 
@@ -151,18 +157,21 @@ class StoreScp:
             LOGGER.warning("C-STORE from %s refused: %s", calling, exc)
             # Error Comment holds 64 characters: the UIDs go to log and audit
             return ((STATUS_DATASET_MISMATCH, f"dataset {exc.which} is not the request's"),
-                    study, str(exc))
+                    study, str(exc), "rejected")
         except PacsmeshError as exc:  # the walk found the dataset malformed
             LOGGER.warning("C-STORE of %s from %s refused: %s", sop_instance, calling, exc)
-            return (STATUS_CANNOT_UNDERSTAND, str(exc)), study, f"{sop_instance}: {exc}"
+            return ((STATUS_CANNOT_UNDERSTAND, str(exc)), study, f"{sop_instance}: {exc}",
+                    "rejected")
         except Exception as exc:  # never let the sender believe a failure was a success
             LOGGER.exception("C-STORE of %s from %s failed", sop_instance, calling)
             return ((STATUS_PROCESSING_FAILURE, f"internal error: {exc}"), study,
-                    f"{sop_instance}: internal error")
+                    f"{sop_instance}: internal error", "rejected")
         answer = status_for(result)
         if answer[0] != STATUS_SUCCESS:
             LOGGER.warning("C-STORE of %s from %s refused (0x%04X): %s", sop_instance,
                            calling, answer[0], result.reason)
-            return answer, study, f"{sop_instance}: {result.reason}"
-        held = " (already held)" if result.outcome == node_pb2.IngestResult.DUPLICATE else ""
-        return answer, result.study_instance_uid or study, f"{sop_instance}{held}"
+            return answer, study, f"{sop_instance}: {result.reason}", "rejected"
+        duplicate = result.outcome == node_pb2.IngestResult.DUPLICATE
+        return (answer, result.study_instance_uid or study,
+                f"{sop_instance}{' (already held)' if duplicate else ''}",
+                "duplicate" if duplicate else "stored")
