@@ -4,7 +4,7 @@ as metric families an operator's Prometheus scrapes and alerts on.
 Every figure is read at scrape time from the same counters the CLI's views use
 (constant cost at any archive size), so the scrape and `pacsmesh status` never
 disagree. Names follow Prometheus conventions: base units in the name, `_total`
-for counters. The HTTP server is prometheus_client's own, in its own thread.
+for counters. The HTTP server is node/web.py's, which also serves the status page.
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
+
+from pacsmesh.node import statuspage
+from pacsmesh.node.web import WebServer, WebTls
 
 LOGGER = logging.getLogger(__name__)
 STATES = ("alive", "suspect", "dead", "left")
@@ -123,14 +125,15 @@ class NodeCollector(Collector):
 
 
 class MetricsServer:
-    def __init__(self, api: Any, listen: str) -> None:
-        host, _, port = listen.rpartition(":")
+    """`[metrics] listen`: /metrics, the status page and /status.json (node/web.py),
+    over HTTPS with client certificates when the node runs with [tls]."""
+
+    def __init__(self, api: Any, listen: str, tls: WebTls | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(NodeCollector(api))
-        self._server, self._thread = start_http_server(int(port), host.strip("[]"),
-                                                       self.registry)
-        LOGGER.info("metrics on http://%s/metrics", listen)
+        self._web = WebServer(listen, self.registry, lambda: statuspage.gather(api), tls)
+        LOGGER.info("metrics on %s://%s/metrics, the status page on %s://%s/",
+                    self._web.scheme, listen, self._web.scheme, listen)
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._web.close()
