@@ -57,6 +57,7 @@ from pacsmesh.node.tls import (
     load_files,
     server_credentials,
 )
+from pacsmesh.node.web import WebTls
 from pacsmesh.node.worker import Runner, Worker
 from pacsmesh.proto import node_pb2, node_pb2_grpc
 
@@ -235,7 +236,7 @@ class NodeDaemon:
         api.telemetry = self.telemetry
         if self.cfg.metrics.listen:
             try:
-                metrics = MetricsServer(api, self.cfg.metrics.listen)
+                metrics = MetricsServer(api, self.cfg.metrics.listen, self._web_tls())
             except OSError as exc:
                 raise ConfigError(f"[metrics] listen = {self.cfg.metrics.listen!r}: "
                                   f"{exc.strerror}") from exc
@@ -269,6 +270,15 @@ class NodeDaemon:
             self.dicom.start()
         LOGGER.info("node %s (%s) serving on %s", self.node_id, self.cfg.node.site,
                     self.cfg.node.listen)
+
+    def _web_tls(self) -> WebTls | None:
+        """With [tls], the status page and /metrics are HTTPS with this node's own
+        certificate, and readers prove who they are as on the gRPC edge (same CA, CRL)."""
+        if self.tls is None:
+            return None
+        revocations = self.gate.revocations
+        return WebTls(Path(self.cfg.tls.cert), Path(self.cfg.tls.key), self.tls.ca,
+                      revocations.revoked if revocations is not None else None)
 
     def _dicom_revoked(self) -> Callable[[int], bool] | None:
         """The cluster's revocations, for DICOM TLS clients when the cluster CA signs them

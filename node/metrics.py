@@ -7,7 +7,8 @@ disagree. What leaves no figure of its own (gRPC and DICOM requests, association
 instances received) is counted as it happens by the node's Telemetry
 (telemetry.py), whose families are yielded here too: one registry for everything.
 Names follow Prometheus conventions: base units in the name, `_total` for
-counters. The HTTP server is prometheus_client's own, in its own thread.
+counters. The HTTP server is node/web.py's, which also serves the
+status page.
 
 Every node reports the cluster as it sees it (members, safety) and itself (disk,
 requests, scrub, GC); dashboards take max() of the former over nodes.
@@ -20,9 +21,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
+
+from pacsmesh.node import statuspage
+from pacsmesh.node.web import WebServer, WebTls
 
 LOGGER = logging.getLogger(__name__)
 STATES = ("alive", "suspect", "dead", "left")
@@ -212,14 +215,15 @@ class NodeCollector(Collector):
 
 
 class MetricsServer:
-    def __init__(self, api: Any, listen: str) -> None:
-        host, _, port = listen.rpartition(":")
+    """`[metrics] listen`: /metrics, the status page and /status.json (node/web.py),
+    over HTTPS with client certificates when the node runs with [tls]."""
+
+    def __init__(self, api: Any, listen: str, tls: WebTls | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(NodeCollector(api))
-        self._server, self._thread = start_http_server(int(port), host.strip("[]"),
-                                                       self.registry)
-        LOGGER.info("metrics on http://%s/metrics", listen)
+        self._web = WebServer(listen, self.registry, lambda: statuspage.gather(api), tls)
+        LOGGER.info("metrics on %s://%s/metrics, the status page on %s://%s/",
+                    self._web.scheme, listen, self._web.scheme, listen)
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._web.close()
