@@ -48,6 +48,7 @@ from pacsmesh.node.chunking import CHUNK_PLAIN_MAX
 from pacsmesh.node.errors import ChunkCorrupt, ChunkMissing, PacsmeshError
 from pacsmesh.node.hashing import content_hash, possession_proof
 from pacsmesh.node.hlc import HybridClock, to_seconds
+from pacsmesh.node.logsetup import Tally
 from pacsmesh.node.store import Store
 from pacsmesh.proto import node_pb2, peer_pb2
 
@@ -140,6 +141,9 @@ class Replicator:
         self.inflight_since: dict[bytes, int] = {}
         self.unfetched: dict[bytes, int] = {}
         self.plain_in = LinkCounter()  # plain bytes of chunks received: the drain rate
+        # copies made here of studies older than the last placement change (repair or
+        # rebalance), with the bytes fetched meanwhile by source; said by the fetch worker
+        self.moved_here = Tally()
 
     async def close(self) -> None:
         self.batch_pool.shutdown(wait=False, cancel_futures=True)
@@ -430,16 +434,21 @@ class Replicator:
         futures = []
         for mid, raw, m in wanted:
             if not any(c.hash in missing for c in m.chunks):
-                futures.append(self.store.submit(mid, raw, m, held=True))
+                futures.append((self.store.submit(mid, raw, m, held=True), m))
                 self.unfetched.pop(mid, None)
             elif len(self.unfetched) < UNFETCHED_TRACKED_MAX:
                 self.unfetched[mid] = int(to_seconds(m.received_hlc) * 1000)
-        for fut in futures:
+        changed_at = self.state.placement_changed.at_s
+        for fut, m in futures:
             try:
                 fut.result()
                 held += 1
             except PacsmeshError as exc:
-                LOGGER.error("could not commit a replica: %s", exc)
+                LOGGER.error("could not commit a replica: %s", exc,
+                             extra={"instance": m.sop_instance_uid})
+                continue
+            if to_seconds(m.received_hlc) < changed_at:  # here because placement changed
+                self.moved_here.add(m.study_instance_uid)
         self.fetched_manifests += held
         self.held_changed({m.study_instance_uid for _, _, m in wanted})
         LOGGER.debug("replicated %d of %d instances in %.2f s + commit %.2f s", held,
@@ -614,6 +623,7 @@ class Replicator:
             return False
         self.fetched_bytes += self.store.chunks.put(chunk.hash, size, chunk.data,
                                                     chunk.flags)
+        self.moved_here.add_by(self.state.id_at(source) or source, size)
         self.plain_in.add(size, time.monotonic())
         self.arrivals.arrived()  # a relay stream may be waiting for it
         return True
