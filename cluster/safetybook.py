@@ -25,7 +25,7 @@ import time
 from pacsmesh.cluster.progress import RepairTracker
 from pacsmesh.cluster.safety import Holding, Position, assess
 from pacsmesh.cluster.transfer import Replicator
-from pacsmesh.node.logsetup import Tally
+from pacsmesh.node.logsetup import Tally, n_studies
 from pacsmesh.node.worker import Worker, WorkerState
 
 LOGGER = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class SafetyWorker(Worker):
         for tally, what in ((self.became_unsafe, "unsafe"), (self.became_safe, "safe")):
             if got := tally.take(now):
                 _, unsafe, _ = self.r.store.catalog.safety_counts()
-                LOGGER.info("%s studies became %s (first: %s); %s unsafe now", f"{got.count:,}",
+                LOGGER.info("%s became %s (first: %s); %s unsafe now", n_studies(got.count),
                             what, got.first, f"{unsafe:,}")
 
     def _sweep_page(self, limit: int) -> list[str]:

@@ -142,10 +142,10 @@ class ClusterState:
         moved = sum(1 for a, b in zip(old.placements, new.placements, strict=True)
                     if a.replicas != b.replicas)
         mine_old, mine_new = old.partitions_of(self.me), new.partitions_of(self.me)
-        who = "".join((f"; joined: {', '.join(joined)}" if joined else "",
-                       f"; gone: {', '.join(gone)}" if gone else ""))
-        LOGGER.info("placement changed over %d nodes (%s)%s: %d of %d partitions moved; "
-                    "this node is a replica of %d (+%d, -%d)", len(ids), ", ".join(ids), who,
+        who = "".join((f", {', '.join(joined)} joined" if joined else "",
+                       f", {', '.join(gone)} gone" if gone else ""))
+        LOGGER.info("placement changed: %d nodes (%s)%s; %d of %d partitions moved; this "
+                    "node is a replica of %d (+%d, -%d)", len(ids), ", ".join(ids), who,
                     moved, new.partitions, len(mine_new), len(mine_new - mine_old),
                     len(mine_old - mine_new))
         self.placement_changed = PlacementChange(time.time(), tuple(joined), tuple(gone))

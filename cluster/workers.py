@@ -43,7 +43,7 @@ from pacsmesh.cluster.trim import (
 )
 from pacsmesh.node.alerts import DISK_REFUSE_REPLICAS_FRACTION
 from pacsmesh.node.catalog import partition_of
-from pacsmesh.node.logsetup import Tally
+from pacsmesh.node.logsetup import Tally, n_studies
 from pacsmesh.node.worker import Worker, WorkerState
 from pacsmesh.proto import node_pb2, peer_pb2
 
@@ -328,9 +328,9 @@ class TrimWorker(Worker):
     async def step(self) -> WorkerState:
         r = self.r
         if got := self.trimmed.take(time.monotonic()):
-            LOGGER.info("trimmed %s studies (%s instances' extra copies dropped here; first: "
-                        "%s): their replica sets hold %d verified copies each",
-                        f"{got.count:,}", f"{got.items:,}", got.first, r.state.copies)
+            LOGGER.info("trimmed %s (%s instances' extra copies dropped here; first: %s): "
+                        "their replica sets hold %d verified copies each",
+                        n_studies(got.count), f"{got.items:,}", got.first, r.state.copies)
         if r.state.snapshot.table is None:
             return WorkerState.IDLE
         partition = self.planner.next(time.monotonic())

@@ -224,6 +224,11 @@ class Tallied:
             self.by.items(), key=lambda kv: -kv[1]))
 
 
+def n_studies(n: int) -> str:
+    """'1 study', '1,204 studies'."""
+    return f"{n:,} study" if n == 1 else f"{n:,} studies"
+
+
 def _amount(v: int, unit: str) -> str:
     if unit == "bytes":
         return f"{v / 1e6:.1f} MB"
