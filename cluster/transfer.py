@@ -317,7 +317,7 @@ class Replicator:
                 # it back until it deletes it too; never stored again
                 self.deleted_refused += 1
                 LOGGER.debug("refusing a manifest of deleted study %s from %s",
-                             m.study_instance_uid, source)
+                             m.study_instance_uid, source, extra={"study": m.study_instance_uid})
                 continue
             if not self.clock.observe(m.received_hlc):
                 # Not stored: as the newest version of its instance, a stamp far in the
@@ -686,7 +686,7 @@ class Replicator:
         count = self.failed_proofs.get(peer, (0, "", 0.0))[0] + 1
         self.failed_proofs = {**self.failed_proofs, peer: (count, study_uid, time.time())}
         LOGGER.error("node %s claims copies of study %s but could not prove it holds them: "
-                     "not counted for trims", peer, study_uid)
+                     "not counted for trims", peer, study_uid, extra={"study": study_uid})
 
     def own_holdings(self, study_uids: list[str], nonce: bytes = b"",
                      chunks: Sequence[bytes] = (), asker: str = ""

@@ -180,7 +180,7 @@ class Catalog:
         if txn.delete(m.study_instance_uid.encode(), db=self.expiry.deleted):
             LOGGER.warning("study %s, deleted here when its retention expired, is stored "
                            "again: a version this node had not seen keeps it longer",
-                           m.study_instance_uid)
+                           m.study_instance_uid, extra={"study": m.study_instance_uid})
         if not txn.put(manifest_id, raw, db=self.manifests, overwrite=False):
             if held_at_ms is not None:
                 self.set_held(txn, manifest_id, m, held_at_ms)
