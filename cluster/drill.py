@@ -87,7 +87,8 @@ class Drills:
             results.append(res)
             level = logging.INFO if res.ok else logging.ERROR
             LOGGER.log(level, "drill: study %s from %s (%s): %s", study, node_id, site,
-                       f"{res.bytes / 1e6:.1f} MB in {res.seconds:.2f} s" if res.ok else res.error)
+                       f"{res.bytes / 1e6:.1f} MB in {res.seconds:.2f} s" if res.ok else res.error,
+                       extra={"study": study})
         if not picked:
             results.append(node_pb2.DrillResult(
                 ok=False, at_s=at, error="no study has a verified copy on another alive node"))

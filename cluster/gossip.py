@@ -92,10 +92,11 @@ class GossipWorker(Worker):
                 self._sends.add(task)
                 task.add_done_callback(self._sends.discard)
             elif isinstance(effect, StateChanged):
-                level = logging.WARNING if effect.new in (
-                    MemberState.SUSPECT, MemberState.DEAD) else logging.INFO
-                LOGGER.log(level, "member %s: %s -> %s", effect.node_id,
-                           effect.old or "unknown", effect.new)
+                # a state change, not a fault of ours: INFO, one line per transition
+                member = self.membership.get(effect.node_id)
+                LOGGER.info("member %s (%s): %s -> %s", effect.node_id,
+                            member.site if member is not None else "?",
+                            effect.old or "unknown", effect.new)
             elif isinstance(effect, Refused):
                 address = effect.address[:REFUSAL_TEXT_MAX]
                 reason = effect.reason[:REFUSAL_TEXT_MAX]

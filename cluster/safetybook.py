@@ -25,6 +25,7 @@ import time
 from pacsmesh.cluster.progress import RepairTracker
 from pacsmesh.cluster.safety import Holding, Position, assess
 from pacsmesh.cluster.transfer import Replicator
+from pacsmesh.node.logsetup import Tally, n_studies
 from pacsmesh.node.worker import Worker, WorkerState
 
 LOGGER = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class SafetyWorker(Worker):
         self._unsettled: dict[str, tuple[list[object] | None, float]] = {}
         self.tracker = RepairTracker(stall_after_s)
         self.judged = 0
+        self.became_unsafe, self.became_safe = Tally(), Tally()
         if r.store.catalog.take_sweep_request():
             self._sweeps.append((ALL, b""))
             self._save()
@@ -78,6 +80,7 @@ class SafetyWorker(Worker):
         if swept:
             await self.r._run(self._save)  # the sweep's cursor, once its page is judged
         await self.r._run(self._sample)
+        await self.r._run(self._say)
         return WorkerState.BUSY if (batch and self.pending()) else WorkerState.IDLE
 
     def _sample(self) -> None:
@@ -108,13 +111,25 @@ class SafetyWorker(Worker):
                              r.state.min_distance_miles)
             verdicts.append((study, verdict.safe_copies,
                              rec.instances == 0 or verdict.safe_copies < r.state.copies))
-            LOGGER.debug("judged %s: %d safe copies, full holders %s", study,
-                         verdict.safe_copies, verdict.full_holders)
-        changed = r.store.catalog.set_safety(verdicts, marks)
+            LOGGER.debug("judged: %d safe copies, full holders %s", verdict.safe_copies,
+                         verdict.full_holders, extra={"study": study})
+        flips: list[tuple[str, bool]] = []
+        r.store.catalog.set_safety(verdicts, marks, flips)
         self.judged += len(verdicts)
-        if changed:
-            LOGGER.info("safety of %d studies changed (%d judged; %d unsafe now)", changed,
-                        len(verdicts), sum(1 for _, _, unsafe in verdicts if unsafe))
+        copies = {study: safe for study, safe, _ in verdicts}
+        for study, unsafe in flips:
+            (self.became_unsafe if unsafe else self.became_safe).add(study)
+            LOGGER.debug("study became %s: %d safe copies of %d", "unsafe" if unsafe else "safe",
+                         copies[study], r.state.copies, extra={"study": study})
+
+    def _say(self) -> None:
+        """The studies that became unsafe or safe, a line per kind and interval at most."""
+        now = time.monotonic()
+        for tally, what in ((self.became_unsafe, "unsafe"), (self.became_safe, "safe")):
+            if got := tally.take(now):
+                _, unsafe, _ = self.r.store.catalog.safety_counts()
+                LOGGER.info("%s became %s (first: %s); %s unsafe now", n_studies(got.count),
+                            what, got.first, f"{unsafe:,}")
 
     def _sweep_page(self, limit: int) -> list[str]:
         peer, after = self._sweeps.popleft()

@@ -54,6 +54,15 @@ class Snapshot:
         return [m for m in self.members if m.node_id != me and m.state == MemberState.ALIVE]
 
 
+@dataclass(frozen=True)
+class PlacementChange:
+    """The last change of the placement table, for telling repairs from rebalances."""
+
+    at_s: float = 0.0  # wall clock, comparable with a manifest's received time
+    joined: tuple[str, ...] = ()
+    gone: tuple[str, ...] = ()
+
+
 class ClusterState:
     def __init__(self, me: str, partitions: int, copies: int, min_distance_miles: float,
                  dead_after_s: float, gossip_interval_s: float = 1.0) -> None:
@@ -70,6 +79,7 @@ class ClusterState:
         self.left_silent_s: dict[str, float] = {}  # left members: seconds since last heard
         # members that presented a revoked certificate: dead to us, whatever they gossip
         self.revoked: frozenset[str] = frozenset()
+        self.placement_changed = PlacementChange()  # the last change (none yet)
 
         # With TLS, a member is placed only once it has proven its id to us directly
         # (called us with its certificate, or answered on a channel that demanded it):
@@ -113,12 +123,32 @@ class ClusterState:
         table = self.snapshot.table
         changed = table is None or table.members != nodes
         if changed:
+            old = table
             table = PlacementTable(self.partitions, self.copies, self.min_distance_miles)
             table.update(nodes)
-            LOGGER.info("placement over %d nodes: %s", len(nodes),
-                        ", ".join(sorted(n.node_id for n in nodes)))
+            self._log_placement(old, table)
         self.snapshot = Snapshot(members, placeable, table, time.monotonic())
         return changed
+
+    def _log_placement(self, old: PlacementTable | None, new: PlacementTable) -> None:
+        """One line per placement change: who is in, who joined or went, how many
+        partitions' replica sets moved and what that means for this node."""
+        ids = sorted(n.node_id for n in new.members)
+        if old is None:
+            LOGGER.info("placement over %d nodes: %s", len(ids), ", ".join(ids))
+            return
+        before = {n.node_id for n in old.members}
+        joined, gone = sorted(set(ids) - before), sorted(before - set(ids))
+        moved = sum(1 for a, b in zip(old.placements, new.placements, strict=True)
+                    if a.replicas != b.replicas)
+        mine_old, mine_new = old.partitions_of(self.me), new.partitions_of(self.me)
+        who = "".join((f", {', '.join(joined)} joined" if joined else "",
+                       f", {', '.join(gone)} gone" if gone else ""))
+        LOGGER.info("placement changed: %d nodes (%s)%s; %d of %d partitions moved; this "
+                    "node is a replica of %d (+%d, -%d)", len(ids), ", ".join(ids), who,
+                    moved, new.partitions, len(mine_new), len(mine_new - mine_old),
+                    len(mine_old - mine_new))
+        self.placement_changed = PlacementChange(time.time(), tuple(joined), tuple(gone))
 
     def placement(self, study_uid: str) -> Placement | None:
         table = self.snapshot.table

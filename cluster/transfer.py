@@ -48,6 +48,7 @@ from pacsmesh.node.chunking import CHUNK_PLAIN_MAX
 from pacsmesh.node.errors import ChunkCorrupt, ChunkMissing, PacsmeshError
 from pacsmesh.node.hashing import content_hash, possession_proof
 from pacsmesh.node.hlc import HybridClock, to_seconds
+from pacsmesh.node.logsetup import Tally
 from pacsmesh.node.store import Store
 from pacsmesh.node.telemetry import Telemetry
 from pacsmesh.proto import node_pb2, peer_pb2
@@ -142,6 +143,9 @@ class Replicator:
         self.unfetched: dict[bytes, int] = {}
         self.plain_in = LinkCounter()  # plain bytes of chunks received: the drain rate
         self.telemetry = Telemetry()  # copies received; the daemon's, once composed
+        # copies made here of studies older than the last placement change (repair or
+        # rebalance), with the bytes fetched meanwhile by source; said by the fetch worker
+        self.moved_here = Tally()
 
     async def close(self) -> None:
         self.batch_pool.shutdown(wait=False, cancel_futures=True)
@@ -315,7 +319,7 @@ class Replicator:
                 # it back until it deletes it too; never stored again
                 self.deleted_refused += 1
                 LOGGER.debug("refusing a manifest of deleted study %s from %s",
-                             m.study_instance_uid, source)
+                             m.study_instance_uid, source, extra={"study": m.study_instance_uid})
                 continue
             if not self.clock.observe(m.received_hlc):
                 # Not stored: as the newest version of its instance, a stamp far in the
@@ -432,17 +436,22 @@ class Replicator:
         futures = []
         for mid, raw, m in wanted:
             if not any(c.hash in missing for c in m.chunks):
-                futures.append((m.size, self.store.submit(mid, raw, m, held=True)))
+                futures.append((self.store.submit(mid, raw, m, held=True), m))
                 self.unfetched.pop(mid, None)
             elif len(self.unfetched) < UNFETCHED_TRACKED_MAX:
                 self.unfetched[mid] = int(to_seconds(m.received_hlc) * 1000)
-        for size, fut in futures:
+        changed_at = self.state.placement_changed.at_s
+        for fut, m in futures:
             try:
                 fut.result()
                 held += 1
-                held_bytes += size
+                held_bytes += m.size
             except PacsmeshError as exc:
-                LOGGER.error("could not commit a replica: %s", exc)
+                LOGGER.error("could not commit a replica: %s", exc,
+                             extra={"instance": m.sop_instance_uid})
+                continue
+            if to_seconds(m.received_hlc) < changed_at:  # here because placement changed
+                self.moved_here.add(m.study_instance_uid)
         self.fetched_manifests += held
         self.telemetry.replicated(held, held_bytes)
         self.held_changed({m.study_instance_uid for _, _, m in wanted})
@@ -618,6 +627,7 @@ class Replicator:
             return False
         self.fetched_bytes += self.store.chunks.put(chunk.hash, size, chunk.data,
                                                     chunk.flags)
+        self.moved_here.add_by(self.state.id_at(source) or source, size)
         self.plain_in.add(size, time.monotonic())
         self.arrivals.arrived()  # a relay stream may be waiting for it
         return True
@@ -680,7 +690,7 @@ class Replicator:
         count = self.failed_proofs.get(peer, (0, "", 0.0))[0] + 1
         self.failed_proofs = {**self.failed_proofs, peer: (count, study_uid, time.time())}
         LOGGER.error("node %s claims copies of study %s but could not prove it holds them: "
-                     "not counted for trims", peer, study_uid)
+                     "not counted for trims", peer, study_uid, extra={"study": study_uid})
 
     def own_holdings(self, study_uids: list[str], nonce: bytes = b"",
                      chunks: Sequence[bytes] = (), asker: str = ""

@@ -43,6 +43,7 @@ from pacsmesh.cluster.trim import (
 )
 from pacsmesh.node.alerts import DISK_REFUSE_REPLICAS_FRACTION
 from pacsmesh.node.catalog import partition_of
+from pacsmesh.node.logsetup import Tally, n_studies
 from pacsmesh.node.worker import Worker, WorkerState
 from pacsmesh.proto import node_pb2, peer_pb2
 
@@ -107,6 +108,7 @@ class FetchWorker(Worker):
 
     async def _step(self) -> WorkerState:
         r = self.r
+        self._say()
         self._reap()
         full = await r._run(r.store.used_fraction)
         if full >= DISK_REFUSE_REPLICAS_FRACTION:  # local ingest keeps the rest of the disk
@@ -130,6 +132,18 @@ class FetchWorker(Worker):
         task = asyncio.create_task(self._fetch(wanted))
         self._tasks.add(task)
         return WorkerState.BUSY
+
+    def _say(self) -> None:
+        """Copies made here because placement changed: a line per interval at most."""
+        got = self.r.moved_here.take(time.monotonic())
+        if got is None:
+            return
+        change = self.r.state.placement_changed
+        why = (f"repair: {', '.join(change.gone)} gone" if change.gone
+               else f"rebalance: {', '.join(change.joined)} joined" if change.joined
+               else "rebalance: placement weights changed")
+        LOGGER.info("%s; %s instances copied here (first study: %s); fetched from %s", why,
+                    f"{got.count:,}", got.first, got.sources("bytes") or "nobody")
 
     def _reap(self) -> None:
         for task in [t for t in self._tasks if t.done()]:
@@ -296,6 +310,7 @@ class TrimWorker(Worker):
         self.r = r
         self.idle_s = interval_s
         self.planner = TrimPlanner(RETRY_INTERVALS * interval_s)
+        self.trimmed = Tally()  # studies (and their manifests) no longer held here
 
     def on_placement_change(self) -> None:
         """Partitions placed elsewhere now where we hold something: worth a look."""
@@ -312,6 +327,10 @@ class TrimWorker(Worker):
 
     async def step(self) -> WorkerState:
         r = self.r
+        if got := self.trimmed.take(time.monotonic()):
+            LOGGER.info("trimmed %s (%s instances' extra copies dropped here; first: %s): "
+                        "their replica sets hold %d verified copies each",
+                        n_studies(got.count), f"{got.items:,}", got.first, r.state.copies)
         if r.state.snapshot.table is None:
             return WorkerState.IDLE
         partition = self.planner.next(time.monotonic())
@@ -382,9 +401,10 @@ class TrimWorker(Worker):
             return False
         r.trimmed_studies += 1
         r.held_changed({case.study_uid})
-        LOGGER.info("trimmed study %s (%d manifests): the replica set %s holds %d verified "
-                    "copies", case.study_uid, dropped, ",".join(placement.replicas),
-                    r.state.copies)
+        self.trimmed.add(case.study_uid, 1, dropped)
+        LOGGER.debug("trimmed (%d manifests): the replica set %s holds %d verified copies",
+                     dropped, ",".join(placement.replicas), r.state.copies,
+                     extra={"study": case.study_uid})
         return True
 
 

@@ -180,7 +180,7 @@ class Catalog:
         if txn.delete(m.study_instance_uid.encode(), db=self.expiry.deleted):
             LOGGER.warning("study %s, deleted here when its retention expired, is stored "
                            "again: a version this node had not seen keeps it longer",
-                           m.study_instance_uid)
+                           m.study_instance_uid, extra={"study": m.study_instance_uid})
         if not txn.put(manifest_id, raw, db=self.manifests, overwrite=False):
             if held_at_ms is not None:
                 self.set_held(txn, manifest_id, m, held_at_ms)
@@ -398,11 +398,13 @@ class Catalog:
             return int(txn.stat(self.safety_dirty)["entries"])
 
     def set_safety(self, judged: Iterable[tuple[str, int, bool]],
-                   marks: Iterable[tuple[str, bytes]] = ()) -> int:
+                   marks: Iterable[tuple[str, bytes]] = (),
+                   flips: list[tuple[str, bool]] | None = None) -> int:
         """Record (study, safe copies, unsafe) verdicts in one transaction, and clear the
         dirty marks they answer (unless a study was marked again meanwhile: then it is
-        judged again). Returns how many verdicts changed. Counts come from the index
-        sizes, so status never recounts."""
+        judged again). Returns how many verdicts changed; `flips` gets (study, unsafe now)
+        for each study that became unsafe or safe (one never judged counts as unsafe).
+        Counts come from the index sizes, so status never recounts."""
         changed = 0
         with self.env.begin(write=True) as txn:
             for study_uid, mark in marks:
@@ -410,11 +412,15 @@ class Catalog:
                     txn.delete(study_uid.encode(), db=self.safety_dirty)
             for study_uid, safe_copies, unsafe in judged:
                 rec = self._record(txn, study_uid)
-                if rec is None or self._safety(txn, study_uid) == (min(safe_copies, 255),
-                                                                    unsafe):
+                if rec is None:
+                    continue
+                before = self._safety(txn, study_uid)
+                if before == (min(safe_copies, 255), unsafe):
                     continue
                 self._put_safety(txn, rec, safe_copies, unsafe)
                 changed += 1
+                if flips is not None and before[1] != unsafe:
+                    flips.append((study_uid, unsafe))
         return changed
 
     def safe_copies_of(self, study_uid: str) -> int:

@@ -114,7 +114,8 @@ class CharsetRepair(Worker):
                 self._after = mid  # skipped until the next round
                 continue
             except InvalidInstance as exc:  # never will decode: leave its text as it is
-                LOGGER.warning("instance %s: text not re-decoded: %s", m.sop_instance_uid, exc)
+                LOGGER.warning("instance %s: text not re-decoded: %s", m.sop_instance_uid, exc,
+                               extra={"instance": m.sop_instance_uid})
                 fixes = {}
             catalog.text_checked(mid, fixes)
             if fixes:

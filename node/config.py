@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pacsmesh.node.errors import ConfigError
+from pacsmesh.node.logsetup import FORMATS, LEVELS
 from pacsmesh.node.retention import RetentionSection, parse_retention
 
 # Peers bound how fast a relayed heartbeat may rise (cluster/membership.py
@@ -116,6 +117,12 @@ class MetricsSection:
 
 
 @dataclass(frozen=True)
+class LogSection:
+    format: str = "text"  # or "json": one object per line (node/logsetup.py)
+    level: str = "info"  # debug, info, warning or error; $PACSMESH_LOG overrides it
+
+
+@dataclass(frozen=True)
 class DrillSection:
     interval_s: float = 0.0  # 0 = no scheduled drills
     count: int = 1
@@ -147,6 +154,7 @@ class Config:
     gc: GcSection = field(default_factory=GcSection)
     retention: RetentionSection = field(default_factory=RetentionSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    log: LogSection = field(default_factory=LogSection)
     path: Path | None = None
 
     @property
@@ -225,7 +233,7 @@ def _dicom_tls(dicom: DicomSection, tls: TlsSection) -> DicomSection:
 def parse(raw: dict[str, Any], path: Path | None = None) -> Config:
     for section in raw:
         if section not in ("node", "cluster", "dicom", "scrub", "drill", "tls", "transfer",
-                           "gc", "retention", "metrics"):
+                           "gc", "retention", "metrics", "log"):
             raise ConfigError(f"unknown section [{section}]")
     node_raw = dict(raw.get("node", {}))
     if "data_dir" not in node_raw:
@@ -296,7 +304,20 @@ def parse(raw: dict[str, Any], path: Path | None = None) -> Config:
     return Config(node=node, cluster=cluster, dicom=dicom, scrub=scrub, drill=drill, tls=tls,
                   transfer=_transfer(raw.get("transfer", {})), gc=gc,
                   retention=parse_retention(raw.get("retention", {})), metrics=metrics,
-                  path=path)
+                  log=_log(raw.get("log", {})), path=path)
+
+
+def _log(raw: Any) -> LogSection:
+    if not isinstance(raw, dict):
+        raise ConfigError("[log] must be a table")
+    log: LogSection = _section(LogSection, raw, "log")
+    if log.format not in FORMATS:
+        raise ConfigError(f"[log] format = {log.format!r} is not one of "
+                          f"{', '.join(repr(f) for f in FORMATS)}")
+    if log.level.lower() not in LEVELS:
+        raise ConfigError(f"[log] level = {log.level!r} is not one of "
+                          f"{', '.join(repr(v) for v in LEVELS)}")
+    return replace(log, level=log.level.lower())
 
 
 def _transfer(raw: Any) -> TransferSection:

@@ -33,6 +33,7 @@ from pacsmesh.node.gc import Collector
 from pacsmesh.node.hlc import HybridClock
 from pacsmesh.node.ingest import LayoutCheck, Prepared, prepare_file, prepare_local
 from pacsmesh.node.lifecycle import LifecycleBook
+from pacsmesh.node.logsetup import set_identity, stdout_line
 from pacsmesh.node.metrics import MetricsServer
 from pacsmesh.node.retention_desk import RetentionDesk
 from pacsmesh.node.rpc_meter import MeterInterceptor
@@ -94,6 +95,7 @@ class NodeDaemon:
             self.gate = Gate(revocations, self._refused)
         self.node_id = node_id_for(cfg)
         self.telemetry = Telemetry()  # requests, ingest, replication: counted as they happen
+        set_identity(self.node_id, cfg.node.site)  # on every log line from now on
         self.audit = AuditLog(cfg.node.data_dir)
         self.store = Store(cfg.node.data_dir, cfg.node.capacity_bytes,
                            pack_size_max=cfg.node.pack_size_mb << 20,
@@ -327,7 +329,8 @@ class NodeDaemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await self.start()
-        print(f"pacsmesh node {self.node_id} ready on {self.cfg.node.listen}", flush=True)
+        print(stdout_line(f"pacsmesh node {self.node_id} ready on {self.cfg.node.listen}"),
+              flush=True)
         await stop.wait()
         LOGGER.info("signal received: shutting down")
         await self.stop()

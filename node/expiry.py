@@ -120,7 +120,7 @@ class ExpiryDeleter(Worker):
                 self._audit(uid, rec.instances, "ok", f"deleting: {detail}")
                 done = self.store.catalog.delete_study(uid, int(time.time() * 1000), check)
             except Exception as exc:  # one study's failure must not stop the others
-                LOGGER.exception("retention: deleting study %s failed", uid)
+                LOGGER.exception("retention: deleting study %s failed", uid, extra={"study": uid})
                 self._audit(uid, rec.instances, "failed", f"{detail}; {exc}")
                 continue
             if done is None:  # changed meanwhile (a hold, a new version): kept
@@ -131,7 +131,7 @@ class ExpiryDeleter(Worker):
             gone.append(uid)
             self.deleted += 1
             LOGGER.info("retention: study %s deleted (%d instances, %d versions): %s", uid,
-                        instances, manifests, detail)
+                        instances, manifests, detail, extra={"study": uid})
         return gone
 
     def _audit(self, uid: str, instances: int, outcome: str, detail: str) -> None:

@@ -295,7 +295,9 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
                 try:
                     data = await self._run(self._read_chunk, ref.hash, m)
                 except (ChunkCorrupt, ChunkMissing) as exc:
-                    LOGGER.error("instance %s: %s", m.sop_instance_uid, exc)
+                    LOGGER.error("instance %s: %s", m.sop_instance_uid, exc,
+                                 extra={"study": m.study_instance_uid,
+                                        "instance": m.sop_instance_uid})
                     yield node_pb2.GetStudyMessage(error=node_pb2.InstanceError(
                         sop_instance_uid=m.sop_instance_uid,
                         reason=f"instance {m.sop_instance_uid} cannot be read here: {exc}"))
@@ -311,7 +313,8 @@ class NodeService(node_pb2_grpc.NodeApiServicer):
         except (ChunkCorrupt, ChunkMissing) as exc:
             if self.remote is None:
                 raise
-            LOGGER.warning("instance %s: %s; reading it from a peer", m.sop_instance_uid, exc)
+            LOGGER.warning("instance %s: %s; reading it from a peer", m.sop_instance_uid, exc,
+                           extra={"study": m.study_instance_uid, "instance": m.sop_instance_uid})
             return self.remote(key, m)
 
     # ---- views ------------------------------------------------------------------------

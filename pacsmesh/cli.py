@@ -10,7 +10,6 @@ import argparse
 import datetime
 import functools
 import json
-import logging
 import os
 import sys
 import time
@@ -119,12 +118,20 @@ def cmd_node(args: argparse.Namespace) -> int:
         print("pacsmesh node: --config FILE is required (or --check-config FILE)",
               file=sys.stderr)
         return 2
-    logging.basicConfig(level=os.environ.get("PACSMESH_LOG", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pacsmesh.node import logsetup
+
     try:
         cfg = load(Path(args.config))
     except ConfigError as exc:
         print(f"pacsmesh node: bad config: {exc}", file=sys.stderr)
+        return 2
+    # the daemon names the node on every line once it knows its id (data dir or cert)
+    logsetup.set_identity(cfg.node.id, cfg.node.site)
+    level = os.environ.get("PACSMESH_LOG", "").lower() or cfg.log.level
+    try:
+        logsetup.configure(cfg.log.format, level)
+    except ValueError as exc:
+        print(f"pacsmesh node: $PACSMESH_LOG: {exc}", file=sys.stderr)
         return 2
     from pacsmesh.cluster.member import run_member
 

@@ -38,6 +38,7 @@ from tests.clusterproc import (
     states,
     wait_for,
 )
+from tests.logread import records
 from tests.nodeproc import NodeProc, cli, cli_json, free_port
 
 # Upper bounds, far above what a healthy run takes (reported in the test output),
@@ -52,6 +53,7 @@ TRIM_TIMEOUT_S = 40.0
 # (cached views refresh every few tenths of a second); the test bounds it.
 
 
+JSON_LOGGERS = {"denver": "json", "seattle": "json"}  # the others log text
 LOW_REPORT_SPAN_MAX_S = 2.0  # a few holdings refreshes (every 0.4 s here)
 
 
@@ -218,6 +220,8 @@ class HealTrim:
     packs_trimmed: dict[str, int] = field(default_factory=dict)
     packs_collected: dict[str, int] = field(default_factory=dict)
     reclaimed: dict[str, int] = field(default_factory=dict)
+    logs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # node -> records
+    sites: dict[str, str] = field(default_factory=dict)
 
 
 def local_holders(members: list[NodeProc], uids: list[str]) -> dict[str, set[str]]:
@@ -346,6 +350,9 @@ def heal_trim(tmp_path_factory: pytest.TempPathFactory) -> HealTrim:
         # with dead records is rewritten: these studies fit in one small pack
         c.add(node_id, city).extra["gc"] = {"loose_grace_s": 0.0, "compact_below": 0.99,
                                            "seal_min_dead_mb": 0.0, "interval_s": 1e9}
+        # half the members log JSON: test_state_changes_logged reads both formats
+        c.by_id(node_id).extra["log"] = {"format": JSON_LOGGERS.get(node_id, "text")}
+        run.sites[node_id] = city
     with started(c):
         boston = c.members[0]
         c.wait_converged()
@@ -370,7 +377,11 @@ def heal_trim(tmp_path_factory: pytest.TempPathFactory) -> HealTrim:
             st = gc_pass(m)
             run.packs_collected[m.node_id] = st.pack_bytes
             run.reclaimed[m.node_id] = st.reclaimed_bytes
-    print(f"\nheal/trim: {run}")
+    for m in c.members:  # every line a record; in JSON, every line one object
+        text = m.log_path.read_text(errors="replace")
+        run.logs[m.node_id] = ([json.loads(line) for line in text.splitlines()]
+                               if m.node_id in JSON_LOGGERS else records(text))
+    print(f"\nheal/trim: {({k: v for k, v in vars(run).items() if k != 'logs'})}")
     return run
 
 
@@ -422,6 +433,43 @@ def test_self_heal_after_kill(heal_trim: HealTrim) -> None:
         for uid, holders in run.during.items():  # new copies were made for those only
             assert run.victim not in holders and len(holders) == 3, (uid, holders)
             assert bool(holders - heal_trim.wanted[uid]) == (uid in run.short), (uid, holders)
+
+
+def test_state_changes_logged(heal_trim: HealTrim) -> None:
+    """Each survivor logs the member's death and the placement change; the studies
+    going unsafe, their repair, safe again and the trims after the restart are each
+    said at INFO, as a count per interval (not a line per study); every line names
+    its node and site, in text and in JSON."""
+    victim = heal_trim.cycles[0].victim
+    survivors = [n for n in heal_trim.logs if n != victim]
+    info: dict[str, list[str]] = {}
+    for node_id, recs in heal_trim.logs.items():
+        assert recs, node_id
+        for r in recs:
+            assert (r["node"], r["site"]) == (node_id, heal_trim.sites[node_id]), r
+        info[node_id] = [r["msg"] for r in recs if r["level"] == "INFO"]
+    city = heal_trim.sites[victim]
+    for node_id in survivors:
+        msgs = info[node_id]
+        assert any(m.startswith(f"member {victim} ({city}): ") and m.endswith(" -> dead")
+                   for m in msgs), (node_id, msgs)
+        assert any(re.match(rf"^placement changed: 3 nodes \(.*\), {victim} gone; \d+ of "
+                            r"\d+ partitions moved", m) for m in msgs), (node_id, msgs)
+
+    def said(node_id: str, pattern: str) -> list[int]:
+        return [i for i, m in enumerate(info[node_id]) if re.search(pattern, m)]
+
+    unsafe = said("boston", r"^\d+ stud(y|ies) became unsafe \(first: [\d.]+\); \d+ unsafe now$")
+    assert unsafe, info["boston"]
+    assert any(i > unsafe[0] for i in said("boston", r"^\d+ stud(y|ies) became safe ")), \
+        info["boston"]
+    assert len(unsafe) <= 2 * len(heal_trim.cycles) + 2  # counts, not a line per study
+    repaired = [m for n in survivors for m in info[n]
+                if re.match(rf"^repair: {victim} gone; \d+ instances copied here \(first "
+                            r"study: [\d.]+\); fetched from \w+ \(\d+\.\d MB\)", m)]
+    assert repaired, {n: info[n] for n in survivors}
+    assert any(re.match(r"^trimmed \d+ stud(y|ies) \(\d+ instances' extra copies dropped here",
+                        m) for n in survivors for m in info[n]), info
 
 
 def test_trim_after_restart_never_below_n(heal_trim: HealTrim) -> None:

@@ -61,7 +61,8 @@ def read_chunk(archive: Archive, key: bytes, m: node_pb2.Manifest) -> bytes:
     except ChunkCorrupt as exc:
         if archive.remote is None:
             raise
-        LOGGER.warning("instance %s: %s; reading it from a peer", m.sop_instance_uid, exc)
+        LOGGER.warning("instance %s: %s; reading it from a peer", m.sop_instance_uid, exc,
+                       extra={"study": m.study_instance_uid, "instance": m.sop_instance_uid})
     except ChunkMissing:
         if archive.remote is None:
             raise

@@ -442,7 +442,8 @@ class FindScp:
                               status(STATUS_FIND_BAD_IDENTIFIER, str(exc))), None
             return
         except Exception as exc:  # an identifier that does not decode
-            LOGGER.warning("C-FIND from %s: bad identifier: %s", calling, exc)
+            # the type only: a decoder's message may quote the value (a name, an ID)
+            LOGGER.warning("C-FIND from %s: bad identifier (%s)", calling, type(exc).__name__)
             yield self._final(event, "refused", f"{model}: bad identifier",
                               status(STATUS_FIND_BAD_IDENTIFIER, f"bad identifier: {exc}")
                               ), None

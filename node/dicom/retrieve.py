@@ -106,7 +106,8 @@ class StoredInstance(Dataset):
             spooled = self._future.result(timeout=READ_TIMEOUT_S)
         except Exception as exc:
             LOGGER.error("instance %s cannot be read on this node or any reachable peer: %s",
-                         m.sop_instance_uid, exc)
+                         m.sop_instance_uid, exc, extra={"study": m.study_instance_uid,
+                                                         "instance": m.sop_instance_uid})
             return status(STATUS_PROCESSING_FAILURE, f"cannot be read: {exc}")
         if target != stored and m.size > CONVERT_BYTES_MAX:
             spooled.close()
@@ -145,7 +146,8 @@ class StoredInstance(Dataset):
         m = self._manifest
         self.failure = why
         LOGGER.warning("instance %s (%s) not sent: %s", m.sop_instance_uid,
-                       name(m.transfer_syntax_uid), why)
+                       name(m.transfer_syntax_uid), why,
+                       extra={"study": m.study_instance_uid, "instance": m.sop_instance_uid})
         return status(code, why)
 
     def discard(self) -> None:
@@ -303,8 +305,9 @@ class RetrieveScp:
             LOGGER.warning("retrieve from %s refused: %s", event.assoc.requestor.ae_title, exc)
             return [], status(code, str(exc))
         except Exception as exc:  # an undecodable identifier: pynetdicom raises on access
-            LOGGER.warning("retrieve from %s: bad identifier: %s",
-                           event.assoc.requestor.ae_title, exc)
+            # the type only: a decoder's message may quote the value (a name, an ID)
+            LOGGER.warning("retrieve from %s: bad identifier (%s)",
+                           event.assoc.requestor.ae_title, type(exc).__name__)
             return [], status(STATUS_IDENTIFIER_MISMATCH, f"bad identifier: {exc}")
 
     def _suboperations(self, event: Any, manifests: list[node_pb2.Manifest], action: str,

@@ -159,17 +159,20 @@ class StoreScp:
             return ((STATUS_DATASET_MISMATCH, f"dataset {exc.which} is not the request's"),
                     study, str(exc), "rejected")
         except PacsmeshError as exc:  # the walk found the dataset malformed
-            LOGGER.warning("C-STORE of %s from %s refused: %s", sop_instance, calling, exc)
+            LOGGER.warning("C-STORE of %s from %s refused: %s", sop_instance, calling, exc,
+                           extra={"study": study, "instance": sop_instance})
             return ((STATUS_CANNOT_UNDERSTAND, str(exc)), study, f"{sop_instance}: {exc}",
                     "rejected")
         except Exception as exc:  # never let the sender believe a failure was a success
-            LOGGER.exception("C-STORE of %s from %s failed", sop_instance, calling)
+            LOGGER.exception("C-STORE of %s from %s failed", sop_instance, calling,
+                             extra={"study": study, "instance": sop_instance})
             return ((STATUS_PROCESSING_FAILURE, f"internal error: {exc}"), study,
                     f"{sop_instance}: internal error", "rejected")
         answer = status_for(result)
         if answer[0] != STATUS_SUCCESS:
             LOGGER.warning("C-STORE of %s from %s refused (0x%04X): %s", sop_instance,
-                           calling, answer[0], result.reason)
+                           calling, answer[0], result.reason,
+                           extra={"study": study, "instance": sop_instance})
             return answer, study, f"{sop_instance}: {result.reason}", "rejected"
         duplicate = result.outcome == node_pb2.IngestResult.DUPLICATE
         return (answer, result.study_instance_uid or study,
