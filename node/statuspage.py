@@ -36,6 +36,7 @@ ALERTS_SHOWN_MAX = 200
 LINKS_SHOWN_MAX = 200
 SITES_PAIRED_MAX = 16  # 120 pairs at most on the map; beyond, the pairs are not drawn
 NODES_LABELLED_PER_SITE_MAX = 4
+PAIRS_LABELLED_MAX_SITES = 3  # past this many sites only rule-breaking pairs are labelled
 MAP_W, MAP_H_MAX, MAP_H_MIN = 760, 420, 160  # SVG user units
 MAP_MARGIN_X, MAP_MARGIN_Y = 110, 40  # room for the labels around the outermost sites
 SITE_LABEL_MAX = 32  # characters of a site name on the map (the tables show it whole)
@@ -172,8 +173,9 @@ def _alerts(st: node_pb2.StatusReply) -> str:
 
 def _studies(st: node_pb2.StatusReply) -> str:
     unsafe = st.unsafe_studies
-    line = (f"<b>{_n(st.studies)}</b> studies ({_n(st.instances)} instances, "
-            f"{human_bytes(st.stored_bytes)}): <span class=\"good\">{_n(st.safe_studies)} "
+    line = (f"<b>{_n(st.studies)}</b> studies ({_n(st.instances)} instances; "
+            f"{human_bytes(st.chunk_bytes)} in packs on this node): "
+            f"<span class=\"good\">{_n(st.safe_studies)} "
             f"safe</span>, ")
     if unsafe:
         line += (f'<span class="bad">{_n(unsafe)} unsafe</span> (short of {st.copies} safe '
@@ -269,11 +271,20 @@ def _map(st: node_pb2.StatusReply) -> str:
         svg.append(f'<line class="pair {cls}" x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" '
                    f'y2="{y2:.1f}"><title>{escape(a.name)} to {escape(b.name)}: '
                    f"{label}</title></line>")
-        svg.append(f'<text class="dist {cls}" x="{(x1 + x2) / 2:.1f}" '
-                   f'y="{(y1 + y2) / 2:.1f}" text-anchor="middle">{escape(label)}</text>')
-    for s in sites:
-        x, y = project(s.lat, s.lon)
-        svg.append(_site_marker(s, x, y, st.answered_by))
+        # every pair's miles would bury the map past a few sites: there, only the pairs
+        # that break the rule say so on it (the table below has them all)
+        if not far or len(sites) <= PAIRS_LABELLED_MAX_SITES:
+            svg.append(f'<text class="dist {cls}" x="{(x1 + x2) / 2:.1f}" '
+                       f'y="{(y1 + y2) / 2:.1f}" text-anchor="middle">{escape(label)}</text>')
+    spots = [project(s.lat, s.lon) for s in sites]
+    for i, s in enumerate(sites):
+        x, y = spots[i]
+        # a label goes on the side away from the nearest other site, so two sites close
+        # together (Boston and New York) keep their labels apart
+        others = [p for j, p in enumerate(spots) if j != i]
+        nx, ny = min(others, key=lambda p: (p[0] - x) ** 2 + (p[1] - y) ** 2,
+                     default=(x, y + 1))
+        svg.append(_site_marker(s, x, y, st.answered_by, above=ny > y, leftward=nx > x))
     svg.append("</svg>")
     legend = (f'<p class="sub">Sites placed by latitude and longitude. A green line joins '
               f"two sites at least D = {_miles(d)} apart (copies there both count); a red "
@@ -288,7 +299,8 @@ def _map(st: node_pb2.StatusReply) -> str:
         pairs, d)
 
 
-def _site_marker(s: _Site, x: float, y: float, me: str) -> str:
+def _site_marker(s: _Site, x: float, y: float, me: str, above: bool = False,
+                 leftward: bool = False) -> str:
     out = []
     count = len(s.nodes)
     for i, n in enumerate(s.nodes):
@@ -301,7 +313,8 @@ def _site_marker(s: _Site, x: float, y: float, me: str) -> str:
                    f'r="{radius}"><title>{escape(n.id)} ({escape(n.site)}): '
                    f"{escape(n.state)}</title></circle>")
     # labels lean inwards at the map's edges, so none runs off it
-    anchor = "start" if x < MAP_W / 4 else "end" if x > MAP_W * 3 / 4 else "middle"
+    anchor = ("start" if x < MAP_W / 4 else "end" if x > MAP_W * 3 / 4
+              else "end" if leftward else "start")
     name = s.name if len(s.name) <= SITE_LABEL_MAX else s.name[:SITE_LABEL_MAX - 1] + "…"
     lines = [f'<tspan x="{x:.1f}" dy="0" font-weight="700">{escape(name)}</tspan>']
     for n in s.nodes[:NODES_LABELLED_PER_SITE_MAX]:
@@ -311,7 +324,8 @@ def _site_marker(s: _Site, x: float, y: float, me: str) -> str:
     if count > NODES_LABELLED_PER_SITE_MAX:
         lines.append(f'<tspan x="{x:.1f}" dy="14">and {count - NODES_LABELLED_PER_SITE_MAX}'
                      " more</tspan>")
-    out.append(f'<text class="site" x="{x:.1f}" y="{y + 24:.1f}" '
+    top = y - 16 - 14 * (len(lines) - 1) if above else y + 24
+    out.append(f'<text class="site" x="{x:.1f}" y="{top:.1f}" '
                f'text-anchor="{anchor}">{"".join(lines)}</text>')
     return f'<g class="site" data-site="{escape(s.name)}">{"".join(out)}</g>'
 
