@@ -144,6 +144,20 @@ def _locate(address: str, uid: str) -> dict[str, object]:
     return doc
 
 
+def _settled(address: str, timeout_s: float = 15.0) -> None:
+    """Until `status` agrees no study is unsafe: its counts follow the holders' reports,
+    which can trail what `locate` just saw by a gossip round or two."""
+    import json
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        res = subprocess.run([sys.executable, "-m", "pacsmesh.cli", "status", "--json",
+                              "--node", address], capture_output=True, text=True, check=False)
+        if res.returncode == 0 and json.loads(res.stdout).get("unsafe_studies") == 0:
+            return
+        time.sleep(0.5)
+
+
 def _wait_safe(address: str, uid: str, timeout_s: float = SAFE_TIMEOUT_S) -> bool:
     started = time.monotonic()
     last = ""
@@ -206,6 +220,7 @@ def run_demo(args: argparse.Namespace) -> int:
         cluster.procs[victim].wait(10)
         time.sleep(DEAD_AFTER_S + 1)
         ok &= _wait_safe(boston, uid)
+        _settled(boston)
         _run("status", "--node", boston)
 
         _say("restoring the study from Seattle and comparing every byte with the originals")
