@@ -81,6 +81,7 @@ from bench.scale_load import (
     placement_table,
     study_uid,
 )
+from pacsmesh.node.health import human_bytes
 from pacsmesh.proto import node_pb2, node_pb2_grpc
 from pacsmesh.sample import StudySpec, write_study
 from pacsmesh.sample import study_uid as sample_study_uid
@@ -129,14 +130,6 @@ def fmt_s(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.2f} s"
     return f"{seconds / 60:.1f} min"
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 @dataclass
@@ -421,8 +414,8 @@ class SizeRun:
         need = nodes * self.corpus.total_instances * (self.disk_full or DISK_PER_INSTANCE_GUESS)
         free = shutil.disk_usage(self.workdir).free
         if need * 1.2 > free:
-            self.notes.append(f"{what} skipped: it needs about {fmt_bytes(need)} of disk, "
-                              f"{fmt_bytes(free)} is free under {self.workdir}")
+            self.notes.append(f"{what} skipped: it needs about {human_bytes(need)} of disk, "
+                              f"{human_bytes(free)} is free under {self.workdir}")
             self.say(self.notes[-1])
             return False
         return True
@@ -438,7 +431,7 @@ class SizeRun:
         reports: list[LoadReport] = load_all(jobs[:1] if copy_of_first else jobs)
         for r in reports:
             self.say(f"loaded {r.data_dir.name}: {r.manifests:,} manifests ({r.held:,} held) "
-                     f"in {r.seconds:.1f} s = {r.rate:,.0f}/s, {fmt_bytes(r.disk_bytes)}")
+                     f"in {r.seconds:.1f} s = {r.rate:,.0f}/s, {human_bytes(r.disk_bytes)}")
         if copy_of_first:
             for job in jobs[1:]:
                 shutil.copytree(jobs[0].data_dir, job.data_dir)
@@ -526,9 +519,9 @@ class SizeRun:
             self.put("bytes/min between nodes at rest", f"not measured: {why_not}")
             return
         per_min = {k: (net1[k] - net0[k]) * 60 / seconds for k in ids}
-        self.put("bytes/min between nodes at rest, total", fmt_bytes(sum(per_min.values())))
+        self.put("bytes/min between nodes at rest, total", human_bytes(sum(per_min.values())))
         self.put("bytes/min at rest on each node's port (B / D / S)",
-                 " / ".join(fmt_bytes(per_min[k]) for k in ids))
+                 " / ".join(human_bytes(per_min[k]) for k in ids))
 
     def latency(self, address: str) -> None:
         budget = self.args.latency_budget_s
@@ -826,10 +819,10 @@ class SizeRun:
                      "index grows)")
         if self.disk_full:
             self.put("estimate at 10M instances: disk, federation (4 nodes)",
-                     fmt_bytes(4 * top * self.disk_full))
+                     human_bytes(4 * top * self.disk_full))
         if self.disk_known:
             self.put("estimate at 10M instances: disk, repair (5 nodes)",
-                     fmt_bytes(5 * top * self.disk_known))
+                     human_bytes(5 * top * self.disk_known))
 
 
 # ---- the table -------------------------------------------------------------------------------

@@ -20,8 +20,10 @@ from typing import Any
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from pacsmesh.node.health import human_bytes
 from pacsmesh.progress import meter, watching
 from pacsmesh.proto import node_pb2, node_pb2_grpc
+from pacsmesh.screens import backlog_cell
 
 DEFAULT_NODE = "127.0.0.1:7400"
 CHANNEL_OPTIONS = [
@@ -95,14 +97,6 @@ def _rpc_error(exc: grpc.RpcError, node: str) -> Failed:
     if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
         what = f"refused by node {node}: {what}"
     return Failed(f"{what} ({code.name}: {hint})" if hint else f"{what} ({code.name})")
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 # ---- node ---------------------------------------------------------------------
@@ -233,7 +227,7 @@ def cmd_put(args: argparse.Namespace) -> int:
         mb = report.bytes_in / 1e6
         print(f"stored {report.stored}, duplicates {report.duplicates}, "
               f"rejected {len(report.rejected)}; {mb:.1f} MB in, "
-              f"{_human_bytes(report.bytes_written)} written, {seconds:.2f} s "
+              f"{human_bytes(report.bytes_written)} written, {seconds:.2f} s "
               f"({mb / max(seconds, 1e-9):.1f} MB/s)")
         for r in report.rejected:
             print(f"  rejected {r['path']}: {r['reason']}")
@@ -284,19 +278,6 @@ WHY_EVERY_S = 5.0
 WAIT_POLL_MIN_S = 0.1
 
 
-def _backlog_line(n: dict[str, Any]) -> str:
-    """A node's backlog for people: how much, how old, when done, or why not."""
-    line = (f"{n['backlog_instances']} instances ({_human_bytes(n['backlog_bytes'])}) to copy"
-            + (f", oldest {n['backlog_oldest_age_s']:.0f} s" if n.get("backlog_oldest_age_s")
-               else ""))
-    if n.get("waiting"):
-        return f"{line}; {n['waiting']}"
-    if n.get("drain_s", 0) > 0:
-        rate = _human_bytes(int(n.get("receive_bytes_per_s", 0)))
-        return f"{line}; about {n['drain_s']:.0f} s at {rate}/s"
-    return f"{line}; not moving"
-
-
 def _say_waiting(reasons: list[str]) -> None:
     for why in reasons or ["copying"]:
         print(f"waiting for safe copies: {why}", file=sys.stderr, flush=True)
@@ -317,7 +298,7 @@ def _why_waiting(stub: node_pb2_grpc.NodeApiStub) -> list[str]:
     for n in _to_dict(st)["nodes"]:
         if int(n.get("backlog_instances", 0)):
             _ints(n, "backlog_instances", "backlog_bytes")
-            out.append(f"{n['id']}: {_backlog_line(n)}")
+            out.append(f"{n['id']}: {backlog_cell(n)}")
     return out
 
 
@@ -599,17 +580,17 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
     def human() -> None:
         last = doc["last_pass_completed_age_s"]
-        print(f"space on {doc['node']}: {_human_bytes(doc['pack_bytes'])} in "
-              f"{doc['packs']} packs; {_human_bytes(doc['reclaimable_bytes'])} reclaimable "
-              f"({_human_bytes(doc['dead_bytes'])} dead in packs, "
-              f"{_human_bytes(doc['loose_bytes'])} in {doc['loose_chunks']} unreferenced "
+        print(f"space on {doc['node']}: {human_bytes(doc['pack_bytes'])} in "
+              f"{doc['packs']} packs; {human_bytes(doc['reclaimable_bytes'])} reclaimable "
+              f"({human_bytes(doc['dead_bytes'])} dead in packs, "
+              f"{human_bytes(doc['loose_bytes'])} in {doc['loose_chunks']} unreferenced "
               f"chunks, freed after {doc['loose_grace_s'] / 3600:g} h)")
         if doc["running"]:
             print(f"  pass running: {doc['pass_packs_done']} of {doc['pass_packs_total']} "
-                  f"packs compacted, {_human_bytes(doc['pass_bytes_moved'])} moved")
+                  f"packs compacted, {human_bytes(doc['pass_bytes_moved'])} moved")
         else:
             print(f"  idle; last pass {'never' if last < 0 else f'{last / 3600:.1f} h ago'}")
-        print(f"  freed {_human_bytes(doc['reclaimed_bytes'])} since creation "
+        print(f"  freed {human_bytes(doc['reclaimed_bytes'])} since creation "
               f"({doc['packs_compacted']} packs compacted, {doc['chunks_reclaimed']} chunks "
               f"reclaimed); rate <= {doc['rate_mb_s']:g} MB/s, a pass every "
               f"{doc['interval_s'] / 3600:g} h")
