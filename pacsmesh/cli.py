@@ -23,7 +23,6 @@ from google.protobuf.json_format import MessageToDict
 from pacsmesh.node.health import human_bytes
 from pacsmesh.progress import meter, watching
 from pacsmesh.proto import node_pb2, node_pb2_grpc
-from pacsmesh.screens import backlog_cell
 
 DEFAULT_NODE = "127.0.0.1:7400"
 CHANNEL_OPTIONS = [
@@ -298,6 +297,8 @@ def _why_waiting(stub: node_pb2_grpc.NodeApiStub) -> list[str]:
     for n in _to_dict(st)["nodes"]:
         if int(n.get("backlog_instances", 0)):
             _ints(n, "backlog_instances", "backlog_bytes")
+            from pacsmesh.screens import backlog_cell
+
             out.append(f"{n['id']}: {backlog_cell(n)}")
     return out
 

@@ -1,7 +1,8 @@
 """Progress with rate and time left for the long operations (put, get, drill,
 `scrub --now`, `gc --now`), on stderr, only when a person is watching: silent
 when stdout is not a terminal or with --json, so scripts and pipes see exactly
-what they saw before.
+what they saw before. rich is imported only then (progress_bar.py): every other
+run of the CLI starts without it.
 """
 
 from __future__ import annotations
@@ -10,22 +11,6 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Protocol
-
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.text import Text
 
 
 class Meter(Protocol):
@@ -49,35 +34,6 @@ class _Silent:
         pass
 
 
-class _Bar:
-    def __init__(self, progress: Progress, task: TaskID) -> None:
-        self.progress, self.task = progress, task
-
-    def total(self, n: float) -> None:
-        self.progress.update(self.task, total=n)
-
-    def advance(self, n: float = 1) -> None:
-        self.progress.advance(self.task, n)
-
-    def set(self, done: float) -> None:
-        self.progress.update(self.task, completed=done)
-
-    def note(self, text: str) -> None:
-        self.progress.update(self.task, description=text)
-
-
-class _Rate(ProgressColumn):
-    """Items a second (rich's own rate column is for bytes)."""
-
-    def __init__(self, unit: str) -> None:
-        super().__init__()
-        self.unit = unit
-
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:,.1f} {self.unit}/s" if speed else f"- {self.unit}/s")
-
-
 def watching(json_out: bool) -> bool:
     """A person at a terminal, not a script."""
     return not json_out and sys.stdout.isatty() and sys.stderr.isatty()
@@ -91,14 +47,7 @@ def meter(what: str, total: float | None, json_out: bool, unit: str = "items"
     if not watching(json_out):
         yield _Silent()
         return
-    columns: tuple[ProgressColumn, ...]
-    if unit == "bytes":
-        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                   TransferSpeedColumn(), TextColumn("eta"), TimeRemainingColumn())
-    else:
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   _Rate(unit), TimeElapsedColumn(), TextColumn("eta"),
-                   TimeRemainingColumn())
-    with Progress(*columns, console=Console(file=sys.stderr), transient=True,
-                  refresh_per_second=4) as progress:
-        yield _Bar(progress, progress.add_task(what, total=total))
+    from pacsmesh.progress_bar import bar
+
+    with bar(what, total, unit) as shown:
+        yield shown
