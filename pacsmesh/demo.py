@@ -177,7 +177,15 @@ def _wait_safe(address: str, uid: str, timeout_s: float = SAFE_TIMEOUT_S) -> boo
     return False
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_demo(args: argparse.Namespace) -> int:
+    # the nodes run in sessions of their own: SIGTERM (or SIGINT, even where a shell
+    # started us with it ignored) must still reach the code that stops them
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     own_dir = not args.dir
     workdir = Path(args.dir or tempfile.mkdtemp(prefix="pacsmesh-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
