@@ -16,6 +16,7 @@ from bench import (
     gc,
     ingest,
     limits,
+    observability,
     replication,
     scale,
     scrub,
@@ -35,6 +36,7 @@ BENCHES = {
     "trust": trust.main,
     "wan": wan.main,  # needs root and `ip netns`; says why and skips otherwise
     "freshness": freshness.main,
+    "observability": observability.main,
 }
 
 
