@@ -176,11 +176,13 @@ class Refused:
 
 @dataclass(frozen=True, slots=True)
 class RecordDropped:
-    """A record from a peer was ignored (malformed, or the table is full)."""
+    """A record from a peer was ignored (malformed, the table is full, or a trust
+    bound refused what it claims)."""
 
     peer: str
     node_id: str | None  # None when the drop covers several records
     reason: str
+    rule: str = ""  # the trust bound that refused it ("self-accused", ...); "" if malformed
 
 
 @dataclass(frozen=True, slots=True)
@@ -653,7 +655,7 @@ class Membership:
         self._dropped_at[key] = now
         if len(self._dropped_at) > REFUSALS_TRACKED_MAX:
             del self._dropped_at[next(iter(self._dropped_at))]
-        return [RecordDropped(sender, node_id, reason)]
+        return [RecordDropped(sender, node_id, reason, rule)]
 
     def _check_record_of_me(self, record: Member, sender: str, now: float) -> list[Effect]:
         """SWIM refutation: outbid any record that says we are down, or that is
