@@ -501,13 +501,17 @@ def _status_doc(reply: node_pb2.StatusReply) -> dict[str, Any]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pacsmesh import screens
-
     if args.watch is not None:
         return _watch_status(args)
     reply = _call(args, lambda s: s.Status(node_pb2.StatusRequest()))
     doc = _status_doc(reply)
-    _emit(args, doc, lambda: screens.show(screens.status_screen(reply, doc)))
+
+    def human() -> None:
+        from pacsmesh import screens  # rich: only when a person reads the answer
+
+        screens.show(screens.status_screen(reply, doc))
+
+    _emit(args, doc, human)
     return 0
 
 
