@@ -55,8 +55,10 @@ class NodeCollector(Collector):
         yield gauge("oldest_unsafe_age_seconds", "Age of the oldest unsafe study.",
                     st.oldest_unsafe_age_s)
         yield gauge("required_copies", "Copies every study must have (N).", st.copies)
-        yield gauge("days_until_full", "Days until this node's storage is full at the "
-                    "recent rate (-1: not growing).", st.days_until_full)
+        # seconds, not days: Prometheus base units (promtool's lint); Grafana shows days
+        yield gauge("storage_full_in_seconds", "Until this node's storage is full at the "
+                    "recent rate (-1: not growing).",
+                    st.days_until_full * 86400 if st.days_until_full >= 0 else -1.0)
         yield gauge("chunk_bytes", "Bytes of this node's pack files.", st.chunk_bytes)
         yield from self._disk(next((n for n in st.nodes if n.id == me), None))
         yield counter("manifests_committed", "Manifests made durable by group commits "

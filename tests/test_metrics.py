@@ -361,3 +361,13 @@ def test_histograms_are_cumulative_and_count_everything(metered: Metered) -> Non
             assert sorted(buckets)[0][0] == 0.001 and len(buckets) >= 15
             seen += 1
     assert seen >= 1  # Status was just timed
+
+
+def test_exposition_passes_promtool_lint(metered: Metered) -> None:
+    """Prometheus's own lint of names, units, types and help: nothing to say."""
+    from tests.test_promtool import promtool
+
+    res = subprocess.run([promtool(), "check", "metrics"],
+                         input=_exposition(metered.listen), capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert res.returncode == 0 and not res.stdout.strip(), res.stdout + res.stderr
