@@ -29,6 +29,20 @@ from pacsmesh.node.web import WebServer, WebTls
 
 LOGGER = logging.getLogger(__name__)
 STATES = ("alive", "suspect", "dead", "left")
+# pacsmesh_node_<name>{node}: one gauge per member, from its NodeStatus field
+MEMBER_GAUGES = (
+    ("used_bytes", "Storage used per member.", "used_bytes"),
+    ("free_bytes", "Storage free per member.", "free_bytes"),
+    ("backlog_bytes", "Bytes a member still has to copy.", "backlog_bytes"),
+    ("backlog_instances", "Instances a member still has to copy.", "backlog_instances"),
+    ("capacity_bytes", "Storage a member offers (0: its disk's free space).",
+     "capacity_bytes"),
+    ("backlog_oldest_age_seconds", "Age of the oldest instance a member waits for (0: none).",
+     "backlog_oldest_age_s"),
+    ("receive_bytes_per_second", "Chunk bytes a member has been receiving lately.",
+     "receive_bytes_per_s"),
+    ("drain_seconds", "A member's backlog at its receive rate (-1: not moving).", "drain_s"),
+)
 
 
 class NodeCollector(Collector):
@@ -67,36 +81,15 @@ class NodeCollector(Collector):
 
         state = GaugeMetricFamily("pacsmesh_node_state", "1 for each member's state as "
                                   "this node sees it.", labels=["node", "site", "state"])
-        used = GaugeMetricFamily("pacsmesh_node_used_bytes", "Storage used per member.",
-                                 labels=["node"])
-        free = GaugeMetricFamily("pacsmesh_node_free_bytes", "Storage free per member.",
-                                 labels=["node"])
-        backlog = GaugeMetricFamily("pacsmesh_node_backlog_bytes", "Bytes a member still "
-                                    "has to copy.", labels=["node"])
-        backlog_n = GaugeMetricFamily("pacsmesh_node_backlog_instances", "Instances a member "
-                                      "still has to copy.", labels=["node"])
-        capacity = GaugeMetricFamily("pacsmesh_node_capacity_bytes", "Storage a member "
-                                     "offers (0: its disk's free space).", labels=["node"])
-        backlog_age = GaugeMetricFamily("pacsmesh_node_backlog_oldest_age_seconds", "Age of "
-                                        "the oldest instance a member waits for (0: none).",
-                                        labels=["node"])
-        receiving = GaugeMetricFamily("pacsmesh_node_receive_bytes_per_second", "Chunk bytes "
-                                      "a member has been receiving lately.", labels=["node"])
-        drain = GaugeMetricFamily("pacsmesh_node_drain_seconds", "A member's backlog at its "
-                                  "receive rate (-1: not moving).", labels=["node"])
+        per_member = [(GaugeMetricFamily(f"pacsmesh_node_{name}", doc, labels=["node"]), field)
+                      for name, doc, field in MEMBER_GAUGES]
         for n in st.nodes:
             for s in STATES:
                 state.add_metric([n.id, n.site, s], 1.0 if n.state == s else 0.0)
-            used.add_metric([n.id], n.used_bytes)
-            free.add_metric([n.id], n.free_bytes)
-            backlog.add_metric([n.id], n.backlog_bytes)
-            backlog_n.add_metric([n.id], n.backlog_instances)
-            capacity.add_metric([n.id], n.capacity_bytes)
-            backlog_age.add_metric([n.id], n.backlog_oldest_age_s)
-            receiving.add_metric([n.id], n.receive_bytes_per_s)
-            drain.add_metric([n.id], n.drain_s)
-        yield from (state, used, free, backlog, backlog_n, capacity, backlog_age, receiving,
-                    drain)
+            for family, field in per_member:
+                family.add_metric([n.id], getattr(n, field))
+        yield state
+        yield from (family for family, _ in per_member)
 
         sent = CounterMetricFamily("pacsmesh_link_sent_bytes", "Chunk bytes sent to a peer.",
                                    labels=["peer"])

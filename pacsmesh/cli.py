@@ -547,13 +547,12 @@ def _watch_status(args: argparse.Namespace) -> int:
             return 0
 
 
-def _follow_pass(args: argparse.Namespace, what: str, ask: Callable[[], Any],
+def _follow_pass(args: argparse.Namespace, what: str, reply: Any, ask: Callable[[], Any],
                  done_of: Callable[[Any], tuple[float, float]], unit: str) -> Any:
     """After `--now` at a terminal: a bar for the pass until it ends (Ctrl-C stops
-    watching; the pass goes on). Returns the last status."""
+    watching; the pass goes on). `reply`: the answer to `--now`. Returns the last."""
     requested = time.monotonic()
     seen_running = False
-    reply = ask()
     with meter(what, None, args.json, unit=unit) as bar:
         try:
             while True:
@@ -576,7 +575,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     reply = _call(args, lambda s: s.Gc(node_pb2.GcRequest(now=args.now)))
     if args.now and watching(args.json):
         reply = _follow_pass(
-            args, "gc", lambda: _call(args, lambda s: s.Gc(node_pb2.GcRequest())),
+            args, "gc", reply, lambda: _call(args, lambda s: s.Gc(node_pb2.GcRequest())),
             lambda r: (r.pass_packs_done, r.pass_packs_total), "packs")
     doc = _to_dict(reply)
     _ints(doc, "reclaimable_bytes", "reclaimed_bytes", "dead_bytes", "loose_chunks",
@@ -610,7 +609,7 @@ def cmd_scrub(args: argparse.Namespace) -> int:
     reply = _call(args, lambda s: s.Scrub(node_pb2.ScrubRequest(now=args.now)))
     if args.now and watching(args.json):
         reply = _follow_pass(
-            args, "scrub", lambda: _call(args, lambda s: s.Scrub(node_pb2.ScrubRequest())),
+            args, "scrub", reply, lambda: _call(args, lambda s: s.Scrub(node_pb2.ScrubRequest())),
             lambda r: (r.pass_chunks, r.total_chunks), "chunks")
     doc = _to_dict(reply)
     _ints(doc, "pass_chunks", "total_chunks", "chunks_verified", "bytes_verified",

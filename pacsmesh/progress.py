@@ -17,7 +17,6 @@ class Meter(Protocol):
     def total(self, n: float) -> None: ...
     def advance(self, n: float = 1) -> None: ...
     def set(self, done: float) -> None: ...
-    def note(self, text: str) -> None: ...
 
 
 class _Silent:
@@ -28,9 +27,6 @@ class _Silent:
         pass
 
     def set(self, done: float) -> None:
-        pass
-
-    def note(self, text: str) -> None:
         pass
 
 

@@ -36,9 +36,6 @@ class _Bar:
     def set(self, done: float) -> None:
         self.progress.update(self.task, completed=done)
 
-    def note(self, text: str) -> None:
-        self.progress.update(self.task, description=text)
-
 
 class _Rate(ProgressColumn):
     """Items a second (rich's own rate column is for bytes)."""
